@@ -1,0 +1,288 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by CLI flags, saved with runs.
+
+A run's resolved configuration is written to ``RUN/config.yaml`` and stored inside every
+checkpoint, so a run can be repeated or resumed from its folder alone. Unknown keys and values
+of the wrong type are refused with the key's dotted name and, where one is close, a
+did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from unetcli.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """How a dataset folder is read and turned into network input."""
+
+    num_classes: int | None = None
+    """Classes including background; ``None`` infers it from the masks (max label + 1)."""
+    label_names: list[str] | None = None
+    """Names of the classes in index order; default ``class_0..``; ``dataset.json`` wins when present."""
+    val_fraction: float = 0.2
+    """Share of cases held out for validation (seeded split, written to ``RUN/split.json``)."""
+    normalization: Literal["zscore", "zscore_nonzero", "minmax", "none"] = "zscore"
+    """Per image and channel: z-score over all pixels, over non-zero pixels, or min-max to [0, 1]."""
+    map_binary_masks: bool = True
+    """Treat masks whose values are exactly {0, 255} as binary {0, 1} (logged)."""
+
+
+@dataclass
+class ModelConfig:
+    """The network; see :class:`unetcli.models.unet.UNet` for each argument."""
+
+    name: str = "unet"
+    spatial_dims: int | None = None
+    """2 or 3; ``None`` takes it from the data."""
+    in_channels: int | None = None
+    """``None`` takes it from the data."""
+    out_channels: int | None = None
+    """``None`` uses ``data.num_classes``."""
+    features: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    """Channels per resolution level; depth (number of down-samplings) = ``len(features) - 1``."""
+    skip: Literal["concat", "add", "none"] = "concat"
+    padding: Literal["same", "valid"] = "same"
+    upsample: Literal["transpose", "interp"] = "transpose"
+    norm: Literal["batch", "instance", "none"] = "batch"
+    dropout: float = 0.0
+    convs_per_level: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """The training loop, optimiser, schedule, loss and augmentation."""
+
+    epochs: int = 30
+    iterations_per_epoch: int = 50
+    """An epoch is a fixed number of iterations (as in nnU-Net), followed by validation."""
+    batch_size: int = 8
+    patch_size: list[int] | None = None
+    """Training crop per spatial axis; ``None`` uses the largest image size rounded up to what the network takes."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.99
+    """SGD only (Nesterov)."""
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_iterations: int = 50
+    grad_clip: float | None = 12.0
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    dice_include_background: bool = False
+    flips: bool = True
+    rotate90: bool = True
+    intensity_jitter: float = 0.1
+    """Random scale and shift of intensities, each drawn from U(-j, j)."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 where the CPU/GPU runs it natively, fp16 on older GPUs, else fp32."""
+    channels_last: bool = True
+    """Memory format for 2D convolutions (ignored in 3D)."""
+    num_threads: int | None = None
+    """CPU threads for torch; ``None`` keeps torch's default."""
+
+
+@dataclass
+class InferConfig:
+    """Sliding-window prediction (validation and ``unet predict``)."""
+
+    overlap: float = 0.5
+    window_batch_size: int = 4
+    gaussian: bool = True
+    mirror: bool = False
+    """Test-time augmentation: average predictions over flips of every spatial axis."""
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"config key '{key}' has value {value!r}, expected {_type_name(tp)}",
+        hint=f"set a valid value, e.g. --set {key}=...",
+    )
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(options)}"
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'", hint=_did_you_mean(key, names))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{dotted}' must be a mapping, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any] | None) -> RunConfig:
+    """Build a validated :class:`RunConfig`; missing keys keep their defaults."""
+    cfg = _build(RunConfig, values or {}, "")
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """Read a YAML config (safe loader). ``None`` gives the defaults."""
+    if path is None:
+        return config_from_dict({})
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, infer)")
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", exc.hint) from exc
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """Parse one ``section.key=value`` flag; the value is read as YAML (``[16, 32]``, ``true``, ``1e-3``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' is not of the form section.key=value", hint="e.g. --set train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy of ``cfg`` with dotted keys replaced; ``None`` values leave the key as it is."""
+    values = config_to_dict(cfg)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        parts = dotted.split(".")
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                options = [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(f"unknown config section '{'.'.join(parts[: depth + 1])}'", _did_you_mean(part, options))
+            node = node[part]
+        if len(parts) < 2 or parts[-1] not in node:
+            raise ConfigError(f"unknown config key '{dotted}'", _did_you_mean(parts[-1], list(node)))
+        node[parts[-1]] = value
+    return config_from_dict(values)
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    t, m, d = cfg.train, cfg.model, cfg.data
+    positive = {
+        "train.epochs": t.epochs,
+        "train.iterations_per_epoch": t.iterations_per_epoch,
+        "train.batch_size": t.batch_size,
+        "model.convs_per_level": m.convs_per_level,
+        "infer.window_batch_size": cfg.infer.window_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be positive, got {t.lr}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction' must be in [0, 1), got {d.val_fraction}")
+    if not 0.0 <= cfg.infer.overlap < 1.0:
+        raise ConfigError(f"config key 'infer.overlap' must be in [0, 1), got {cfg.infer.overlap}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if m.spatial_dims not in (None, 2, 3):
+        raise ConfigError(f"config key 'model.spatial_dims' must be 2 or 3, got {m.spatial_dims}")
+    if len(m.features) < 2 or any(f < 1 for f in m.features):
+        raise ConfigError(
+            f"config key 'model.features' must list at least 2 positive channel counts, got {m.features}",
+            hint="e.g. --set model.features=[32,64,128,256]",
+        )
+    if d.num_classes is not None and d.num_classes < 2:
+        raise ConfigError(f"config key 'data.num_classes' must be at least 2, got {d.num_classes}")
+    if t.patch_size is not None and any(p < 1 for p in t.patch_size):
+        raise ConfigError(f"config key 'train.patch_size' must be positive, got {t.patch_size}")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

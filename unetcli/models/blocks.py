@@ -1,0 +1,122 @@
+"""U-Net building blocks, each written once for 2D and 3D (``spatial_dims``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Norm = Literal["batch", "instance", "none"]
+SkipMode = Literal["concat", "add", "none"]
+
+
+def conv_nd(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
+def norm_layer(norm: Norm, spatial_dims: int, channels: int) -> nn.Module:
+    if norm == "batch":
+        return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels)
+    if norm == "instance":
+        return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](channels, affine=True)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    """``convs`` x (3^d convolution -> norm -> LeakyReLU), optionally followed by dropout.
+
+    ``padding="same"`` keeps the spatial size; ``"valid"`` (the original U-Net) shrinks each
+    axis by 2 per convolution. Shape: (N, in_channels, *S) -> (N, out_channels, *S').
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        convs: int = 2,
+        norm: Norm = "batch",
+        padding: Literal["same", "valid"] = "same",
+        dropout: float = 0.0,
+    ) -> None:
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers += [
+                conv_nd(spatial_dims)(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    kernel_size=3,
+                    padding=1 if padding == "same" else 0,
+                    bias=norm == "none",  # a norm layer's shift makes the conv bias redundant
+                ),
+                norm_layer(norm, spatial_dims, out_channels),
+                nn.LeakyReLU(0.01, inplace=True),
+            ]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        super().__init__(*layers)
+
+
+class Down(nn.Sequential):
+    """2x max-pooling then a :class:`ConvBlock`: halves every spatial axis."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, **block_kwargs) -> None:
+        pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims](2)
+        super().__init__(pool, ConvBlock(spatial_dims, in_channels, out_channels, **block_kwargs))
+
+
+def upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: Literal["transpose", "interp"]) -> nn.Module:
+    """Doubles every spatial axis. ``transpose``: learned 2x transposed convolution to
+    ``out_channels``. ``interp``: parameter-free (bi/tri)linear interpolation that keeps
+    ``in_channels`` (the decoder's merge then sees more channels, as in milesial's bilinear U-Net)."""
+    if mode == "transpose":
+        cls = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+        return cls(in_channels, out_channels, kernel_size=2, stride=2)
+    return nn.Upsample(scale_factor=2, mode="bilinear" if spatial_dims == 2 else "trilinear", align_corners=False)
+
+
+def center_crop(x: torch.Tensor, spatial_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Crop the trailing spatial axes of ``x`` to ``spatial_shape`` around the centre ("copy and crop")."""
+    slices = [slice(None), slice(None)]
+    for size, target in zip(x.shape[2:], spatial_shape):
+        start = (size - target) // 2
+        slices.append(slice(start, start + target))
+    return x[tuple(slices)]
+
+
+class Up(nn.Module):
+    """Upsample the deeper features, merge the encoder's skip features, then a :class:`ConvBlock`.
+
+    ``skip``: ``concat`` joins channels (original U-Net); ``add`` sums them, projecting the skip
+    with a 1x1 convolution when the channel counts differ; ``none`` ignores the skip. With
+    valid padding the skip is centre-cropped to the upsampled size first.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        deep_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        skip: SkipMode = "concat",
+        upsample: Literal["transpose", "interp"] = "transpose",
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        up_channels = skip_channels if upsample == "transpose" else deep_channels
+        self.up = upsampler(spatial_dims, deep_channels, up_channels, upsample)
+        self.skip = skip
+        self.project: nn.Module = nn.Identity()
+        if skip == "add" and skip_channels != up_channels:
+            self.project = conv_nd(spatial_dims)(skip_channels, up_channels, kernel_size=1)
+        merged = up_channels + skip_channels if skip == "concat" else up_channels
+        self.conv = ConvBlock(spatial_dims, merged, out_channels, **block_kwargs)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(deep)
+        if self.skip != "none":
+            if skip.shape[2:] != x.shape[2:]:
+                skip = center_crop(skip, x.shape[2:])
+            x = torch.cat([x, skip], dim=1) if self.skip == "concat" else x + self.project(skip)
+        return self.conv(x)

@@ -1,0 +1,76 @@
+"""Device, precision and seeding: small functions shared by training and inference."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unetcli.errors import ConfigError
+
+log = logging.getLogger("unetcli")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available", hint="use --device cpu or auto")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where bf16 convolutions run natively (AVX512-BF16 or AMX); elsewhere they are emulated
+    and many times slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """Pick ``fp32``/``bf16``/``fp16``. ``auto`` picks only what the hardware runs natively."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise ConfigError("fp16 autocast is for CUDA GPUs", hint="use --precision bf16 or fp32 on CPU")
+        if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 will be much slower than fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast context for ``precision``; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_threads(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)

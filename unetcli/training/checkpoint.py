@@ -1,0 +1,76 @@
+"""Checkpoints: plain containers of tensors and numbers, written atomically, read without pickle code.
+
+A checkpoint carries everything prediction needs (model config, label values and names,
+channel names, normalisation, patch size), so ``unet predict RUN`` needs no other file.
+Loading uses ``torch.load(weights_only=True)``: a file carrying pickled objects that would
+run code is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unetcli import __version__
+from unetcli.atomic import atomic_path
+from unetcli.errors import CheckpointError
+
+FORMAT = "unetcli-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plain containers and tensors only) to ``path`` atomically."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "unetcli_version": __version__, **state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def resolve_checkpoint(run: Path, which: str = "best") -> Path:
+    """A run folder -> its ``checkpoints/{which}.pt`` (falling back to ``last.pt``); a file -> itself."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.exists():
+        raise CheckpointError(f"{run}: run folder or checkpoint not found", hint="pass the folder `unet train` wrote (its --out)")
+    for name in (which, "last"):
+        candidate = run / "checkpoints" / f"{name}.pt"
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{run}: no checkpoints/{which}.pt or checkpoints/last.pt inside", hint="is this a unetcli run folder?")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely (tensors and plain containers only) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain data ({first[:200]})",
+            hint="only load checkpoints written by unetcli; nothing in the file was executed",
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(
+            f"{path}: checkpoint is corrupt or truncated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
+            hint="use the run's other checkpoint (best.pt / last.pt) or retrain",
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a unetcli checkpoint", hint="pass a checkpoint written by `unet train`")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is not supported by unetcli {__version__} (expects {FORMAT_VERSION})",
+            hint="use the unetcli version that wrote it",
+        )
+    for key in ("config", "metadata", "model"):
+        if key not in state:
+            raise CheckpointError(f"{path}: checkpoint lacks its '{key}' entry", hint="the file is incomplete; retrain or use another checkpoint")
+    return state
