@@ -114,8 +114,12 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
         raise ConfigError(f"{name} '{text}' is not a comma-separated list of numbers", hint=f"e.g. {name} 1.0,1.0") from None
 
 
-def _resolve_config(config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any]) -> RunConfig:
+def _resolve_config(config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any],
+                    defaults: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Defaults < YAML file < --set < explicit flags."""
     cfg = load_config(config)
+    if defaults and config is None:
+        cfg = apply_overrides(cfg, defaults)
     overrides = dict(parse_set_option(item) for item in sets or [])
     overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
     return apply_overrides(cfg, overrides)
@@ -222,11 +226,11 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train on real MRI slices shipped with unetcli, predict held-out slices, print their Dice."""
-    from unetcli.demo import run_demo
+    from unetcli.demo import DEMO_OVERRIDES, run_demo
     from unetcli.evaluation.report import summary_table
 
     cfg = _resolve_config(config, set_, {"train.epochs": epochs, "train.device": device,
-                                          "train.precision": precision, "train.seed": seed})
+                                          "train.precision": precision, "train.seed": seed}, defaults=DEMO_OVERRIDES)
     result = run_demo(cfg, out, overwrite=overwrite, progress=_progress())
     console.print(summary_table(result.evaluation))
     dice = result.evaluation.summary["foreground_mean"]["dice"]  # type: ignore[index]

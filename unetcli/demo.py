@@ -18,6 +18,14 @@ log = logging.getLogger("unetcli")
 
 DEMO_2D = "mni_tissue_2d"
 
+DEMO_OVERRIDES: dict[str, object] = {
+    # A smaller network and a short schedule keep the demo within a few minutes on 2 CPU cores;
+    # flags and --set given to `unet demo` still override these.
+    "model.features": [16, 32, 64, 128],
+    "train.epochs": 8,
+    "train.iterations_per_epoch": 40,
+}
+
 
 @dataclass
 class DemoResult:

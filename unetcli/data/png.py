@@ -63,6 +63,8 @@ def read_png_mask(path: Path) -> np.ndarray:
     arr = np.asarray(img)
     if img.mode == "1":
         arr = arr.astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] < 3:  # grayscale + alpha: the alpha is not a label
+        arr = arr[..., 0]
     if arr.ndim == 3:
         rgb = arr[..., :3]
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):

@@ -165,15 +165,15 @@ def summary_table(result: EvalResult, metrics: Sequence[str] = DEFAULT_TABLE_MET
     """Mean ± std per class (and the foreground mean) for the terminal."""
     shown = [m for m in metrics if m in result.metrics]
     table = Table(title=f"{result.summary['cases']} case(s): mean ± std")
-    table.add_column("class")
+    table.add_column("class", no_wrap=True)
     for m in shown:
-        table.add_column(m, justify="right")
+        table.add_column(m, justify="right", no_wrap=True)
     table.add_column("n", justify="right")
     classes = result.summary["classes"]
     for cls in result.classes:
         stats = classes[cls]  # type: ignore[index]
-        cells = [f"{stats[m]['mean']:.4f} ± {stats[m]['std']:.4f}" if stats[m]["n"] else "–" for m in shown]
+        cells = [f"{stats[m]['mean']:.3f}±{stats[m]['std']:.3f}" if stats[m]["n"] else "–" for m in shown]
         table.add_row(cls, *cells, str(stats[shown[0]]["n"] if shown else ""))
     fg = result.summary["foreground_mean"]
-    table.add_row("[bold]foreground mean[/bold]", *[f"[bold]{fg[m]:.4f}[/bold]" for m in shown], "", end_section=True)  # type: ignore[index]
+    table.add_row("[bold]foreground mean[/bold]", *[f"[bold]{fg[m]:.3f}[/bold]" for m in shown], "", end_section=True)  # type: ignore[index]
     return table

@@ -9,6 +9,8 @@ run code is refused, not executed.
 from __future__ import annotations
 
 import pickle
+import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -52,12 +54,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "unsupported content")
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain data ({first[:200]})",
             hint="only load checkpoints written by unetcli; nothing in the file was executed",
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError, struct.error) as exc:
         raise CheckpointError(
             f"{path}: checkpoint is corrupt or truncated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
             hint="use the run's other checkpoint (best.pt / last.pt) or retrain",

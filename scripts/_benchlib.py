@@ -1,0 +1,157 @@
+"""Shared helpers for the benchmark scripts in ``scripts/``: machine description, peak-RSS
+bookkeeping, timing and table printing. Not part of the ``unetcli`` package."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flag_set() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    flags = cpu_flag_set()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_flags": {f: f in flags for f in INTERESTING_FLAGS},
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return info
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    flags = "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpu_flags"].items())
+    print(f"machine : {info['cpu']}")
+    print(f"flags   : {flags}")
+    print(f"torch   : {info['torch']}  threads={info['torch_threads']}  cpu_capability={info['cpu_capability']}"
+          f"  python {info['python']}")
+    print(f"device  : {info['device']}" + (f"  ({info['gpu']})" if info["gpu"] else ""))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (``ru_maxrss``, KiB on Linux) in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS (``gc`` + glibc ``malloc_trim``) so that the next
+    phase's RSS peak is not hidden under memory an earlier phase freed but malloc kept."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs).
+
+    After a successful reset ``ru_maxrss`` reports the peak since the reset, which lets one
+    process attribute a peak to each phase. Returns False where that is not possible (then
+    ``ru_maxrss`` stays the whole-process peak and per-phase figures are upper bounds).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds taken by ``fn()``, with the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median of repeated timings: how noisy a figure is."""
+    if len(values) < 2:
+        return 0.0
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    aligns = ["<"] + [">"] * (len(headers) - 1)
+    for n, row in enumerate(cells):
+        print("  ".join(f"{c:{a}{w}}" for c, a, w in zip(row, aligns, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

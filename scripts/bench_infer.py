@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Sliding-window inference: unetcli's ``sliding_window_predict`` against MONAI's
+``sliding_window_inference``, same network, same volume, same windows.
+
+What is measured
+----------------
+A seeded, smooth synthetic single-channel volume (default 160x160x128, z-scored) is segmented
+into 3 classes by a 3D U-Net (features 16,32,64,128, batch norm, eval mode; its BatchNorm
+running statistics are set from one forward pass over the volume so that its outputs are
+not trivially uniform). Windows: roi 64^3, overlap 0.5, Gaussian weighting (sigma 0.125 *
+roi), ``--window-batch`` windows per forward pass (default 4, unetcli's default) on both sides.
+
+* ``monai``      ``monai.inferers.sliding_window_inference(x, roi, sw_batch_size,
+                 lambda x: torch.softmax(net(x), 1), overlap=0.5, mode="gaussian")`` under
+                 ``torch.no_grad()``, fp32. This is the reference.
+* ``ours``       ``unetcli.inference.sliding_window.sliding_window_predict(..., precision="fp32")``.
+* ``ours bf16``  the same with ``precision="bf16"`` (autocast of the forward pass).
+
+Speed: the three run in this process, in turn, ``--rounds`` times (order reversed every other
+round), after a warm-up forward pass in each precision; a method's time is its median round.
+The network is wrapped in a timer, so each time is split into the network's forward pass and
+the rest (window extraction, softmax, weighting, accumulation, normalisation): the rest is
+what the two sliding-window implementations themselves cost.
+
+Memory: the peak RSS increment of each method is measured in a fresh child process
+(``--only METHOD``, started by this script) so the figures do not pollute each other: after
+building the network and data and one warm-up forward pass, freed heap is handed back
+(``malloc_trim``), the RSS high-water mark is reset (``/proc/self/clear_refs``), the method
+runs once, and ``increment = ru_maxrss - RSS before``. The float32 input volume, the float32
+probability output and the model size are printed for scale.
+
+Agreement: max |p_ours - p_monai| over all voxels and classes of the probability maps.
+
+How to read it: ``ratio`` is the method's time / MONAI's time in the same process on the same
+work, so < 1 is faster than MONAI. Absolute seconds are context only.
+
+Examples::
+
+    python scripts/bench_infer.py                              # full size, a few minutes on 2 cores
+    python scripts/bench_infer.py --size 96 96 64 --json out/infer.json
+    python scripts/bench_infer.py --only ours                  # one method, peak RSS only (what the children run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchlib as bl  # noqa: E402
+
+from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
+from unetcli.models import UNet  # noqa: E402
+from unetcli.runtime import autocast  # noqa: E402
+
+METHODS = ("monai", "ours", "ours_bf16")
+LABELS = {"monai": "monai (fp32, reference)", "ours": "ours fp32", "ours_bf16": "ours bf16"}
+RESULT_TAG = "BENCH_INFER_RESULT "
+
+
+# --------------------------------------------------------------------------- setup
+
+
+class TimedNet(nn.Module):
+    """Wraps the network and adds up the wall time spent inside its forward pass."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.seconds = 0.0
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        y = self.net(x)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return y
+
+
+def make_volume(size: tuple[int, int, int], seed: int) -> np.ndarray:
+    """(1, *size) float32: trilinearly upsampled coarse noise plus fine noise, z-scored."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((1, 1) + tuple(max(2, s // 8) for s in size), generator=gen)
+    smooth = F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)[0]
+    volume = smooth + 0.1 * torch.randn((1,) + size, generator=gen)
+    volume = (volume - volume.mean()) / volume.std()
+    return volume.numpy().astype(np.float32)
+
+
+def make_net(features: list[int], volume: np.ndarray, roi: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    net = UNet(3, 1, 3, features=features)
+    # Set BatchNorm running statistics from one pass over a crop of the volume (cumulative average).
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    crop = torch.from_numpy(volume[None, :, :roi, :roi, :roi].copy())
+    net.train()
+    with torch.no_grad():
+        net(crop)
+    return net.eval()
+
+
+def model_mib(net: nn.Module) -> float:
+    tensors = list(net.parameters()) + list(net.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Namespace) -> torch.Tensor:
+    """(K, *S) float32 probabilities."""
+    roi = [args.roi] * 3
+    if method == "monai":
+        x = torch.from_numpy(volume)[None]
+        with torch.no_grad():
+            out = sliding_window_inference(x, roi, args.window_batch, lambda w: torch.softmax(net(w), 1),
+                                           overlap=args.overlap, mode="gaussian")
+        return out[0]
+    precision = "bf16" if method == "ours_bf16" else "fp32"
+    return sliding_window_predict(net, volume, roi, 3, overlap=args.overlap, window_batch_size=args.window_batch,
+                                  gaussian=True, device="cpu", precision=precision)
+
+
+def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str]) -> None:
+    """One window batch through the network per precision: oneDNN builds its kernels here."""
+    x = torch.zeros((args.window_batch, 1) + (args.roi,) * 3)
+    with torch.no_grad():
+        for precision in precisions:
+            with autocast(torch.device("cpu"), precision):
+                net(x)
+
+
+# --------------------------------------------------------------------------- child: one method, peak RSS
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    size = tuple(args.size)
+    volume = make_volume(size, args.seed)
+    net = TimedNet(make_net(args.features, volume, args.roi, args.seed))
+    warm_up(net, args, ["bf16" if args.only == "ours_bf16" else "fp32"])
+    bl.release_memory()
+    before = bl.current_rss_mib()
+    can_reset = bl.reset_peak_rss()
+    net.seconds = 0.0
+    start = time.perf_counter()
+    out = run_method(args.only, net, volume, args)
+    seconds = time.perf_counter() - start
+    peak = bl.peak_rss_mib()
+    result = {"method": args.only, "rss_before_mib": before, "peak_rss_mib": peak, "rss_increment_mib": peak - before,
+              "peak_reset": can_reset, "seconds": seconds, "network_seconds": net.seconds,
+              "output_shape": list(out.shape)}
+    print(f"{LABELS[args.only]}: peak RSS {peak:,.0f} MiB, increment {peak - before:+,.0f} MiB over {before:,.0f} MiB "
+          f"(time in this child {seconds:.1f} s, not a comparison)")
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return result
+
+
+def measure_rss_in_children(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
+    results = {}
+    for method in methods:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", method, "--seed", str(args.seed),
+               "--size", *map(str, args.size), "--roi", str(args.roi), "--overlap", str(args.overlap),
+               "--window-batch", str(args.window_batch), "--features", *map(str, args.features)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)), None)
+        if proc.returncode or line is None:
+            raise RuntimeError(f"child {method} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        results[method] = json.loads(line[len(RESULT_TAG):])
+        print(f"   child {LABELS[method]:<24} peak RSS increment {results[method]['rss_increment_mib']:+,.0f} MiB",
+              flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- parent: timing and agreement
+
+
+def parent(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cpu")
+    info = bl.machine_info(device)
+    bl.print_machine(info)
+    size = tuple(args.size)
+    volume = make_volume(size, args.seed)
+    net = TimedNet(make_net(args.features, volume, args.roi, args.seed))
+    n_params = sum(p.numel() for p in net.parameters())
+    in_mib = volume.nbytes / 2**20
+    out_mib = 3 * volume[0].size * 4 / 2**20
+    print(f"volume {'x'.join(map(str, size))} float32 = {in_mib:.1f} MiB; probabilities 3 x that = {out_mib:.1f} MiB; "
+          f"model features {args.features}: {n_params:,} parameters = {model_mib(net.net):.1f} MiB")
+    print(f"roi {args.roi}^3, overlap {args.overlap}, gaussian, {args.window_batch} windows per forward pass, "
+          f"{args.rounds} timed round(s)")
+    start = time.perf_counter()
+    warm_up(net, args, ["fp32", "bf16"])
+
+    methods = [m for m in METHODS if m in args.methods]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    net_times: dict[str, list[float]] = {m: [] for m in methods}
+    calls: dict[str, int] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for rnd in range(args.rounds):
+        for method in methods if rnd % 2 == 0 else methods[::-1]:
+            net.seconds, net.calls = 0.0, 0
+            bl.release_memory()
+            t0 = time.perf_counter()
+            outputs[method] = run_method(method, net, volume, args)
+            times[method].append(time.perf_counter() - t0)
+            net_times[method].append(net.seconds)
+            calls[method] = net.calls
+            print(f"   round {rnd + 1}: {LABELS[method]:<24} {times[method][-1]:7.1f} s", flush=True)
+
+    rss = measure_rss_in_children(args, [m for m in methods if m in args.rss]) if args.rss else {}
+
+    ref = "monai" if "monai" in methods else methods[0]
+    ref_time = bl.median(times[ref])
+    rows, results = [], {}
+    for m in methods:
+        t, tn = bl.median(times[m]), bl.median(net_times[m])
+        diff = float((outputs[m] - outputs[ref]).abs().max()) if m != ref else 0.0
+        r = rss.get(m, {})
+        results[m] = {"seconds_rounds": times[m], "seconds": t, "network_seconds": tn, "rest_seconds": t - tn,
+                      "ratio_vs_monai": t / ref_time, "forward_calls": calls[m], "max_abs_diff_vs_monai": diff,
+                      "rss": r or None}
+        rows.append([LABELS[m], f"{t:.1f}", f"{t / ref_time:.2f}x", f"{tn:.1f}", f"{t - tn:.2f}",
+                     f"{(t - tn) / t * 100:.1f}%", str(calls[m]),
+                     f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{diff:.2e}" if m != ref else "-"])
+    print()
+    bl.print_table(["method", "seconds", "ratio", "network s", "rest s", "rest %", "forwards",
+                    "peak RSS incr MiB", "max|dp| vs monai"], rows)
+    print("ratio = time / MONAI's time, same process, same work (<1 is faster). 'rest' = total - network forward.")
+    print(f"total benchmark time {time.perf_counter() - start:.0f} s")
+    return {"script": "bench_infer", "machine": info, "args": vars(args), "volume_mib": in_mib, "output_mib": out_mib,
+            "parameters": n_params, "model_mib": model_mib(net.net), "results": results}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, nargs="+", default=[160, 160, 128],
+                   help="volume size: 3 numbers, or 1 for a cube (default 160 160 128)")
+    p.add_argument("--roi", type=int, default=64)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--window-batch", type=int, default=4, help="windows per forward pass (sw_batch_size)")
+    p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--rounds", type=int, default=1, help="timed rounds per method (median counts)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--rss", nargs="*", default=["monai", "ours"], choices=METHODS,
+                   help="methods whose peak RSS is measured in a child process (default: monai ours; none: skip)")
+    p.add_argument("--only", choices=METHODS, help="child mode: run one method once and report its peak RSS")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every figure to this JSON file")
+    args = p.parse_args(argv)
+    if len(args.size) == 1:
+        args.size = args.size * 3
+    if len(args.size) != 3:
+        p.error("--size takes 1 or 3 numbers")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only:
+        child(args)
+        return 0
+    payload = parent(args)
+    if args.json:
+        bl.write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

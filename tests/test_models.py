@@ -1,0 +1,216 @@
+"""Tests for unetcli.models: the U-Net's shape contract, skip/upsample variants, size errors, gradients."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from unetcli.config import ModelConfig
+from unetcli.errors import ConfigError, ModelError
+from unetcli.models import UNet, build_model, count_parameters
+
+torch.set_num_threads(2)
+
+FEATURES = (4, 8, 16)  # depth 2: same-padded sizes must be multiples of 4
+SKIPS = ("concat", "add", "none")
+PADDINGS = ("same", "valid")
+UPSAMPLES = ("transpose", "interp")
+
+
+def tiny_cfg(spatial_dims: int, **kw) -> ModelConfig:
+    values = dict(spatial_dims=spatial_dims, in_channels=2, out_channels=3, features=list(FEATURES), norm="instance")
+    values.update(kw)
+    return ModelConfig(**values)
+
+
+def _hint_shape(err: ModelError) -> tuple[int, ...]:
+    """The shape suggested after 'e.g.' in an error's hint."""
+    match = re.search(r"e\.g\. \(([\d, ]+)\)", err.hint or "")
+    assert match, f"no suggested size in hint {err.hint!r}"
+    return tuple(int(v) for v in match.group(1).split(",") if v.strip())
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "spatial_dims,skip,padding,upsample", list(itertools.product((2, 3), SKIPS, PADDINGS, UPSAMPLES))
+)
+def test_forward_shape_matches_documented_contract(spatial_dims, skip, padding, upsample):
+    torch.manual_seed(0)
+    net = build_model(tiny_cfg(spatial_dims, skip=skip, padding=padding, upsample=upsample)).eval()
+    if padding == "same":
+        in_shape = (12, 8) if spatial_dims == 2 else (8, 4, 12)
+    else:
+        base = net.valid_input_size(1)
+        step = net.size_multiple
+        in_shape = (base, base + step) if spatial_dims == 2 else (base, base, base + step)
+    with torch.no_grad():
+        out = net(torch.randn(1, 2, *in_shape))
+    if padding == "same":
+        expected = in_shape
+        assert net.margin == 0
+    else:
+        assert net.margin > 0
+        expected = tuple(s - 2 * net.margin for s in in_shape)
+    assert out.shape == (1, 3) + expected
+    assert net.output_shape(in_shape) == expected
+    assert torch.isfinite(out).all()
+
+
+def test_paper_configuration_572_gives_388_without_forward():
+    net = UNet(2, 1, 2, features=(64, 128, 256, 512, 1024), padding="valid")
+    assert net.output_shape((572, 572)) == (388, 388)
+    assert net.margin == 92  # (572 - 388) / 2
+    assert net.input_size_for_output(388) == 572
+
+
+def test_valid_margin_is_constant_over_valid_sizes():
+    net = UNet(2, 1, 2, features=FEATURES, padding="valid", norm="none")
+    base, step = net.valid_input_size(1), net.size_multiple
+    for k in range(4):
+        size = base + k * step
+        assert net.output_shape((size, size)) == (size - 2 * net.margin,) * 2
+
+
+# --------------------------------------------------------------------------- skip / projection / params
+
+
+def _projections(net: UNet) -> list[nn.Module]:
+    return [up.project for up in net.ups]
+
+
+def test_add_skip_projects_only_when_channels_differ():
+    interp = UNet(2, 1, 2, features=FEATURES, skip="add", upsample="interp")
+    # interp keeps the deep channel count (8, 16) which differs from the skip's (4, 8): 1x1 projection
+    for up, skip_ch, deep_ch in zip(interp.ups, reversed(FEATURES[:-1]), reversed(FEATURES[1:])):
+        assert isinstance(up.project, nn.Conv2d)
+        assert up.project.kernel_size == (1, 1)
+        assert (up.project.in_channels, up.project.out_channels) == (skip_ch, deep_ch)
+
+    transpose = UNet(2, 1, 2, features=FEATURES, skip="add", upsample="transpose")
+    # transpose conv already outputs the skip's channel count: no projection
+    assert all(isinstance(p, nn.Identity) for p in _projections(transpose))
+
+    for skip in ("concat", "none"):
+        net = UNet(2, 1, 2, features=FEATURES, skip=skip, upsample="interp")
+        assert all(isinstance(p, nn.Identity) for p in _projections(net))
+
+
+def test_add_projection_3d_is_conv3d():
+    net = UNet(3, 1, 2, features=FEATURES, skip="add", upsample="interp")
+    assert all(isinstance(p, nn.Conv3d) and p.kernel_size == (1, 1, 1) for p in _projections(net))
+
+
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_no_skip_has_fewer_parameters_than_concat(upsample):
+    none = count_parameters(UNet(2, 1, 2, features=FEATURES, skip="none", upsample=upsample))
+    concat = count_parameters(UNet(2, 1, 2, features=FEATURES, skip="concat", upsample=upsample))
+    add = count_parameters(UNet(2, 1, 2, features=FEATURES, skip="add", upsample=upsample))
+    assert none < concat
+    assert none <= add < concat
+
+
+# --------------------------------------------------------------------------- size errors
+
+
+def test_wrong_input_size_names_the_multiple():
+    net = UNet(2, 1, 2, features=(4, 8, 16, 32))  # depth 3 -> multiple of 8
+    with pytest.raises(ModelError, match="multiple of 8") as info:
+        net(torch.zeros(1, 1, 30, 32))
+    suggested = _hint_shape(info.value)
+    assert suggested == (32, 32)
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 1, *suggested)).shape == (1, 2, 32, 32)
+
+
+def test_wrong_input_size_3d_suggestion_works():
+    net = UNet(3, 1, 2, features=FEATURES, norm="none")
+    with pytest.raises(ModelError, match="multiple of 4") as info:
+        net.output_shape((5, 8, 10))
+    suggested = _hint_shape(info.value)
+    assert suggested == (8, 8, 12)
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, *suggested)).shape == (1, 2, *suggested)
+
+
+def test_valid_padding_bad_size_suggestion_works():
+    net = UNet(2, 1, 2, features=FEATURES, padding="valid", norm="none")
+    bad = net.valid_input_size(1) + 1
+    with pytest.raises(ModelError) as info:
+        net(torch.zeros(1, 1, bad, bad))
+    assert str(net.valid_input_size(1)) in info.value.hint
+    suggested = _hint_shape(info.value)
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *suggested))
+    assert out.shape[2:] == tuple(s - 2 * net.margin for s in suggested)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_valid_input_size_is_accepted_and_minimal(padding):
+    net = UNet(2, 1, 2, features=FEATURES, padding=padding, norm="none")
+    for min_size in (1, 5, 17, 50):
+        size = net.valid_input_size(min_size)
+        assert size >= min_size
+        net.output_shape((size, size))  # does not raise
+        for smaller in range(min_size, size):
+            with pytest.raises(ModelError):
+                net.output_shape((smaller, size))
+
+
+def test_wrong_number_of_spatial_axes():
+    net2 = UNet(2, 1, 2, features=FEATURES)
+    with pytest.raises(ModelError, match="spatial axes"):
+        net2(torch.zeros(1, 1, 8, 8, 8))
+    net3 = UNet(3, 1, 2, features=FEATURES)
+    with pytest.raises(ModelError, match="spatial axes"):
+        net3(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ModelError):
+        net3.output_shape((8, 8))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ModelError, match="spatial_dims"):
+        UNet(4, 1, 2, features=FEATURES)
+    with pytest.raises(ModelError, match="at least 2"):
+        UNet(2, 1, 2, features=(8,))
+
+
+# --------------------------------------------------------------------------- gradients / factory
+
+
+@pytest.mark.parametrize("skip,upsample", list(itertools.product(SKIPS, UPSAMPLES)))
+def test_gradients_reach_every_parameter(skip, upsample):
+    torch.manual_seed(0)
+    net = UNet(2, 1, 3, features=FEATURES, skip=skip, upsample=upsample, norm="batch")
+    x = torch.randn(2, 1, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    loss = nn.functional.cross_entropy(net(x), target)
+    loss.backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    zero = [name for name, p in net.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero, f"all-zero gradient for {zero}"
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_build_model_unknown_name_is_config_error():
+    with pytest.raises(ConfigError, match="unknown model 'resnet'") as info:
+        build_model(tiny_cfg(2, name="resnet"))
+    assert "unet" in info.value.hint
+
+
+def test_build_model_needs_resolved_dims():
+    with pytest.raises(ConfigError, match="model.spatial_dims"):
+        build_model(ModelConfig(in_channels=1, out_channels=2))
+
+
+def test_build_model_passes_config_through():
+    net = build_model(tiny_cfg(3, features=[4, 8], convs_per_level=1, skip="add", padding="valid"))
+    assert isinstance(net, UNet)
+    assert net.spatial_dims == 3 and net.depth == 1 and net.convs_per_level == 1
+    assert net.head.out_channels == 3 and net.stem[0].in_channels == 2
