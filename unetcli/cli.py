@@ -134,10 +134,14 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config k
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")]
 
 
-@app.command(epilog="Example: unet train data/ --epochs 20 --out runs/tissue --set model.features=[16,32,64,128]")
+@app.command(epilog="Example: unet train data/ --epochs 20 --out runs/tissue --set model.features=[16,32,64,128]   "
+             "Continue a stopped run: unet train --resume runs/tissue   Train a finished run longer: "
+             "unet train --resume runs/tissue --epochs 40")
 @handle_errors
 def train(
-    data: Annotated[Path, typer.Argument(help="Folder with images/ + masks/ (PNG), or imagesTr/ + labelsTr/ (nnU-Net layout).")],
+    data: Annotated[Optional[Path], typer.Argument(help="Folder with images/ + masks/ (PNG), or imagesTr/ + labelsTr/ (nnU-Net layout). "
+                                                        "With --resume: optional, default the run's own data folder.",
+                                                   show_default=False)] = None,
     config: ConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/DATA-NAME_TIMESTAMP).")] = None,
     epochs: EpochsOpt = None,
@@ -148,19 +152,50 @@ def train(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = None,
+    num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", metavar="RUN",
+        help="Continue the run in folder RUN from checkpoints/last.pt (after a crash, kill or Ctrl-C), with its own config; "
+             "with a larger --epochs, train a finished run longer. Only --epochs, --device, --precision, --num-threads and "
+             "--set train.checkpoint_interval / train.num_workers may change.")] = None,
 ) -> None:
-    """Train a U-Net on a folder of images + masks; writes config, checkpoints, metrics and curves to a run folder."""
+    """Train a U-Net on a folder of images + masks; writes config, checkpoints, metrics and curves to a run folder.
+
+    Ctrl-C or SIGTERM saves a checkpoint and stops (exit 130/143); `unet train --resume RUN` continues exactly where it stopped.
+    """
+    from unetcli.training.trainer import RESUME_KEYS, resume_training
     from unetcli.training.trainer import train as run_training
 
-    cfg = _resolve_config(config, set_, {
-        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
-        "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
-        "train.device": device, "train.precision": precision, "train.seed": seed,
-    })
-    out = out or Path("runs") / f"{data.resolve().name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run_training(data, cfg, out, overwrite=overwrite, progress=_progress())
+    if resume is not None:
+        sets = dict(parse_set_option(item) for item in set_ or [])
+        fixed = [name for name, given in (
+            ("--config", config is not None), ("--batch-size", batch_size is not None), ("--lr", lr is not None),
+            ("--patch-size", patch_size is not None), ("--model-skip", model_skip is not None), ("--seed", seed is not None),
+            ("--overwrite", overwrite), ("--out", out is not None and out.resolve() != resume.resolve()),
+        ) if given] + [f"--set {key}" for key in sets if key not in RESUME_KEYS]
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)} cannot be used with --resume: a resumed run keeps the config stored in its checkpoint",
+                hint="with --resume only --epochs, --device, --precision, --num-threads and --set train.checkpoint_interval/"
+                     "num_workers/num_threads may change; to change anything else, start a new run (--out)",
+            )
+        overrides = {**sets, "train.epochs": epochs, "train.device": device, "train.precision": precision,
+                     "train.num_threads": num_threads}
+        result = resume_training(resume, data, overrides, progress=_progress())
+        out = resume
+    else:
+        if data is None:
+            raise ConfigError("missing the DATA folder to train on",
+                              hint="unet train DATA [--out RUN]; or continue a run: unet train --resume RUN")
+        cfg = _resolve_config(config, set_, {
+            "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+            "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
+            "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
+        })
+        out = out or Path("runs") / f"{data.resolve().name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run_training(data, cfg, out, overwrite=overwrite, progress=_progress())
     console.print(f"best validation Dice [bold]{result.best_dice:.4f}[/bold] at epoch {result.best_epoch}/{result.epochs} "
                   f"({result.seconds:.0f} s, {result.parameters:,} parameters); run folder: {out}")
 
@@ -185,32 +220,78 @@ def predict(
     console.print(f"wrote {len(written)} mask(s) to {output}")
 
 
-@app.command("eval", epilog="Example: unet eval predictions/ data/test/masks --out eval/ --labels 1,2")
+def _regions(items: Optional[list[str]]) -> Optional[dict[str, list[int]]]:
+    """``--region NAME=1,2,3`` (repeatable) -> {name: [labels]}."""
+    if not items:
+        return None
+    regions: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        parsed = _ints(values, f"--region {name.strip()}") if sep and name.strip() else None
+        if not parsed:
+            raise ConfigError(f"--region '{item}' is not NAME=LABELS", hint="e.g. --region whole_tumour=1,2,3")
+        if name.strip() in regions:
+            raise ConfigError(f"--region {name.strip()} is given twice")
+        regions[name.strip()] = parsed
+    return regions
+
+
+@app.command("eval", epilog="Example: unet eval predictions/ data/test/masks --out eval/ --labels 1,2   "
+             "Compare runs: unet eval runA/preds runB/preds --truth data/labelsTs --out compare/")
 @handle_errors
 def eval_(
-    pred: Annotated[Path, typer.Argument(help="Folder (or file) of predicted masks.")],
-    truth: Annotated[Path, typer.Argument(help="Folder (or file) of reference masks, paired with PRED by file name.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for metrics.csv and summary.json (default: PRED_eval next to PRED).")] = None,
+    paths: Annotated[list[Path], typer.Argument(help="PRED TRUTH (folders or files of PNG masks or NIfTI label maps, paired by "
+                                                     "file name); with --truth, one or more PRED folders to score and compare.",
+                                                show_default=False)],
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="Reference folder; every positional path is then a prediction folder (compare mode when 2+).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for metrics.csv (long: case, class, label, metric, value) and summary.json "
+                                                     "(default: PRED_eval next to PRED; comparison_eval when comparing).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Labels to score, e.g. 1,2 (default: every non-zero label found).")] = None,
-    label_names: Annotated[Optional[str], typer.Option(help="Class names in label order, e.g. background,gm,wm.")] = None,
-    spacing: Annotated[Optional[str], typer.Option(help="Pixel size in mm per axis for distances, e.g. 0.5,0.5 (default 1).")] = None,
+    label_names: Annotated[Optional[str], typer.Option(help="Class names in label order, e.g. background,gm,wm (default: --run's "
+                                                            "checkpoint, else dataset.json in/next to TRUTH).")] = None,
+    region: Annotated[Optional[list[str]], typer.Option("--region", help="Score a union of labels as one class: NAME=1,2,3 (repeatable). "
+                                                                         "Without --labels only the regions are scored.")] = None,
+    spacing: Annotated[Optional[str], typer.Option(help="Voxel size in mm per array axis for distances: PNG ROW,COL (default 1); "
+                                                        "NIfTI default: the reference's header.")] = None,
     tolerance: Annotated[float, typer.Option(help="Normalised surface Dice tolerance in mm.")] = 1.0,
+    overlays: Annotated[Optional[Path], typer.Option(help="Folder for PNG overlays (reference green, prediction magenta) of the worst cases.")] = None,
+    worst: Annotated[int, typer.Option(help="Number of worst cases (by foreground Dice) to draw with --overlays.")] = 5,
+    image_dir: Annotated[Optional[Path], typer.Option(help="Images to draw the overlays on (NAME or NAME_0000); default: the reference labels.")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run folder or checkpoint to take class names from.")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Worker processes for scoring cases (default: CPU cores, at most 4).")] = None,
+    keep_empty: Annotated[bool, typer.Option("--keep-empty", help="Score a class absent from both masks as perfect (Dice 1, distances 0) "
+                                                                  "instead of NaN excluded from means.")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Score predictions against references: Dice, IoU, precision, recall, volume difference, HD, HD95, ASSD, NSD."""
-    from unetcli.evaluation.report import evaluate, summary_table, write_reports
-    from unetcli.inference.predict import check_output_folder
+    """Score predictions against references: Dice, IoU, precision, recall, volume difference, HD, HD95, ASSD, NSD
+    (distances in mm); or compare several runs with bootstrap confidence intervals and paired tests."""
+    from unetcli.evaluation.report import default_jobs, resolve_label_names, run_evaluation, summary_table
 
-    out = out or pred.resolve().parent / f"{pred.resolve().stem}_eval"
-    check_output_folder(out, [pred, truth], overwrite)
-    if not overwrite and any((out / n).exists() for n in ("metrics.csv", "summary.json")):
-        raise OutputError(f"{out}: already holds metrics.csv/summary.json", hint="pass --overwrite or another --out")
-    result = evaluate(pred, truth, labels=_ints(labels, "--labels"),
-                      label_names=label_names.split(",") if label_names else None,
-                      spacing=_floats(spacing, "--spacing"), tolerance_mm=tolerance)
-    csv_path, json_path = write_reports(result, out)
-    console.print(summary_table(result))
-    console.print(f"wrote {csv_path} and {json_path}")
+    if truth is None:
+        if len(paths) != 2:
+            raise ConfigError(f"expected PRED TRUTH, got {len(paths)} path(s)",
+                              hint="unet eval PRED TRUTH, or unet eval PRED_A PRED_B ... --truth TRUTH")
+        preds, truth = [paths[0]], paths[1]
+    else:
+        preds = list(paths)
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs {jobs} must be at least 1")
+    first = preds[0].resolve()
+    out = out or (first.parent / "comparison_eval" if len(preds) > 1 else first.parent / f"{first.stem}_eval")
+    names = resolve_label_names(label_names.split(",") if label_names else None, run, truth)
+    outcome = run_evaluation(
+        preds, truth, out, overlays=overlays, worst=worst, image_dir=image_dir, overwrite=overwrite,
+        labels=_ints(labels, "--labels"), label_names=names, regions=_regions(region),
+        spacing=_floats(spacing, "--spacing"), tolerance_mm=tolerance, keep_empty=keep_empty,
+        jobs=jobs or default_jobs(), progress=_progress(),
+    )
+    if outcome.comparison is None:
+        console.print(summary_table(outcome.results[0]))
+    else:
+        from unetcli.evaluation.compare import comparison_table
+
+        console.print(comparison_table(outcome.comparison))
+    console.print(f"wrote {len(outcome.written)} file(s) to {out}" + (f" and {overlays}" if overlays else ""))
 
 
 @app.command(epilog="Example: unet demo --out my-demo --epochs 10")

@@ -35,6 +35,14 @@ class DataConfig:
     """Per image and channel: z-score over all pixels, over non-zero pixels, or min-max to [0, 1]."""
     map_binary_masks: bool = True
     """Treat masks whose values are exactly {0, 255} as binary {0, 1} (logged)."""
+    target_spacing: list[float] | None = None
+    """3D: voxel spacing (mm) the network works at; ``None`` = nnU-Net's rule (median spacing)."""
+    crop_to_nonzero: bool = True
+    """3D: crop each volume to the box of its non-zero voxels before training/prediction."""
+    slice_axis: int | None = None
+    """3D data with a 2D network ("2D-on-3D"): train on slices along this canonical axis (2 = axial)."""
+    cache_dir: str | None = None
+    """3D: where preprocessed volumes are cached (default ``$UNETCLI_CACHE`` or ``~/.cache/unetcli``)."""
 
 
 @dataclass
@@ -65,9 +73,13 @@ class TrainConfig:
     epochs: int = 30
     iterations_per_epoch: int = 50
     """An epoch is a fixed number of iterations (as in nnU-Net), followed by validation."""
-    batch_size: int = 8
+    batch_size: int | None = None
+    """Patches per step; ``None`` = 8 for 2D, 2 for 3D."""
     patch_size: list[int] | None = None
-    """Training crop per spatial axis; ``None`` uses the largest image size rounded up to what the network takes."""
+    """Training crop per spatial axis; ``None``: 2D the largest image, 3D the median case shape within
+    a voxel budget, rounded up to what the network takes."""
+    foreground_fraction: float = 0.33
+    """Share of patches centred on a foreground voxel (nnU-Net's oversampling)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -83,6 +95,12 @@ class TrainConfig:
     rotate90: bool = True
     intensity_jitter: float = 0.1
     """Random scale and shift of intensities, each drawn from U(-j, j)."""
+    rotate_scale_prob: float = 0.0
+    """Probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch."""
+    gamma_prob: float = 0.0
+    noise_prob: float = 0.0
+    num_workers: int | None = None
+    """Processes building batches; ``None`` = 0 on machines with <= 2 cores, else min(4, cores // 2)."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -91,6 +109,8 @@ class TrainConfig:
     """Memory format for 2D convolutions (ignored in 3D)."""
     num_threads: int | None = None
     """CPU threads for torch; ``None`` keeps torch's default."""
+    checkpoint_interval: int = 0
+    """Also save ``checkpoints/last.pt`` every this many iterations (0: only at the end of each epoch)."""
 
 
 @dataclass
@@ -262,13 +282,19 @@ def validate_config(cfg: RunConfig) -> None:
     positive = {
         "train.epochs": t.epochs,
         "train.iterations_per_epoch": t.iterations_per_epoch,
-        "train.batch_size": t.batch_size,
         "model.convs_per_level": m.convs_per_level,
         "infer.window_batch_size": cfg.infer.window_batch_size,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
+    if t.batch_size is not None and t.batch_size < 1:
+        raise ConfigError(f"config key 'train.batch_size' must be at least 1, got {t.batch_size}")
+    for key in ("foreground_fraction", "rotate_scale_prob", "gamma_prob", "noise_prob"):
+        if not 0.0 <= getattr(t, key) <= 1.0:
+            raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")
+    if t.checkpoint_interval < 0:
+        raise ConfigError(f"config key 'train.checkpoint_interval' must be 0 or more, got {t.checkpoint_interval}")
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be positive, got {t.lr}")
     if not 0.0 <= d.val_fraction < 1.0:

@@ -53,3 +53,12 @@ class TrainingError(UnetCliError):
     """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class Interrupted(UnetCliError):
+    """Training was stopped by SIGINT (Ctrl-C) or SIGTERM after saving a checkpoint; exits 128 + signal."""
+
+    def __init__(self, message: str, signum: int, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)

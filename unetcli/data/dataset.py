@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from unetcli.config import DataConfig
+from unetcli.data.nifti import is_nifti, nifti_stem
 from unetcli.data.png import PNG_SUFFIX, read_png_image, read_png_mask
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import DataError, UnetCliError
@@ -45,6 +46,8 @@ class DatasetFiles:
     cases: list[CaseFiles]
     label_names: list[str] | None = None
     channel_names: list[str] | None = None
+    file_format: str = "png"
+    """``png`` or ``nifti``."""
 
 
 @dataclass
@@ -66,10 +69,28 @@ class Dataset:
     """Value stored in the mask files for each class index (``[0, 255]`` for binary 0/255 masks)."""
     label_names: list[str]
     channel_names: list[str]
+    file_format: str = "png"
+    preprocessing: dict | None = None
+    """3D: how volumes were reoriented, cropped, resampled and normalised (repeated at prediction)."""
 
 
-def _pngs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() == PNG_SUFFIX and not p.name.startswith("."))
+def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
+    """Stem -> path of the PNG or NIfTI files in ``folder`` and which of the two it holds."""
+    pngs, niftis = {}, {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if p.suffix.lower() == PNG_SUFFIX:
+            pngs[p.stem] = p
+        elif is_nifti(p):
+            niftis[nifti_stem(p)] = p
+    if pngs and niftis:
+        raise DataError(f"{folder}: holds both PNG and NIfTI files", hint="keep one file format per dataset")
+    return (niftis, "nifti") if niftis else (pngs, "png")
+
+
+def _suffix(file_format: str) -> str:
+    return ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
 
 
 def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None]:
@@ -97,7 +118,12 @@ def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None]:
 
 
 def discover_dataset(root: Path) -> DatasetFiles:
-    """Detect the layout of ``root`` and pair images with masks by name."""
+    """Detect the layout and file format of ``root`` and pair images with label maps by name.
+
+    Layouts: ``images/`` + ``masks/`` (or ``labels/``); nnU-Net v2 ``imagesTr/NAME_0000.ext`` +
+    ``labelsTr/NAME.ext`` (+ ``dataset.json``); the Medical Segmentation Decathlon's
+    ``imagesTr/NAME.nii.gz`` (4D, channels last) + ``labelsTr/NAME.nii.gz``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found", hint="pass a folder holding images/ and masks/ (or imagesTr/ and labelsTr/)")
@@ -108,45 +134,54 @@ def discover_dataset(root: Path) -> DatasetFiles:
     if not image_dir.is_dir() or mask_dir is None:
         raise DataError(
             f"{root}: no images/ + masks/ (or imagesTr/ + labelsTr/) folders found",
-            hint="put images in DATA/images/NAME.png and masks with the same name in DATA/masks/NAME.png",
+            hint="put images in DATA/images/NAME.png (or .nii.gz) and label maps with the same name in DATA/masks/",
         )
-    images = {p.stem: p for p in _pngs(image_dir)}
-    masks = {p.stem: p for p in _pngs(mask_dir)}
-    _check_pairs(images, masks, image_dir, mask_dir)
+    images, file_format = _image_files(image_dir)
+    masks, _ = _image_files(mask_dir)
+    _check_pairs(images, masks, image_dir, mask_dir, file_format)
+    label_names, channel_names = _read_dataset_json(root)
     cases = [CaseFiles(name, [images[name]], masks[name]) for name in sorted(images)]
-    return DatasetFiles(root, "images_masks", cases)
+    return DatasetFiles(root, "images_masks", cases, label_names, channel_names, file_format)
 
 
 def _discover_nnunet(root: Path) -> DatasetFiles:
     image_dir, label_dir = root / "imagesTr", root / "labelsTr"
     if not label_dir.is_dir():
-        raise DataError(f"{root}: imagesTr/ found but no labelsTr/", hint="add labelsTr/NAME.png for every case")
+        raise DataError(f"{root}: imagesTr/ found but no labelsTr/", hint="add labelsTr/NAME.ext for every case")
     label_names, channel_names = _read_dataset_json(root)
+    images, file_format = _image_files(image_dir)
+    labels, _ = _image_files(label_dir)
+    ext = _suffix(file_format)
+    if file_format == "nifti" and images and set(images) == set(labels):
+        # Decathlon layout: one (possibly 4D, channels-last) file per case, named like its label.
+        cases = [CaseFiles(name, [images[name]], labels[name]) for name in sorted(images)]
+        return DatasetFiles(root, "decathlon", cases, label_names, channel_names, file_format)
     problems: list[str] = []
     channels: dict[str, dict[int, Path]] = {}
-    for path in _pngs(image_dir):
-        match = _CHANNEL_SUFFIX.match(path.stem)
+    for stem, path in images.items():
+        match = _CHANNEL_SUFFIX.match(stem)
         if not match:
-            problems.append(f"{path}: image name lacks the channel suffix _0000 (nnU-Net layout: NAME_0000.png)")
+            problems.append(f"{path}: image name lacks the channel suffix _0000 (nnU-Net layout: NAME_0000{ext})")
             continue
         channels.setdefault(match["case"], {})[int(match["channel"])] = path
-    labels = {p.stem: p for p in _pngs(label_dir)}
     n_channels = len(channel_names) if channel_names else max((len(c) for c in channels.values()), default=1)
     for case, files in sorted(channels.items()):
-        missing = [f"{case}_{i:04d}.png" for i in range(n_channels) if i not in files]
+        missing = [f"{case}_{i:04d}{ext}" for i in range(n_channels) if i not in files]
         if missing:
             problems.append(f"{image_dir}: case {case} is missing channel file(s) {', '.join(missing)}")
     if problems:
         raise DataError.from_problems(problems)
-    _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir)
+    _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir, file_format)
     cases = [CaseFiles(c, [channels[c][i] for i in range(n_channels)], labels[c]) for c in sorted(channels)]
-    return DatasetFiles(root, "nnunet", cases, label_names, channel_names)
+    return DatasetFiles(root, "nnunet", cases, label_names, channel_names, file_format)
 
 
-def _check_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path) -> None:
+def _check_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path,
+                 file_format: str = "png") -> None:
     if not images:
-        raise DataError(f"{image_dir}: no .png images found", hint="add images or point DATA at the right folder")
-    problems = [f"{images[s]}: no mask named {s}.png in {mask_dir}" for s in sorted(set(images) - set(masks))]
+        raise DataError(f"{image_dir}: no .png or .nii.gz images found", hint="add images or point DATA at the right folder")
+    ext = _suffix(file_format)
+    problems = [f"{images[s]}: no mask named {s}{ext} in {mask_dir}" for s in sorted(set(images) - set(masks))]
     problems += [f"{masks[s]}: mask has no image named {s} in {image_dir}" for s in sorted(set(masks) - set(images))]
     if problems:
         raise DataError.from_problems(problems, hint="images and masks are paired by file name (same stem)")
@@ -162,7 +197,11 @@ def load_image_channels(paths: list[Path]) -> np.ndarray:
 
 
 def load_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
-    """Read every case, validate it, map binary masks, normalise images."""
+    """Read every case, validate it, map binary masks, normalise images (3D: preprocess + cache)."""
+    if files.file_format == "nifti":
+        from unetcli.data.volumes import load_volume_dataset
+
+        return load_volume_dataset(files, cfg)
     problems: list[str] = []
     images: dict[str, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}

@@ -1,16 +1,19 @@
-"""Training batches: random patches with augmentation, drawn from in-memory cases by a seeded RNG.
+"""Training batches: random patches with augmentation, drawn from (memory-mapped) cases.
 
-All randomness comes from one ``numpy.random.Generator`` whose state is saved in checkpoints,
-so a resumed run draws exactly the batches an uninterrupted run would have drawn.
+Batch ``i`` is a pure function of ``(seed, i)``: its random numbers come from
+``numpy.random.default_rng([seed, i])``. So worker processes can build batches in any order,
+and a resumed run only needs the batch position to draw exactly the batches an uninterrupted
+run would have drawn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unetcli.data.dataset import Case
 
@@ -28,20 +31,35 @@ def pad_to_cover(array: np.ndarray, spatial_shape: Sequence[int], margin: int, m
     return np.pad(array, lead + pads, mode=mode)
 
 
+def _foreground_index(label: np.ndarray, num_classes: int, per_class: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Up to ``per_class`` voxel coordinates of each foreground class (empty arrays for absent classes)."""
+    index = []
+    for k in range(1, num_classes):
+        coords = np.argwhere(label == k)
+        if len(coords) > per_class:
+            coords = coords[rng.choice(len(coords), per_class, replace=False)]
+        index.append(coords.astype(np.int32))
+    return index
+
+
 class PatchSampler:
-    """Draws (image, label) batches of fixed patch size with flips, 90-degree rotations and
-    intensity jitter.
+    """Builds (image, label) batches of a fixed patch size.
 
     Args:
-        cases: loaded cases (image (C, *S), label (*S)).
+        cases: loaded cases (image (C, *S), label (*S)); arrays may be memory-mapped.
         patch_size: network input size per spatial axis.
         batch_size: patches per batch.
-        margin: voxels a valid-padding network loses per side; images are mirror-padded by
-            it so that the network's (smaller) output still covers the whole image.
-        flips, rotate90, intensity_jitter: augmentation switches (see ``TrainConfig``).
-        seed: seeds the sampler's own generator.
+        num_classes: classes incl. background (for foreground oversampling).
+        margin: voxels a valid-padding network loses per side; images are mirror-padded by it.
+        foreground_fraction: share of patches centred on a voxel of a random foreground class
+            present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
+        flips, rotate90: mirror every spatial axis / turn in the last two axes (square patches only).
+        rotate_scale_prob: probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch.
+        intensity_jitter: random scale and shift of intensities, each from U(-j, j).
+        gamma_prob, noise_prob: probability of a gamma change (0.7..1.5) / Gaussian noise per patch.
+        seed: base seed; batch ``i`` uses ``default_rng([seed, i])``.
 
-    Returns from :meth:`next_batch`: image (B, C, *patch) float32, label (B, *patch) int64.
+    :meth:`batch` returns image (B, C, *patch) float32 and label (B, *patch) int64.
     """
 
     def __init__(
@@ -49,56 +67,159 @@ class PatchSampler:
         cases: Sequence[Case],
         patch_size: Sequence[int],
         batch_size: int,
+        num_classes: int = 2,
         margin: int = 0,
+        foreground_fraction: float = 0.33,
         flips: bool = True,
         rotate90: bool = True,
+        rotate_scale_prob: float = 0.0,
         intensity_jitter: float = 0.0,
+        gamma_prob: float = 0.0,
+        noise_prob: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
+        self.foreground_fraction = foreground_fraction
         self.flips = flips
         # 90-degree turns keep the patch shape only when the last two axes are equal.
         self.rotate90 = rotate90 and self.patch_size[-1] == self.patch_size[-2]
+        self.rotate_scale_prob = rotate_scale_prob
         self.intensity_jitter = intensity_jitter
+        self.gamma_prob = gamma_prob
+        self.noise_prob = noise_prob
+        self.seed = seed
+        self.position = 0
         self.images = [pad_to_cover(c.image, self.patch_size, margin) for c in cases]
         self.labels = [pad_to_cover(c.label, self.patch_size, margin) for c in cases]  # type: ignore[arg-type]
-        self.rng = np.random.default_rng(seed)
+        index_rng = np.random.default_rng([seed, 2**31])
+        self.foreground = [_foreground_index(np.asarray(lab), num_classes, 5000, index_rng) for lab in self.labels]
 
+    # The position is the whole state: batch i is a pure function of (seed, i).
     def state_dict(self) -> dict[str, Any]:
-        return {"bit_generator": self.rng.bit_generator.state}
+        return {"position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
+        self.position = int(state["position"])
 
-    def _crop(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch(self.position)
+        self.position += 1
+        return batch
+
+    def _crop(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.images[index], self.labels[index]
-        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(label.shape, self.patch_size)]
+        shape = label.shape
+        classes = [coords for coords in self.foreground[index] if len(coords)]
+        if classes and rng.random() < self.foreground_fraction:
+            coords = classes[int(rng.integers(len(classes)))]
+            centre = coords[int(rng.integers(len(coords)))]
+            starts = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, self.patch_size, shape)]
+        else:
+            starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch_size)]
         window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
-        return image[(slice(None),) + window], label[window]
+        return np.asarray(image[(slice(None),) + window], dtype=np.float32), np.asarray(label[window])
 
-    def _augment(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         nd = label.ndim
         if self.flips:
             for axis in range(nd):
-                if self.rng.random() < 0.5:
+                if rng.random() < 0.5:
                     image, label = np.flip(image, axis + 1), np.flip(label, axis)
         if self.rotate90:
-            k = int(self.rng.integers(0, 4))
+            k = int(rng.integers(0, 4))
             if k:
                 image, label = np.rot90(image, k, axes=(-2, -1)), np.rot90(label, k, axes=(-2, -1))
         if self.intensity_jitter > 0:
             j = self.intensity_jitter
-            scale = 1.0 + self.rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
-            shift = self.rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
+            scale = 1.0 + rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
+            shift = rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
             image = image * scale.astype(np.float32) + shift.astype(np.float32)
+        if self.gamma_prob and rng.random() < self.gamma_prob:
+            image = _gamma(image, float(rng.uniform(0.7, 1.5)))
+        if self.noise_prob and rng.random() < self.noise_prob:
+            image = image + rng.normal(0.0, float(rng.uniform(0, 0.1)) ** 0.5, image.shape).astype(np.float32)
         return image, label
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = [], []
+    def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at ``position`` (deterministic)."""
+        rng = np.random.default_rng([self.seed, position])
+        images, labels, transforms = [], [], []
         for _ in range(self.batch_size):
-            index = int(self.rng.integers(0, len(self.images)))
-            image, label = self._augment(*self._crop(index))
-            images.append(image)
-            labels.append(label)
-        return torch.from_numpy(np.stack(images).astype(np.float32, copy=False)), torch.from_numpy(np.stack(labels))
+            index = int(rng.integers(0, len(self.images)))
+            image, label = self._augment(*self._crop(index, rng), rng)
+            images.append(np.ascontiguousarray(image))
+            labels.append(np.ascontiguousarray(label))
+            transforms.append(_random_affine(len(self.patch_size), rng) if rng.random() < self.rotate_scale_prob else None)
+        image_t = torch.from_numpy(np.stack(images))
+        label_t = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
+        if any(t is not None for t in transforms):
+            image_t, label_t = _apply_affines(image_t, label_t, transforms)
+        return image_t, label_t
+
+
+def _gamma(image: np.ndarray, gamma: float) -> np.ndarray:
+    """Gamma on intensities rescaled to [0, 1] per channel, then mapped back to their range."""
+    axes = tuple(range(1, image.ndim))
+    lo, hi = image.min(axis=axes, keepdims=True), image.max(axis=axes, keepdims=True)
+    span = np.maximum(hi - lo, 1e-8)
+    return (((image - lo) / span) ** gamma * span + lo).astype(np.float32)
+
+
+def _random_affine(nd: int, rng: np.random.Generator) -> np.ndarray:
+    """An (nd, nd) rotation (+-30 deg about each axis, in-plane only for 2D) times an isotropic scale."""
+    scale = float(rng.uniform(0.7, 1.4))
+    if nd == 2:
+        a = float(rng.uniform(-np.pi / 6, np.pi / 6))
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    else:
+        rot = np.eye(3)
+        for axes in ((1, 2), (0, 2), (0, 1)):
+            a = float(rng.uniform(-np.pi / 6, np.pi / 6))
+            r = np.eye(3)
+            r[np.ix_(axes, axes)] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+            rot = rot @ r
+    return rot / scale
+
+
+def _apply_affines(images: torch.Tensor, labels: torch.Tensor, transforms: list[np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate/scale the patches that have a transform about their centre (bilinear image, nearest label)."""
+    nd = labels.ndim - 1
+    theta = torch.zeros(len(transforms), nd, nd + 1)
+    for i, t in enumerate(transforms):
+        # affine_grid's coordinate order is reversed (x = last axis): flip the matrix to match.
+        theta[i, :, :nd] = torch.from_numpy(np.flip(t if t is not None else np.eye(nd), (0, 1)).copy())
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Zero padding outside would be a fake intensity; border replication is the lesser evil.
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
+    return images, labels[:, 0].long()
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Map-style view of a sampler: item ``i`` is batch ``i`` (so workers may build them in any order)."""
+
+    def __init__(self, sampler: PatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.batch(position)
+
+
+def iterate_batches(sampler: PatchSampler, start: int, stop: int, num_workers: int = 0,
+                    pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``start..stop-1`` in order, built in ``num_workers`` processes (0 = in this process).
+
+    Workers read the memory-mapped cases themselves, so the training step never waits on I/O
+    once the prefetch queue is full; the batches are identical whatever the worker count.
+    """
+    if num_workers <= 0:
+        return (sampler.batch(i) for i in range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        _BatchDataset(sampler), sampler=range(start, stop), batch_size=None, num_workers=num_workers,
+        prefetch_factor=4, pin_memory=pin_memory, persistent_workers=False,
+    )
+    return iter(loader)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from unetcli.atomic import atomic_path
 from unetcli.config import RunConfig, config_from_dict
 from unetcli.data.dataset import load_image_channels
+from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
 from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
@@ -53,33 +54,42 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
     return LoadedModel(model, cfg, state["metadata"], path)
 
 
-def _group_inputs(input_path: Path, in_channels: int) -> dict[str, list[Path]]:
-    """Case name -> channel files. ``NAME_0000.png``-style channel files are grouped (nnU-Net)."""
+def _input_files(input_path: Path, file_format: str) -> list[Path]:
+    wanted = is_nifti if file_format == "nifti" else (lambda p: p.suffix.lower() == PNG_SUFFIX)
+    kind = ".nii.gz/.nii" if file_format == "nifti" else ".png"
     if input_path.is_file():
-        files = [input_path]
-    elif input_path.is_dir():
-        files = sorted(p for p in input_path.iterdir() if p.suffix.lower() == PNG_SUFFIX and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"{input_path}: no .png images found", hint="pass a PNG file or a folder of PNG images")
-    else:
+        if not wanted(input_path):
+            raise DataError(f"{input_path}: the model was trained on {kind} files, this is not one",
+                            hint=f"pass {kind} input (a {'3D volume' if file_format == 'nifti' else '2D image'})")
+        return [input_path]
+    if not input_path.is_dir():
         raise DataError(f"{input_path}: input not found")
+    files = sorted(p for p in input_path.iterdir() if wanted(p) and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{input_path}: no {kind} files found", hint=f"pass a {kind} file or a folder of them")
+    return files
+
+
+def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") -> dict[str, list[Path]]:
+    """Case name -> channel files. ``NAME_0000.ext``-style channel files are grouped (nnU-Net);
+    a NIfTI file without such a suffix may hold every channel (Decathlon 4D)."""
+    stem = nifti_stem if file_format == "nifti" else (lambda p: Path(p).stem)
     cases: dict[str, dict[int, Path]] = {}
-    for path in files:
-        match = _CHANNEL_SUFFIX.search(path.stem)
+    for path in _input_files(input_path, file_format):
+        match = _CHANNEL_SUFFIX.search(stem(path))
         # A _NNNN suffix names a channel file only for multi-channel models or as _0000 (nnU-Net).
         if match and (in_channels > 1 or match[1] == "0000"):
-            name, channel = path.stem[: match.start()], int(match[1])
+            name, channel = stem(path)[: match.start()], int(match[1])
         else:
-            name, channel = path.stem, 0
-        if channel in cases.setdefault(name, {}):
-            raise DataError(f"{path}: another input file also maps to case {name} (channel {channel})",
-                            hint="give every case a unique name")
+            name, channel = stem(path), -1  # one file holding the whole case
+        if channel in cases.setdefault(name, {}) or (cases[name] and (channel == -1) != (-1 in cases[name])):
+            raise DataError(f"{path}: another input file also maps to case {name}", hint="give every case a unique name")
         cases[name][channel] = path
     for name, channels in cases.items():
-        if sorted(channels) != list(range(in_channels)):
+        if -1 not in channels and sorted(channels) != list(range(in_channels)):
             raise DataError(f"{input_path}: case {name} has channel file(s) {sorted(channels)}, the model needs 0..{in_channels - 1}",
-                            hint="name channel files NAME_0000.png, NAME_0001.png, ...")
-    return {name: [channels[i] for i in range(in_channels)] for name, channels in sorted(cases.items())}
+                            hint="name channel files NAME_0000.ext, NAME_0001.ext, ...")
+    return {name: [channels[c] for c in sorted(channels)] for name, channels in sorted(cases.items())}
 
 
 def check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -94,42 +104,83 @@ def check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> No
         raise OutputError(f"{output}: exists and is not a folder", hint="pass a folder for the predictions")
 
 
+def _check_channels(image: np.ndarray, path: Path, meta: dict[str, Any]) -> None:
+    if image.shape[0] != meta["in_channels"]:
+        raise DataError(f"{path}: image has {image.shape[0]} channel(s) but the model was trained on {meta['in_channels']}",
+                        hint="give the same channels (modalities / colour mode) as the training data")
+
+
+def _window_kwargs(loaded: LoadedModel, device: torch.device, precision: str, mirror: bool | None) -> dict[str, Any]:
+    infer = loaded.config.infer
+    return {"overlap": infer.overlap, "window_batch_size": infer.window_batch_size, "gaussian": infer.gaussian,
+            "mirror": infer.mirror if mirror is None else mirror, "margin": getattr(loaded.model, "margin", 0),
+            "device": device, "precision": precision}
+
+
+def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any]) -> np.ndarray:
+    """One 2D image -> mask PNG at the image's size (values in the training masks' encoding)."""
+    meta = loaded.metadata
+    image = load_image_channels(paths)
+    _check_channels(image, paths[0], meta)
+    image = normalize_image(image, meta["normalization"])
+    probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
+    write_png_mask(np.asarray(meta["label_values"])[probs.argmax(0).numpy()], target)
+    return probs.numpy()
+
+
+def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any]) -> np.ndarray:
+    """One NIfTI case -> label map with the input's shape, affine and header.
+
+    The volume is preprocessed as in training (RAS, crop, resample, normalise), predicted on the
+    network grid (3D windows, or slice by slice for a 2D-on-3D model) and mapped back.
+    """
+    from unetcli.data.volumes import preprocess, restore_labels
+
+    meta = loaded.metadata
+    image, props = read_image(paths)
+    _check_channels(image, paths[0], meta)
+    image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
+    if meta["spatial_dims"] == 3:
+        probs = sliding_window_predict(loaded.model, image_pp, meta["patch_size"], meta["num_classes"], **window).numpy()
+    else:
+        axis = 1 + int(meta["preprocessing"]["slice_axis"])
+        slices = [sliding_window_predict(loaded.model, np.ascontiguousarray(np.take(image_pp, z, axis=axis)),
+                                         meta["patch_size"], meta["num_classes"], **window).numpy()
+                  for z in range(image_pp.shape[axis])]
+        probs = np.stack(slices, axis=axis)
+    labels = restore_labels(probs, props, geometry)
+    write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
+    return probs
+
+
 def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto", precision_name: str | None = None,
             probabilities: bool = False, overwrite: bool = False, mirror: bool | None = None,
             progress: bool = True) -> list[Path]:
-    """Write one mask per input image into ``output`` (same stem, input size); returns the paths."""
+    """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths."""
     device = resolve_device(device_name)
     loaded = load_trained_model(run, device)
     meta, cfg = loaded.metadata, loaded.config
     precision = resolve_precision(precision_name or cfg.train.precision, device)
     check_output_folder(output, [input_path], overwrite)
-    cases = _group_inputs(input_path, meta["in_channels"])
-    targets = {name: output / f"{name}.png" for name in cases}
+    file_format = meta.get("file_format", "png")
+    cases = _group_inputs(input_path, meta["in_channels"], file_format)
+    suffix = ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
+    targets = {name: output / f"{name}{suffix}" for name in cases}
     existing = [p for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
     output.mkdir(parents=True, exist_ok=True)
-    label_values = np.asarray(meta["label_values"])
+    window = _window_kwargs(loaded, device, precision, mirror)
+    predict_one = predict_volume if file_format == "nifti" else predict_png
     written = []
-    for name, paths in tqdm(cases.items(), disable=not progress, unit="image", leave=False):
-        image = load_image_channels(paths)
-        if image.shape[0] != meta["in_channels"]:
-            raise DataError(f"{paths[0]}: image has {image.shape[0]} channel(s) but the model was trained on {meta['in_channels']}",
-                            hint="convert the image to the training data's colour mode")
-        image = normalize_image(image, meta["normalization"])
-        probs = sliding_window_predict(
-            loaded.model, image, meta["patch_size"], meta["num_classes"], overlap=cfg.infer.overlap,
-            window_batch_size=cfg.infer.window_batch_size, gaussian=cfg.infer.gaussian,
-            mirror=cfg.infer.mirror if mirror is None else mirror, margin=getattr(loaded.model, "margin", 0),
-            device=device, precision=precision,
-        )
-        labels = label_values[probs.argmax(0).numpy()]
-        write_png_mask(labels, targets[name])
+    for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
+        probs = predict_one(loaded, paths, targets[name], window)
         if probabilities:
+            # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
             with atomic_path(output / f"{name}_probabilities.npz") as tmp:
                 with open(tmp, "wb") as handle:
-                    np.savez_compressed(handle, probabilities=probs.numpy().astype(np.float16),
+                    np.savez_compressed(handle, probabilities=probs.astype(np.float16),
                                         label_names=np.asarray(meta["label_names"]))
         written.append(targets[name])
     log.info("wrote %d prediction(s) to %s", len(written), output)

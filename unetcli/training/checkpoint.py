@@ -9,12 +9,14 @@ run code is refused, not executed.
 from __future__ import annotations
 
 import pickle
+import random
 import re
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from unetcli import __version__
@@ -77,3 +79,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if key not in state:
             raise CheckpointError(f"{path}: checkpoint lacks its '{key}' entry", hint="the file is incomplete; retrain or use another checkpoint")
     return state
+
+
+# --------------------------------------------------------------------------- random number generators
+# Checkpoints are read with weights_only=True, so RNG states are stored as tensors, lists and ints
+# (no numpy arrays, no tuples of arbitrary objects).
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of Python's, numpy's (global), torch's CPU and every CUDA generator."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss_next": gauss},
+        "numpy": {"kind": str(kind), "keys": [int(v) for v in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng_state` (CUDA states only where the same GPUs are there)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
