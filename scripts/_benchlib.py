@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -64,6 +65,20 @@ def print_machine(info: dict[str, Any]) -> None:
     print(f"torch   : {info['torch']}  threads={info['torch_threads']}  cpu_capability={info['cpu_capability']}"
           f"  python {info['python']}")
     print(f"device  : {info['device']}" + (f"  ({info['gpu']})" if info["gpu"] else ""))
+
+
+def load_note() -> str:
+    """The 1-minute load average against the core count: other processes on the same cores
+    slow every variant down unevenly, so ratios get noisy (see the spread columns)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "load average unknown"
+    cores = os.cpu_count() or 1
+    note = f"load average (1 min) {load:.1f} on {cores} cores"
+    if load > cores + 0.5:
+        note += " -- OTHER PROCESSES ARE COMPETING FOR THE CPU: expect noisy figures"
+    return note
 
 
 # --------------------------------------------------------------------------- memory

@@ -15,6 +15,9 @@ roi), ``--window-batch`` windows per forward pass (default 4, unetcli's default)
                  ``torch.no_grad()``, fp32. This is the reference.
 * ``ours``       ``unetcli.inference.sliding_window.sliding_window_predict(..., precision="fp32")``.
 * ``ours bf16``  the same with ``precision="bf16"`` (autocast of the forward pass).
+* ``ours_cl3d``, ``ours_bf16_cl3d`` (only with ``--methods``): the same with the network's
+                 weights in ``channels_last_3d`` memory format, a lever unetcli does not pull
+                 today.
 
 Speed: the three run in this process, in turn, ``--rounds`` times (order reversed every other
 round), after a warm-up forward pass in each precision; a method's time is its median round.
@@ -44,6 +47,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -64,8 +68,10 @@ from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E40
 from unetcli.models import UNet  # noqa: E402
 from unetcli.runtime import autocast  # noqa: E402
 
-METHODS = ("monai", "ours", "ours_bf16")
-LABELS = {"monai": "monai (fp32, reference)", "ours": "ours fp32", "ours_bf16": "ours bf16"}
+METHODS = ("monai", "ours", "ours_bf16", "ours_cl3d", "ours_bf16_cl3d")
+LABELS = {"monai": "monai (fp32, reference)", "ours": "ours fp32", "ours_bf16": "ours bf16",
+          "ours_cl3d": "ours fp32, model CL3d", "ours_bf16_cl3d": "ours bf16, model CL3d"}
+DEFAULT_METHODS = ["monai", "ours", "ours_bf16"]
 RESULT_TAG = "BENCH_INFER_RESULT "
 
 
@@ -118,6 +124,19 @@ def model_mib(net: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def net_for(method: str, net: TimedNet) -> TimedNet:
+    """The network a method runs: the ``_cl3d`` methods get a channels_last_3d copy (made once)."""
+    if not method.endswith("_cl3d"):
+        return net
+    if not hasattr(net, "cl3d"):
+        net.cl3d = TimedNet(copy.deepcopy(net.net).to(memory_format=torch.channels_last_3d))
+    return net.cl3d
+
+
+def precision_of(method: str) -> str:
+    return "bf16" if "bf16" in method else "fp32"
+
+
 def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Namespace) -> torch.Tensor:
     """(K, *S) float32 probabilities."""
     roi = [args.roi] * 3
@@ -127,7 +146,7 @@ def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Na
             out = sliding_window_inference(x, roi, args.window_batch, lambda w: torch.softmax(net(w), 1),
                                            overlap=args.overlap, mode="gaussian")
         return out[0]
-    precision = "bf16" if method == "ours_bf16" else "fp32"
+    precision = precision_of(method)
     return sliding_window_predict(net, volume, roi, 3, overlap=args.overlap, window_batch_size=args.window_batch,
                                   gaussian=True, device="cpu", precision=precision)
 
@@ -147,8 +166,8 @@ def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str]) -> 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     size = tuple(args.size)
     volume = make_volume(size, args.seed)
-    net = TimedNet(make_net(args.features, volume, args.roi, args.seed))
-    warm_up(net, args, ["bf16" if args.only == "ours_bf16" else "fp32"])
+    net = net_for(args.only, TimedNet(make_net(args.features, volume, args.roi, args.seed)))
+    warm_up(net, args, [precision_of(args.only)])
     bl.release_memory()
     before = bl.current_rss_mib()
     can_reset = bl.reset_peak_rss()
@@ -201,8 +220,11 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
           f"model features {args.features}: {n_params:,} parameters = {model_mib(net.net):.1f} MiB")
     print(f"roi {args.roi}^3, overlap {args.overlap}, gaussian, {args.window_batch} windows per forward pass, "
           f"{args.rounds} timed round(s)")
+    load_before = bl.load_note()
+    print(f"before: {load_before}")
     start = time.perf_counter()
-    warm_up(net, args, ["fp32", "bf16"])
+    for method in args.methods:
+        warm_up(net_for(method, net), args, [precision_of(method)])
 
     methods = [m for m in METHODS if m in args.methods]
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -211,13 +233,14 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     outputs: dict[str, torch.Tensor] = {}
     for rnd in range(args.rounds):
         for method in methods if rnd % 2 == 0 else methods[::-1]:
-            net.seconds, net.calls = 0.0, 0
+            timed_net = net_for(method, net)
+            timed_net.seconds, timed_net.calls = 0.0, 0
             bl.release_memory()
             t0 = time.perf_counter()
-            outputs[method] = run_method(method, net, volume, args)
+            outputs[method] = run_method(method, timed_net, volume, args)
             times[method].append(time.perf_counter() - t0)
-            net_times[method].append(net.seconds)
-            calls[method] = net.calls
+            net_times[method].append(timed_net.seconds)
+            calls[method] = timed_net.calls
             print(f"   round {rnd + 1}: {LABELS[method]:<24} {times[method][-1]:7.1f} s", flush=True)
 
     rss = measure_rss_in_children(args, [m for m in methods if m in args.rss]) if args.rss else {}
@@ -239,8 +262,11 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     bl.print_table(["method", "seconds", "ratio", "network s", "rest s", "rest %", "forwards",
                     "peak RSS incr MiB", "max|dp| vs monai"], rows)
     print("ratio = time / MONAI's time, same process, same work (<1 is faster). 'rest' = total - network forward.")
+    load_after = bl.load_note()
+    print(f"after: {load_after}")
     print(f"total benchmark time {time.perf_counter() - start:.0f} s")
-    return {"script": "bench_infer", "machine": info, "args": vars(args), "volume_mib": in_mib, "output_mib": out_mib,
+    return {"script": "bench_infer", "machine": info, "args": vars(args), "load_before": load_before,
+            "load_after": load_after, "volume_mib": in_mib, "output_mib": out_mib,
             "parameters": n_params, "model_mib": model_mib(net.net), "results": results}
 
 
@@ -256,7 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-batch", type=int, default=4, help="windows per forward pass (sw_batch_size)")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--rounds", type=int, default=1, help="timed rounds per method (median counts)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS,
+                   help="default: monai ours ours_bf16; the *_cl3d methods (model in channels_last_3d, "
+                        "which unetcli does not do today) are levers to try")
     p.add_argument("--rss", nargs="*", default=["monai", "ours"], choices=METHODS,
                    help="methods whose peak RSS is measured in a child process (default: monai ours; none: skip)")
     p.add_argument("--only", choices=METHODS, help="child mode: run one method once and report its peak RSS")

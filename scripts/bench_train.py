@@ -240,6 +240,7 @@ def bench_problem(dims: int, args: argparse.Namespace, device: torch.device) -> 
     print(f"\n== {dims}D: batch {'x'.join(map(str, shape))}, {NUM_CLASSES} classes, features {features}, "
           f"{n_params:,} parameters; {args.warmup} warm-up steps, {args.rounds} rounds x {args.steps} timed steps")
     for r in runners:
+        torch.backends.cudnn.benchmark = r.variant.cudnn_benchmark  # autotuning happens during warm-up
         for _ in range(args.warmup):
             r.warmup_seconds.append(bl.timed(r.step_fn, device))
         print(f"   warmed up {r.variant.name:<40} first step {r.warmup_seconds[0]:7.2f} s"
@@ -358,12 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     info = bl.machine_info(device)
     bl.print_machine(info)
     print(f"--precision auto resolves to: {resolve_precision('auto', device)}")
+    load_before = bl.load_note()
+    print(f"before: {load_before}")
     start = time.perf_counter()
     problems = [bench_problem(d, args, device) for d in args.dims]
-    print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
+    load_after = bl.load_note()
+    print(f"\nafter: {load_after}")
+    print(f"total benchmark time {time.perf_counter() - start:.0f} s")
     if args.json:
         bl.write_json(args.json, {"script": "bench_train", "machine": info, "args": vars(args),
-                                  "auto_precision": resolve_precision("auto", device), "problems": problems})
+                                  "auto_precision": resolve_precision("auto", device), "load_before": load_before,
+                                  "load_after": load_after, "problems": problems})
     return 0 if all(p["auto_check"]["ok"] for p in problems) else 1
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from unetcli.cli import app
+from unetcli.evaluation.metrics import METRIC_NAMES
 
 TINY = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=25",
         "--batch-size", "4", "--lr", "0.01", "--set", "train.warmup_iterations=5", "--precision", "fp32"]
@@ -84,8 +85,9 @@ def test_predict_then_eval_scores_well(trained_run: Path, blobs: Path, tmp_path:
     result = CliRunner().invoke(app, ["eval", str(preds), str(blobs / "masks"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "foreground mean" in result.output
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(rows) == 10 * 2 and {r["class"] for r in rows} == {"1", "2"}
+    rows = list(csv.DictReader((out / "metrics.csv").open()))  # long form: case, class, label, metric, value
+    assert len(rows) == 10 * 2 * len(METRIC_NAMES) and {r["class"] for r in rows} == {"1", "2"}
+    assert {r["metric"] for r in rows} == set(METRIC_NAMES)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["foreground_mean"]["dice"] > 0.7
     assert summary["classes"]["1"]["dice"]["n"] == 10

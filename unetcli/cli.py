@@ -294,10 +294,11 @@ def eval_(
     console.print(f"wrote {len(outcome.written)} file(s) to {out}" + (f" and {overlays}" if overlays else ""))
 
 
-@app.command(epilog="Example: unet demo --out my-demo --epochs 10")
+@app.command(epilog="Example: unet demo --out my-demo --epochs 10   (or: unet demo --3d)")
 @handle_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the run, predictions and scores.")] = Path("unet-demo"),
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the run, predictions and scores (default: unet-demo, or unet-demo-3d).")] = None,
+    three_d: Annotated[bool, typer.Option("--3d", help="The 3D demo: a NIfTI U-Net on Colin27 lobes (about 10 minutes on 2 CPU cores).")] = False,
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
     device: DeviceOpt = None,
@@ -307,12 +308,15 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train on real MRI slices shipped with unetcli, predict held-out slices, print their Dice."""
-    from unetcli.demo import DEMO_OVERRIDES, run_demo
+    from unetcli.demo import DEMOS, run_demo
     from unetcli.evaluation.report import summary_table
 
+    kind = "3d" if three_d else "2d"
+    out = out or Path("unet-demo-3d" if three_d else "unet-demo")
     cfg = _resolve_config(config, set_, {"train.epochs": epochs, "train.device": device,
-                                          "train.precision": precision, "train.seed": seed}, defaults=DEMO_OVERRIDES)
-    result = run_demo(cfg, out, overwrite=overwrite, progress=_progress())
+                                          "train.precision": precision, "train.seed": seed},
+                          defaults=DEMOS[kind].overrides)
+    result = run_demo(cfg, out, kind=kind, overwrite=overwrite, progress=_progress())
     console.print(summary_table(result.evaluation))
     dice = result.evaluation.summary["foreground_mean"]["dice"]  # type: ignore[index]
     console.print(f"held-out mean foreground Dice [bold]{dice:.4f}[/bold]; trained {result.train.seconds:.0f} s; "

@@ -10,9 +10,10 @@ Statistics (all per metric, for the foreground and for every class):
   resampled case indices are used for every run, metric and class;
 * the first run is the reference run; for every other run: the mean paired difference
   (other - reference, over the cases where both are finite) with its bootstrap CI, and the
-  two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped,
-  exact p-value for small samples without ties) on the paired per-case values. When every
-  paired difference is 0 the p-value is reported as 1.0.
+  two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) on the paired per-case values:
+  zero differences dropped; exact p-value for up to 50 differences without ties, else the
+  normal approximation with tie correction. When every paired difference is 0 the p-value is
+  reported as 1.0.
 
 Outputs: ``comparison.csv`` (long: run, class, metric, mean, CI, n, and the paired difference,
 its CI and p for non-reference runs), the ``comparison`` section of ``summary.json``, a rich
@@ -105,10 +106,15 @@ def paired_test(reference: np.ndarray, other: np.ndarray) -> tuple[float, int]:
         return math.nan, 0
     if not np.any(diff != 0):
         return 1.0, n
+    # Zero differences are dropped ("wilcox" zero method). Exact null distribution for up to 50
+    # untied differences, else the normal approximation with tie correction (as R's wilcox.test);
+    # scipy's "auto" would run a slow permutation test when there are ties.
+    nonzero = diff[diff != 0]
+    method = "exact" if nonzero.size <= 50 and np.unique(np.abs(nonzero)).size == nonzero.size else "approx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return float(wilcoxon(other[ok], reference[ok]).pvalue), n
+            return float(wilcoxon(nonzero, method=method).pvalue), n
         except ValueError:
             return math.nan, n
 

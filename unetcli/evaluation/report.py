@@ -45,6 +45,8 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -70,13 +72,10 @@ PERFECT_VALUES = {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "nsd
                   "volume_difference": 0.0, "hd": 0.0, "hd95": 0.0, "assd": 0.0}
 """What ``keep_empty`` assigns to a class absent from both masks."""
 
-# Worker processes are started with "forkserver": a fresh single-threaded server process forks
-# each worker, so a worker never inherits a lock held by one of the parent's threads (rich's
-# refresh thread, torch's thread pools when a checkpoint was read for --run). "fork" would start
-# a little faster but is unsafe with threads; "spawn" re-imports numpy/scipy/nibabel in every
-# worker. Measured on 2 cores: pool start + first result about 0.3 s (forkserver) vs 0.05 s
-# (fork) vs 0.6 s (spawn); one 160x160x128 case takes about 1 s, so the choice costs nothing.
-START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+# How worker processes start (see _start_method). Measured on this project's 2-core machine,
+# starting a 2-worker pool and getting a first result: fork 0.07 s; forkserver 5-6 s and spawn
+# 7-9 s when the main script imports torch (both re-import the main module in every worker),
+# about 1 s from the `unet` command. One 160x160x128 case with 3 classes takes about 1 s.
 PARALLEL_MIN_SECONDS = 1.0
 """Use worker processes only when the remaining cases are estimated to take longer than this."""
 
@@ -294,6 +293,22 @@ def _score_task(task: _Task) -> tuple[str, Any]:
         return "error", (type(exc).__name__, exc.message, exc.hint)
 
 
+def _start_method() -> str:
+    """"fork" when this process is single-threaded and has not imported torch, else "forkserver".
+
+    fork starts workers in milliseconds and does not re-import ``__main__`` (so it also works
+    from notebooks and stdin scripts), and the workers only run numpy/scipy/nibabel/Pillow code.
+    It is only unsafe when another thread may hold a lock at the moment of the fork: torch's
+    thread pools (after ``--run`` read a checkpoint, or in a test session) or any Python thread.
+    Then a fresh single-threaded server forks the workers instead (``forkserver``, which
+    preloads this module). Platforms without fork (Windows, and macOS by default) use spawn.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and sys.platform == "linux" and "torch" not in sys.modules and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 def default_jobs() -> int:
     """Worker processes by default: the usable CPU cores, at most 4."""
     try:
@@ -317,7 +332,10 @@ def _run_tasks(tasks: list[_Task], jobs: int, parallel_min_seconds: float,
     first_seconds = time.perf_counter() - start
     jobs = max(1, min(jobs, len(rest)))
     if jobs > 1 and first_seconds * len(rest) >= parallel_min_seconds:
-        context = multiprocessing.get_context(START_METHOD)
+        method = _start_method()
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload([__name__])  # numpy, scipy, nibabel imported once, in the server
         try:
             with ProcessPoolExecutor(jobs, mp_context=context) as pool:
                 for outcome in pool.map(_score_task, rest, chunksize=1):
@@ -496,9 +514,15 @@ def evaluate_runs(preds: Sequence[Path], truth: Path, labels: Sequence[int] | No
         from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(console=Console(stderr=True), transient=True) as bar:
+        # auto_refresh=False: no refresh thread, so worker processes can still be forked safely.
+        with Progress(console=Console(stderr=True), transient=True, auto_refresh=False) as bar:
             task_id = bar.add_task("scoring cases", total=len(tasks))
-            scored = _run_tasks(tasks, jobs, parallel_min_seconds, lambda: bar.advance(task_id))
+
+            def advance() -> None:
+                bar.advance(task_id)
+                bar.refresh()
+
+            scored = _run_tasks(tasks, jobs, parallel_min_seconds, advance)
     else:
         scored = _run_tasks(tasks, jobs, parallel_min_seconds)
 

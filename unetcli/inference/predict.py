@@ -96,8 +96,10 @@ def check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> No
     """Refuse to write into (or above) an input folder; refuse to replace files without ``overwrite``."""
     out = output.resolve()
     for inp in inputs:
+        # A folder input may not contain the output (predictions would become inputs next time);
+        # a file input only may not share its folder with the output (same name, same place).
         folder = inp.resolve() if inp.is_dir() else inp.resolve().parent
-        if out == folder or folder in out.parents:
+        if out == folder or (inp.is_dir() and folder in out.parents):
             raise OutputError(f"{output}: output folder is (inside) the input folder {inp}",
                               hint="write predictions to a separate folder; inputs are never overwritten")
     if output.exists() and not output.is_dir():

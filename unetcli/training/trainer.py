@@ -479,11 +479,14 @@ def _numerical_fault(at: int, ipe: int, lr_at: float, precision: str, base_lr: f
         cause = f"likely cause: overflow in {precision} arithmetic or a learning rate too high ({lr_at:.3g} at that step)"
     else:
         cause = f"likely cause: a learning rate too high ({lr_at:.3g} at that step) for this model and data"
-    resume = f", or continue from it with: unet train --resume {shlex.quote(str(out))} --precision fp32" if last_saved else ""
-    return TrainingError(
-        f"{what} at iteration {at} (epoch {epoch}); training stopped and {kept}; {cause}",
-        hint=f"train again with --precision fp32 or a lower --lr (e.g. --lr {base_lr / 10:g}){resume}",
-    )
+    lower = f"a lower --lr (e.g. --lr {base_lr / 10:.3g})"
+    if precision == "fp32":
+        hint = f"train again with {lower}"
+    else:
+        hint = f"train again with --precision fp32 or {lower}"
+        if last_saved:
+            hint += f", or continue from the last good checkpoint in fp32: unet train --resume {shlex.quote(str(out))} --precision fp32"
+    return TrainingError(f"{what} at iteration {at} (epoch {epoch}); training stopped and {kept}; {cause}", hint=hint)
 
 
 RESUME_KEYS = ("train.epochs", "train.device", "train.precision", "train.num_threads", "train.num_workers",
