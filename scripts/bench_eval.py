@@ -171,8 +171,12 @@ def _cpu_seconds() -> float:
 
 
 def machine() -> dict[str, object]:
+    """Versions and cores. torch/MONAI are imported after our timing: with torch imported, worker
+    processes would start with forkserver instead of fork (see report._start_method), which is
+    not what `unet eval` does."""
+    import importlib.metadata as md
+
     import scipy
-    import torch
 
     try:
         cores = len(os.sched_getaffinity(0))
@@ -186,15 +190,14 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    try:
-        import monai
-
-        monai_version = monai.__version__
-    except ImportError:
-        monai_version = None
+    versions = {}
+    for package in ("torch", "monai"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
     return {"cpu": cpu, "usable_cores": cores, "load_average_1min": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "monai": monai_version}
+            "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__, **versions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance (mm)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--monai-cases", type=int, default=None, help="run MONAI on the first K cases only (extrapolated)")
+    ap.add_argument("--monai-threads", type=int, default=1,
+                    help="torch threads for MONAI (default 1: its work is serial, and 2 threads on 2 busy cores "
+                         "were measured ~3x slower from thread contention)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="write the generated cases here (default: a temp dir)")
     ap.add_argument("--pred", type=Path, help="real-data mode: prediction folder")
@@ -227,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.pred, args.truth, labels=labels, tolerance_mm=args.tolerance, jobs=args.jobs)
         ours_s = time.perf_counter() - start
         labels = [int(g[0]) for g in result.groups.values()]
+        import torch
+
+        torch.set_num_threads(args.monai_threads)
         agree, monai_s, n = agreement(result, result.kind, labels, args.tolerance, args.monai_cases)
         print(f"real data: {n} case(s) x {len(labels)} class(es) from {args.pred} vs {args.truth}")
         print(f"ours (evaluate, jobs={args.jobs}, reading included): {ours_s:.2f} s; MONAI metric calls: {monai_s:.2f} s")
@@ -258,13 +267,18 @@ def main(argv: list[str] | None = None) -> int:
             ours_s = time.perf_counter() - start
             ours_cpu = _cpu_seconds() - cpu_before
             agree, monai_s, n_monai = agreement(result, "nifti", labels, args.tolerance, args.monai_cases)
+        import torch
+
+        torch.set_num_threads(args.monai_threads)
+        info["torch_threads_for_monai"] = torch.get_num_threads()
         monai_total = monai_s * args.cases / n_monai
         extrapolated = n_monai < args.cases
         print(f"ours : {ours_s:7.1f} s for {args.cases} cases (evaluate, jobs={args.jobs}: reading + 9 metrics x "
               f"{len(labels)} classes; {ours_s / args.cases:.2f} s/case wall)")
         print(f"       CPU time of all our processes {ours_cpu:.1f} s -> {ours_cpu / args.jobs:.1f} s on {args.jobs} "
               f"otherwise idle cores (load average now {os.getloadavg()[0]:.1f}: other work shares these cores)")
-        print(f"MONAI: {monai_total:7.1f} s for {args.cases} cases (Dice, HD95, ASSD, NSD on in-memory arrays, 1 process"
+        print(f"MONAI: {monai_total:7.1f} s for {args.cases} cases (Dice, HD95, ASSD, NSD on in-memory arrays, 1 process, "
+              f"{info['torch_threads_for_monai']} torch threads"
               + (f"; measured on {n_monai} cases, {monai_s:.1f} s, extrapolated linearly)" if extrapolated else ")"))
         print(f"ratio MONAI / ours: {monai_total / ours_s:.2f}x; target: 100 cases in < 60 s "
               f"-> ours scaled to 100 cases: {ours_s * 100 / args.cases:.1f} s")

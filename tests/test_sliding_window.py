@@ -169,3 +169,18 @@ def test_valid_padding_single_window_matches_direct_forward_on_padded_image():
     probs = sliding_window_predict(net, image, (roi, roi), 2, margin=m)
     padded = np.pad(image, ((0, 0), (m, m), (m, m)), mode="reflect")
     torch.testing.assert_close(probs, direct_softmax(net, padded), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape, roi", [((37, 29), (16, 16)), ((21, 18, 13), (8, 8, 8))])
+def test_labels_output_equals_argmax_of_probabilities(shape, roi) -> None:
+    """The slab-by-slab label path must give exactly the argmax of the full probability map."""
+    torch.manual_seed(0)
+    nd = len(shape)
+    from unetcli.models import UNet
+
+    net = UNet(nd, 1, 4, features=(4, 8), norm="none").eval()
+    image = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
+    probs = sliding_window_predict(net, image, roi, 4, overlap=0.5)
+    labels = sliding_window_predict(net, image, roi, 4, overlap=0.5, output="labels")
+    assert labels.shape == shape and labels.dtype == torch.int64
+    assert torch.equal(labels, probs.argmax(0))

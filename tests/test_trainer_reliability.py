@@ -28,7 +28,7 @@ from unetcli.training.checkpoint import capture_rng_state, load_checkpoint, rest
 from unetcli.training.schedule import LRPlan, lr_factor
 
 FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=10", "--set", "train.warmup_iterations=5",
-         "--batch-size", "2", "--lr", "0.01", "--precision", "fp32", "--device", "cpu"]
+         "--batch-size", "2", "--lr", "0.01", "--precision", "fp32", "--device", "cpu", "--num-threads", "1"]
 
 
 @pytest.fixture(autouse=True)

@@ -236,7 +236,10 @@ def load_config(path: Path | None) -> RunConfig:
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from exc
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, infer)")
     try:

@@ -76,14 +76,24 @@ class Dataset:
 
 def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
     """Stem -> path of the PNG or NIfTI files in ``folder`` and which of the two it holds."""
-    pngs, niftis = {}, {}
+    pngs: dict[str, Path] = {}
+    niftis: dict[str, Path] = {}
+    duplicates: list[str] = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not p.is_file():
             continue
         if p.suffix.lower() == PNG_SUFFIX:
-            pngs[p.stem] = p
+            found, stem = pngs, p.stem
         elif is_nifti(p):
-            niftis[nifti_stem(p)] = p
+            found, stem = niftis, nifti_stem(p)
+        else:
+            continue
+        if stem in found:  # e.g. a.png + a.PNG, or a.nii + a.nii.gz: which one is the case?
+            duplicates.append(f"{p}: another file, {found[stem].name}, has the same case name '{stem}'")
+            continue
+        found[stem] = p
+    if duplicates:
+        raise DataError.from_problems(duplicates, hint="keep one file per case name (remove or rename the duplicate)")
     if pngs and niftis:
         raise DataError(f"{folder}: holds both PNG and NIfTI files", hint="keep one file format per dataset")
     return (niftis, "nifti") if niftis else (pngs, "png")

@@ -119,7 +119,8 @@ def _window_kwargs(loaded: LoadedModel, device: torch.device, precision: str, mi
             "device": device, "precision": precision}
 
 
-def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any]) -> np.ndarray:
+def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
+                keep_probabilities: bool = False) -> np.ndarray | None:
     """One 2D image -> mask PNG at the image's size (values in the training masks' encoding)."""
     meta = loaded.metadata
     image = load_image_channels(paths)
@@ -127,32 +128,40 @@ def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: di
     image = normalize_image(image, meta["normalization"])
     probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
     write_png_mask(np.asarray(meta["label_values"])[probs.argmax(0).numpy()], target)
-    return probs.numpy()
+    return probs.numpy() if keep_probabilities else None
 
 
-def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any]) -> np.ndarray:
+def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
+                   keep_probabilities: bool = False) -> np.ndarray | None:
     """One NIfTI case -> label map with the input's shape, affine and header.
 
     The volume is preprocessed as in training (RAS, crop, resample, normalise), predicted on the
-    network grid (3D windows, or slice by slice for a 2D-on-3D model) and mapped back.
+    network grid (3D windows, or slice by slice for a 2D-on-3D model) and mapped back. Without
+    ``keep_probabilities`` windows are reduced to labels slab by slab and labels are resampled
+    by nearest neighbour, so memory does not grow with the number of classes; with it, class
+    probabilities are resampled one class at a time (smoother boundaries, K x the memory).
     """
-    from unetcli.data.volumes import preprocess, restore_labels
+    from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
 
     meta = loaded.metadata
     image, props = read_image(paths)
     _check_channels(image, paths[0], meta)
     image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
+    output = "probabilities" if keep_probabilities else "labels"
+
+    def run(volume: np.ndarray) -> np.ndarray:
+        return sliding_window_predict(loaded.model, volume, meta["patch_size"], meta["num_classes"],
+                                      output=output, **window).numpy()
+
     if meta["spatial_dims"] == 3:
-        probs = sliding_window_predict(loaded.model, image_pp, meta["patch_size"], meta["num_classes"], **window).numpy()
-    else:
-        axis = 1 + int(meta["preprocessing"]["slice_axis"])
-        slices = [sliding_window_predict(loaded.model, np.ascontiguousarray(np.take(image_pp, z, axis=axis)),
-                                         meta["patch_size"], meta["num_classes"], **window).numpy()
-                  for z in range(image_pp.shape[axis])]
-        probs = np.stack(slices, axis=axis)
-    labels = restore_labels(probs, props, geometry)
+        pred = run(image_pp)
+    else:  # 2D-on-3D: slices along the training axis, stacked back into a volume
+        axis = int(meta["preprocessing"]["slice_axis"])
+        slices = [run(np.ascontiguousarray(np.take(image_pp, z, axis=axis + 1))) for z in range(image_pp.shape[axis + 1])]
+        pred = np.stack(slices, axis=axis + 1 if keep_probabilities else axis)
+    labels = restore_labels(pred, props, geometry) if keep_probabilities else restore_label_map(pred, props, geometry)
     write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
-    return probs
+    return pred if keep_probabilities else None
 
 
 def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto", precision_name: str | None = None,
@@ -177,8 +186,8 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
     predict_one = predict_volume if file_format == "nifti" else predict_png
     written = []
     for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
-        probs = predict_one(loaded, paths, targets[name], window)
-        if probabilities:
+        probs = predict_one(loaded, paths, targets[name], window, keep_probabilities=probabilities)
+        if probs is not None:
             # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
             with atomic_path(output / f"{name}_probabilities.npz") as tmp:
                 with open(tmp, "wb") as handle:

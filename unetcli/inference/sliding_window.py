@@ -38,6 +38,40 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     return sorted({min(i * step, size - roi) for i in range(count)})
 
 
+class _SlabAccumulator:
+    """Weighted sums of window predictions for the rows [lo, hi) of the first spatial axis.
+
+    Windows arrive sorted by their first-axis start, so every row below the current start is
+    final: it is normalised and handed to ``emit`` (as probabilities or, to save memory, as
+    labels) and dropped. Peak memory is K x (window rows) x (other axes), not K x volume.
+    """
+
+    def __init__(self, num_classes: int, grid: tuple[int, ...], emit) -> None:
+        self.num_classes, self.grid, self.emit = num_classes, grid, emit
+        self.lo = 0
+        self.sums = torch.zeros((num_classes, 0) + grid[1:])
+        self.weights = torch.zeros((0,) + grid[1:])
+
+    def flush(self, upto: int) -> None:
+        n = min(upto, self.lo + self.sums.shape[1]) - self.lo
+        if n > 0:
+            self.emit(self.lo, self.sums[:, :n] / self.weights[:n])
+            self.sums, self.weights = self.sums[:, n:], self.weights[n:]
+        self.lo = max(self.lo, upto)
+
+    def add(self, start: tuple[int, ...], pred: torch.Tensor, weight: torch.Tensor) -> None:
+        self.flush(start[0])
+        need = start[0] + pred.shape[1] - self.lo
+        if need > self.sums.shape[1]:
+            grow = need - self.sums.shape[1]
+            self.sums = torch.cat([self.sums, torch.zeros((self.num_classes, grow) + self.grid[1:])], 1)
+            self.weights = torch.cat([self.weights, torch.zeros((grow,) + self.grid[1:])], 0)
+        rows = slice(start[0] - self.lo, start[0] - self.lo + pred.shape[1])
+        window = (rows,) + tuple(slice(s, s + r) for s, r in zip(start[1:], pred.shape[2:]))
+        self.sums[(slice(None),) + window] += pred * weight
+        self.weights[window] += weight
+
+
 @torch.no_grad()
 def sliding_window_predict(
     model: nn.Module,
@@ -51,8 +85,9 @@ def sliding_window_predict(
     margin: int = 0,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    output: str = "probabilities",
 ) -> torch.Tensor:
-    """Class probabilities for a whole image, predicted window by window.
+    """Class probabilities (or labels) for a whole image, predicted window by window.
 
     Args:
         model: network in eval mode; input (B, C, *roi_size) -> logits (B, K, *out) with
@@ -66,9 +101,11 @@ def sliding_window_predict(
         gaussian: weight each window by :func:`gaussian_importance` (else uniform).
         mirror: average over flips of every combination of spatial axes (test-time augmentation).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the forward pass.
+        output: ``probabilities`` -> (K, *S) float32; ``labels`` -> (*S) int64 argmax, computed
+            slab by slab so that memory does not grow with K x volume.
 
     Returns:
-        (K, *S) float32 probabilities on the CPU.
+        (K, *S) float32 probabilities or (*S) int64 labels, on the CPU.
     """
     device = torch.device(device)
     spatial = image.shape[1:]
@@ -79,11 +116,21 @@ def sliding_window_predict(
     offset = [(p - 2 * margin - s) // 2 for p, s in zip(padded.shape[1:], spatial)]
     grid = tuple(padded.shape[1:][i] - 2 * margin for i in range(len(spatial)))
 
+    if output == "labels":
+        result = torch.zeros(grid, dtype=torch.int64)
+
+        def emit(lo: int, probs: torch.Tensor) -> None:
+            result[lo : lo + probs.shape[1]] = probs.argmax(0)
+    else:
+        result = torch.zeros((num_classes,) + grid, dtype=torch.float32)
+
+        def emit(lo: int, probs: torch.Tensor) -> None:
+            result[:, lo : lo + probs.shape[1]] = probs
+
     weight = gaussian_importance(out_roi) if gaussian else torch.ones(out_roi)
-    probs = torch.zeros((num_classes,) + grid, dtype=torch.float32)
-    counts = torch.zeros(grid, dtype=torch.float32)
+    accumulator = _SlabAccumulator(num_classes, grid, emit)
     starts = list(itertools.product(*(window_starts(g, r, overlap) for g, r in zip(grid, out_roi))))
-    flip_sets = [()]
+    flip_sets: list[tuple[int, ...]] = [()]
     if mirror:
         axes = range(2, 2 + len(spatial))
         flip_sets = [c for n in range(len(spatial) + 1) for c in itertools.combinations(axes, n)]
@@ -100,11 +147,11 @@ def sliding_window_predict(
                 logits = model(x)
             p = torch.softmax(logits.float(), dim=1)
             pred += p.flip(flips) if flips else p
-        pred = (pred / len(flip_sets)).cpu() * weight
+        pred = (pred / len(flip_sets)).cpu()
         for start, p in zip(chunk, pred):
-            window = tuple(slice(s, s + r) for s, r in zip(start, out_roi))
-            probs[(slice(None),) + window] += p
-            counts[window] += weight
-    probs /= counts
+            accumulator.add(start, p, weight)
+    accumulator.flush(grid[0])
     crop = tuple(slice(o, o + s) for o, s in zip(offset, spatial))
-    return probs[(slice(None),) + crop].contiguous()
+    if output == "labels":
+        return result[crop].contiguous()
+    return result[(slice(None),) + crop].contiguous()

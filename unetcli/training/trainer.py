@@ -228,6 +228,12 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
     model = build_model(cfg.model)
     patch = resolve_patch_size(cfg, dataset, model)
     cfg.train.patch_size = patch
+    if len(dataset.cases) < 2 and cfg.data.val_fraction > 0 and resume is None:
+        raise DataError(
+            f"{data_dir}: only 1 case ({dataset.cases[0].name if dataset.cases else 'none'}); training needs at least 2, "
+            "one to train on and one to validate on",
+            hint="add cases, or pass --set data.val_fraction=0 to validate on the training case itself",
+        )
     train_names, val_names = split_cases([c.name for c in dataset.cases], cfg.data.val_fraction, t.seed)
     if resume is not None:
         train_names, val_names = _resumed_split(resume, dataset, data_dir)
