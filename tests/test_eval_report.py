@@ -217,6 +217,23 @@ def test_class_names_from_dataset_json_and_label_names(tmp_path: Path, layout: s
     assert list(summary["classes"]) == ["a", "b"] and summary["classes"]["a"]["label"] == "1"
 
 
+def test_class_names_from_a_runs_checkpoint(tmp_path: Path) -> None:
+    from unetcli.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "best.pt", {"config": {}, "model": {}, "metadata": {
+        "label_names": ["background", "lesion"], "label_values": [0, 255]}})
+    truth = np.zeros((8, 8), np.uint8)
+    truth[2:5, 2:5] = 255  # binary 0/255 masks are scored as 0/1
+    save_png(tmp_path / "p" / "a.png", truth)
+    save_png(tmp_path / "t" / "a.png", truth)
+    result = invoke("eval", tmp_path / "p", tmp_path / "t", "--run", run, "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert {k[1] for k in long_csv(tmp_path / "e" / "metrics.csv")} == {"lesion"}
+    missing = invoke("eval", tmp_path / "p", tmp_path / "t", "--run", tmp_path / "nope", "--out", tmp_path / "e2")
+    assert missing.exit_code == 2 and len(error_lines(missing.output)) == 1
+
+
 # --------------------------------------------------------------------------- overlays
 
 
@@ -283,7 +300,7 @@ def test_compare_runs_writes_table_chart_and_a_small_p_value(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     for name in ("comparison.csv", "comparison.png", "summary.json", "good/metrics.csv", "bad/summary.json"):
         assert (out / name).is_file(), name
-    assert "good (ref)" in result.output and "bootstrap" in result.output
+    assert "(ref)" in result.output and "bootstrap CI" in result.output and "Wilcoxon p vs good" in result.output
     comparison = json.loads((out / "summary.json").read_text())["comparison"]
     assert comparison["reference_run"] == "good" and comparison["cases"] == 12
     bad_dice = comparison["stats"]["bad"]["foreground"]["dice"]
@@ -314,7 +331,15 @@ def test_bootstrap_ci_and_paired_statistics_by_hand() -> None:
     assert bootstrap_mean_ci(np.full(4, 7.0), idx)[:3] == (7.0, 7.0, 7.0)
 
 
-def test_parallel_scoring_gives_identical_numbers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_parallel_scoring_gives_identical_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str) -> None:
+    import multiprocessing
+
+    from unetcli.evaluation import report
+
+    if start_method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {start_method} on this platform")
+    monkeypatch.setattr(report, "_start_method", lambda: start_method)
     good, bad, truth = _compare_data(tmp_path, n=6)
     serial = evaluate_runs([good, bad], truth, jobs=1)
     parallel = evaluate_runs([good, bad], truth, jobs=2, parallel_min_seconds=0.0)

@@ -55,6 +55,10 @@ class Comparison:
     settings: dict[str, object] = field(default_factory=dict)
 
     @property
+    def unit(self) -> str:
+        return str(self.settings.get("distance_unit", "mm"))
+
+    @property
     def reference(self) -> str:
         return self.runs[0]
 
@@ -157,7 +161,8 @@ def compare_results(results: Sequence[EvalResult], n_boot: int = N_BOOTSTRAP, se
     settings = {"bootstrap_resamples": n_boot, "seed": seed, "confidence": confidence, "ci_method": "percentile",
                 "test": "two-sided Wilcoxon signed-rank on paired per-case values (zero differences dropped)",
                 "foreground": "per case, mean over the classes scored in that case; then the mean over cases",
-                "difference": "other run - reference run, per case"}
+                "difference": "other run - reference run, per case",
+                "distance_unit": results[0].distance_unit}
     return Comparison(runs, metrics, classes, len(cases), stats, settings)
 
 
@@ -211,7 +216,7 @@ def write_comparison_chart(comp: Comparison, path: Path, metrics: Sequence[str] 
                 ax.annotate(f"p={p:.2g}", (xi, float(np.nan_to_num(top))), xytext=(0, 3), textcoords="offset points",
                             ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, comp.runs, rotation=30 if len(comp.runs) > 2 else 0, ha="right" if len(comp.runs) > 2 else "center")
-        ax.set_title(m + (" (mm)" if m in DISTANCE_METRICS else "") + (" ↓" if m in DISTANCE_METRICS else " ↑"))
+        ax.set_title(m + (f" ({comp.unit})" if m in DISTANCE_METRICS else "") + (" ↓" if m in DISTANCE_METRICS else " ↑"))
         if m in ("dice", "iou", "nsd", "precision", "recall"):
             ax.set_ylim(0, 1.1)
         ax.margins(y=0.15)
@@ -238,11 +243,11 @@ def _p(p: float) -> str:
 def comparison_table(comp: Comparison, metrics: Sequence[str] = TABLE_METRICS, cls: str = FOREGROUND) -> Table:
     """Per run: mean [95% CI] per metric; under it, the paired difference to the reference and p."""
     shown = [m for m in metrics if m in comp.metrics]
-    table = Table(title=f"{cls} mean [{int(CONFIDENCE * 100)}% bootstrap CI] over {comp.n_cases} cases; "
-                        f"Δ vs {comp.reference}, Wilcoxon p")
-    table.add_column("run", no_wrap=True)
+    table = Table(title=f"{cls} mean [{int(CONFIDENCE * 100)}% bootstrap CI], {comp.n_cases} cases; "
+                        f"Δ and Wilcoxon p vs {comp.reference}")
+    table.add_column("run", overflow="fold")
     for m in shown:
-        table.add_column(m + (" (mm)" if m in DISTANCE_METRICS else ""), justify="right")
+        table.add_column(m + (f" ({comp.unit})" if m in DISTANCE_METRICS else ""), justify="right", min_width=14, no_wrap=True)
     digits = {m: (2 if m in DISTANCE_METRICS or m == "volume_difference" else 3) for m in shown}
     for run in comp.runs:
         cells = []

@@ -115,6 +115,11 @@ class EvalResult:
     spacings: dict[str, tuple[float, ...] | None] = field(default_factory=dict)  # case -> spacing used
     name: str = ""  # the run's name (prediction folder name)
 
+    @property
+    def distance_unit(self) -> str:
+        """"mm" for NIfTI or a given spacing, "px" for PNG masks scored in pixel units."""
+        return "mm" if self.kind == "nifti" or any(sp is not None for sp in self.spacings.values()) else "px"
+
     def values(self, metric: str, cls: str) -> np.ndarray:
         """Per-case values of ``metric`` for class ``cls``, in ``cases`` order (NaN kept)."""
         by_case = {r["case"]: float(r[metric]) for r in self.rows if r["class"] == cls}  # type: ignore[arg-type]
@@ -694,7 +699,7 @@ def summary_table(result: EvalResult, metrics: Sequence[str] = DEFAULT_TABLE_MET
     table = Table(title=title)
     table.add_column("class", no_wrap=True)
     for m in shown:
-        table.add_column(m + (" (mm)" if m in DISTANCE_METRICS else ""), justify="right", no_wrap=True)
+        table.add_column(m + (f" ({result.distance_unit})" if m in DISTANCE_METRICS else ""), justify="right", no_wrap=True)
     table.add_column("n", justify="right")
     classes = result.summary["classes"]
     one_empty = 0
