@@ -387,7 +387,9 @@ def config_file_not_a_mapping(env: Env) -> Bad:
 
 @case
 def patch_larger_than_every_image(env: Env) -> Bad:
-    return Bad(env.train(env.blobs(), "--patch-size", "64,64"), ["train.patch_size [64, 64]", "larger than every image"])
+    run = env.tmp / "run"
+    return Bad(env.train(env.blobs(), "--patch-size", "64,64"), ["train.patch_size [64, 64]", "larger than every image"],
+               check=lambda: None if not run.exists() else pytest.fail("left a half-made run folder behind"))
 
 
 @case
@@ -423,6 +425,12 @@ def output_run_folder_not_empty(env: Env) -> Bad:
     (env.tmp / "run").mkdir()
     (keep := env.tmp / "run" / "notes.txt").write_text("keep me")
     return Bad(env.train(env.blobs()), [str(env.tmp / "run"), "already exists and is not empty"], untouched=[keep])
+
+
+@case
+def predict_into_unwritable_folder(env: Env) -> Bad:
+    (blocker := env.tmp / "a-file").write_text("x")
+    return Bad(env.predict(env.blobs() / "images", blocker / "preds"), [str(blocker / "preds"), "cannot create the output folder"])
 
 
 @case
@@ -486,6 +494,20 @@ def hostile_pickled_checkpoint(env: Env) -> Bad:
     assert not marker.exists()
     return Bad(env.predict(env.blobs() / "images", run=bad), [str(bad), "refused to load"],
                check=lambda: None if not marker.exists() else pytest.fail("the pickled payload ran"))
+
+
+@case
+def plain_torch_state_dict_as_checkpoint(env: Env) -> Bad:
+    torch.save({"conv.weight": torch.ones(4, 1, 3, 3)}, bad := env.tmp / "someone-elses.pt")
+    return Bad(env.predict(env.blobs() / "images", run=bad), [str(bad), "not a unetcli checkpoint"])
+
+
+@case
+def resume_with_a_changed_learning_rate(env: Env) -> Bad:
+    run = env.tmp / "copy"
+    shutil.copytree(env.run, run)
+    return Bad(["train", "--resume", str(run), "--epochs", "3", "--lr", "0.5"], ["--lr", "cannot be used with --resume"],
+               untouched=[run / "checkpoints" / "last.pt"])
 
 
 @case

@@ -232,7 +232,7 @@ def test_empty_folder(tmp_path):
 def test_empty_images_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    with pytest.raises(DataError, match="no .png images"):
+    with pytest.raises(DataError, match="no .png or .nii.gz images"):
         discover_dataset(tmp_path)
 
 

@@ -126,11 +126,12 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(data: Path, ref
         time.sleep(rng.uniform(0.0, 0.6 * seconds) / (1 + 3 * attempt))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        if proc.returncode == -signal.SIGKILL:
+        killed_at = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["iteration"]
+        if proc.returncode == -signal.SIGKILL and killed_at < EPOCHS * ITERATIONS:
             break
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["iteration"]
-    assert 0 < killed_at < EPOCHS * ITERATIONS
+    assert 0 < killed_at < EPOCHS * ITERATIONS, "the run was killed only after training had finished"
+    print(f"SIGKILL after attempt {attempt + 1}; last checkpoint at iteration {killed_at} of {EPOCHS * ITERATIONS}")
     assert (out / ".lock").exists()  # left behind by the killed process: must be taken over
 
     result = invoke("train", "--resume", str(out))

@@ -299,3 +299,43 @@ def test_written_files_get_normal_permissions(finished_run: Path) -> None:
     for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt"):
         assert (finished_run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert math.isfinite(load_checkpoint(finished_run / "checkpoints" / "last.pt")["best_dice"])
+
+
+def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(data: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while writing a checkpoint: a clear error, and the previous last.pt still loads."""
+    from unetcli.training import checkpoint
+
+    real, calls = torch.save, []
+
+    def flaky_save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(path)
+        if len(calls) == 4:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+        real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", flaky_save)
+    out = tmp_path / "full"
+    result = invoke("train", str(data), "--out", str(out), "--epochs", "2", *FLAGS, "--set", "train.checkpoint_interval=4")
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert f"{out / 'checkpoints' / 'last.pt'}: cannot write the checkpoint (PytorchStreamWriter failed" in line
+    assert "the previous one, if any, is intact" in line
+    # Saves: last.pt at 4 and 8, then at the epoch end best.pt (10) and last.pt (10), which fails.
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 8
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp file left
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_resume_removes_temp_files_a_killed_run_left_behind(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    shutil.copytree(finished_run, run)
+    stale = [run / ".metrics.jsonl.k2j4h5g6.tmp.jsonl", run / "checkpoints" / ".last.pt.ab_cd123.tmp.pt"]
+    for path in stale:
+        path.write_bytes(b"half")
+    (keep := run / ".notes.tmp").write_text("not ours")
+    result = invoke("train", "--resume", str(run), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2

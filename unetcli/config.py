@@ -31,6 +31,8 @@ class DataConfig:
     """Names of the classes in index order; default ``class_0..``; ``dataset.json`` wins when present."""
     val_fraction: float = 0.2
     """Share of cases held out for validation (seeded split, written to ``RUN/split.json``)."""
+    split_seed: int | None = None
+    """Seed of the train/validation split; ``None`` uses ``train.seed`` (``unet compare`` fixes it across seeds)."""
     normalization: Literal["zscore", "zscore_nonzero", "minmax", "none"] = "zscore"
     """Per image and channel: z-score over all pixels, over non-zero pixels, or min-max to [0, 1]."""
     map_binary_masks: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model
 from unetcli.runtime import resolve_device, resolve_precision
-from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
+from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
 
 log = logging.getLogger("unetcli")
 
@@ -47,7 +48,7 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
         model = build_model(cfg.model)
         model.load_state_dict(state["model"])
     except (UnetCliError, RuntimeError, KeyError, TypeError) as exc:
-        msg = exc.message if isinstance(exc, UnetCliError) else str(exc).splitlines()[0]
+        msg = exc.message if isinstance(exc, UnetCliError) else state_dict_problem(exc)
         raise CheckpointError(f"{path}: weights do not fit the model described in the checkpoint ({msg[:200]})",
                               hint="the checkpoint may come from another model or unetcli version") from exc
     model.to(device).eval()
@@ -177,22 +178,34 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
     cases = _group_inputs(input_path, meta["in_channels"], file_format)
     suffix = ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
     targets = {name: output / f"{name}{suffix}" for name in cases}
-    existing = [p for p in targets.values() if p.exists()]
+    planned = list(targets.values()) + ([output / f"{n}_probabilities.npz" for n in cases] if probabilities else [])
+    existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot create the output folder ({exc.strerror or exc})",
+                          hint="choose a writable output folder") from exc
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise OutputError(f"{output}: output folder is not writable", hint="choose a writable output folder")
     window = _window_kwargs(loaded, device, precision, mirror)
     predict_one = predict_volume if file_format == "nifti" else predict_png
     written = []
     for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
-        probs = predict_one(loaded, paths, targets[name], window, keep_probabilities=probabilities)
-        if probs is not None:
-            # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
-            with atomic_path(output / f"{name}_probabilities.npz") as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez_compressed(handle, probabilities=probs.astype(np.float16),
-                                        label_names=np.asarray(meta["label_names"]))
+        try:
+            probs = predict_one(loaded, paths, targets[name], window, keep_probabilities=probabilities)
+            if probs is not None:
+                # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
+                with atomic_path(output / f"{name}_probabilities.npz") as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.savez_compressed(handle, probabilities=probs.astype(np.float16),
+                                            label_names=np.asarray(meta["label_names"]))
+        except OSError as exc:  # disk full, permissions changed meanwhile, ...: earlier outputs stay intact
+            raise OutputError(f"{exc.filename or targets[name]}: cannot write ({exc.strerror or exc})",
+                              hint=f"check the free space and permissions of {output}; "
+                                   f"{len(written)} prediction(s) were written before") from exc
         written.append(targets[name])
     log.info("wrote %d prediction(s) to %s", len(written), output)
     return written

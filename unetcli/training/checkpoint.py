@@ -21,7 +21,7 @@ import torch
 
 from unetcli import __version__
 from unetcli.atomic import atomic_path
-from unetcli.errors import CheckpointError
+from unetcli.errors import CheckpointError, OutputError
 
 FORMAT = "unetcli-checkpoint"
 FORMAT_VERSION = 1
@@ -30,8 +30,13 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plain containers and tensors only) to ``path`` atomically."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "unetcli_version": __version__, **state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise OutputError(f"{path}: cannot write the checkpoint ({reason}); the previous one, if any, is intact",
+                          hint=f"check the free space and permissions of {Path(path).parent}") from exc
 
 
 def resolve_checkpoint(run: Path, which: str = "best") -> Path:
@@ -48,6 +53,14 @@ def resolve_checkpoint(run: Path, which: str = "best") -> Path:
     raise CheckpointError(f"{run}: no checkpoints/{which}.pt or checkpoints/last.pt inside", hint="is this a unetcli run folder?")
 
 
+def state_dict_problem(exc: BaseException) -> str:
+    """The telling line of a ``load_state_dict`` error (a size mismatch or missing/unexpected keys)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    text = (useful or lines or [type(exc).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint safely (tensors and plain containers only) and check its format."""
     path = Path(path)
@@ -56,8 +69,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "unsupported content")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        first = (f"it references {found[1]}" if found
+                 else next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "unsupported content"))
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain data ({first[:200]})",
             hint="only load checkpoints written by unetcli; nothing in the file was executed",

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -31,13 +33,19 @@ from unetcli.atomic import atomic_write_text
 from unetcli.config import RunConfig, apply_overrides, config_from_dict, config_to_dict, dump_config
 from unetcli.data.dataset import Dataset, discover_dataset, load_dataset, split_cases
 from unetcli.data.sampling import PatchSampler, iterate_batches
-from unetcli.errors import CheckpointError, ConfigError, DataError, Interrupted, OutputError, TrainingError
+from unetcli.errors import CheckpointError, ConfigError, DataError, Interrupted, ModelError, OutputError, TrainingError
 from unetcli.evaluation.metrics import dice
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model, count_parameters
 from unetcli.runtime import autocast, configure_threads, resolve_device, resolve_precision, seed_everything
 from unetcli.runlock import LOCK_NAME, RunLock
-from unetcli.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from unetcli.training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    state_dict_problem,
+)
 from unetcli.training.curves import plot_curves
 from unetcli.training.losses import DiceCELoss
 from unetcli.training.schedule import LRPlan, lr_factor  # noqa: F401 - lr_factor is re-exported (scripts use it)
@@ -133,6 +141,7 @@ def _claim_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -145,7 +154,22 @@ def _claim_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
             _prepare_run_dir(out, overwrite)
         except PermissionError as exc:
             raise OutputError(f"{out}: cannot write into the run folder ({exc.strerror})", hint="choose a writable --out") from exc
-        yield
+        try:
+            yield
+        except (ConfigError, DataError, ModelError):
+            if created and not (out / "checkpoints" / "last.pt").exists():
+                # Refused before training: leave no half-made folder that a corrected rerun would find "not empty".
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _check_enough_cases(dataset: Dataset, cfg: RunConfig, data_dir: Path) -> None:
+    if len(dataset.cases) < 2 and cfg.data.val_fraction > 0:
+        raise DataError(
+            f"{data_dir}: only 1 case ({dataset.cases[0].name if dataset.cases else 'none'}); training needs at least 2, "
+            "one to train on and one to validate on",
+            hint="add cases, or pass --set data.val_fraction=0 to validate on the training case itself",
+        )
 
 
 def _attach_log_file(out: Path) -> logging.Handler:
@@ -195,6 +219,8 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False,
 
     files = discover_dataset(data_dir)
     dataset = load_dataset(files, cfg.data)
+    if resume is None:
+        _check_enough_cases(dataset, cfg, data_dir)
     with contextlib.ExitStack() as stack:
         if resume is None:
             stack.enter_context(_claim_run_dir(out, overwrite))
@@ -202,6 +228,9 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False,
         try:
             return _train(dataset, files.layout, cfg, out, device, precision, start, progress, on_epoch,
                           resume=resume, data_dir=Path(data_dir).resolve())
+        except OSError as exc:  # e.g. a full disk: files already written are intact (atomic writes)
+            raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}",
+                              hint=f"check the free space and permissions of {out}; its last checkpoint is intact") from exc
         finally:
             if handler is not None:
                 log.removeHandler(handler)
@@ -228,17 +257,12 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
     model = build_model(cfg.model)
     patch = resolve_patch_size(cfg, dataset, model)
     cfg.train.patch_size = patch
-    if len(dataset.cases) < 2 and cfg.data.val_fraction > 0 and resume is None:
-        raise DataError(
-            f"{data_dir}: only 1 case ({dataset.cases[0].name if dataset.cases else 'none'}); training needs at least 2, "
-            "one to train on and one to validate on",
-            hint="add cases, or pass --set data.val_fraction=0 to validate on the training case itself",
-        )
-    train_names, val_names = split_cases([c.name for c in dataset.cases], cfg.data.val_fraction, t.seed)
+    train_names, val_names = split_cases([c.name for c in dataset.cases], cfg.data.val_fraction,
+                                         t.seed if cfg.data.split_seed is None else cfg.data.split_seed)
     if resume is not None:
         train_names, val_names = _resumed_split(resume, dataset, data_dir)
     if train_names == val_names:
-        log.warning("only one case: validating on the training case itself")
+        log.warning("validating on the training case(s) themselves (data.val_fraction is 0 or there is one case)")
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "split.json", json.dumps({"train": train_names, "val": val_names}, indent=2))
 
@@ -299,14 +323,14 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
             elapsed_before = float(state.get("elapsed_seconds", 0.0))
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{source}: its training state does not fit the model and optimiser its config describes "
-                                  f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})",
+                                  f"({state_dict_problem(exc)})",
                                   hint="the checkpoint may come from another unetcli version; start a new run") from exc
         plan.replan(iteration, total)  # a changed --epochs: decay from the current rate, never back up
         last_saved = [epoch, iteration]
         if resume.get("resume", {}).get("precision") not in (None, precision):
             log.warning("this run trained with %s precision and continues with %s: results will differ from an "
                         "uninterrupted run", resume["resume"]["precision"], precision)
-        log.info("resuming %s at epoch %d/%d, iteration %d", out, epoch + (1 if epoch_iteration else 0), t.epochs, iteration)
+        log.info("resuming %s in epoch %d/%d after iteration %d", out, epoch + 1, t.epochs, iteration)
     if is_main_process():
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
@@ -517,6 +541,7 @@ def resume_training(run: Path, data_dir: Path | None = None, overrides: dict[str
     if not run.is_dir():
         raise CheckpointError(f"{run}: run folder not found", hint="pass the folder an earlier `unet train` wrote (its --out)")
     with RunLock(run):
+        _remove_stale_temp_files(run)
         path = run / "checkpoints" / "last.pt"
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; the run stopped before its first checkpoint",
@@ -547,6 +572,19 @@ def resume_training(run: Path, data_dir: Path | None = None, overrides: dict[str
             raise DataError(f"{data}: the run's data folder is not there any more",
                             hint=f"pass its new location: unet train DATA --resume {shlex.quote(str(run))}")
         return train(data, cfg, run, progress=progress, on_epoch=on_epoch, resume={**state, "_path": path})
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
+"""Temporary files of :func:`unetcli.atomic.atomic_path` (``.NAME.XXXXXXXX.tmp.SUFFIX``)."""
+
+
+def _remove_stale_temp_files(run: Path) -> None:
+    """Half-written files of a killed run (its lock is ours now, so nobody is writing them)."""
+    for folder in (run, run / "checkpoints"):
+        for path in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            if _TEMP_NAME.match(path.name) and path.is_file():
+                log.info("removing %s, left half-written by the interrupted run", path)
+                path.unlink(missing_ok=True)
 
 
 def _resumed_split(resume: dict[str, Any], dataset: Dataset, data_dir: Path | None) -> tuple[list[str], list[str]]:
