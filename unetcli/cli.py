@@ -323,5 +323,45 @@ def demo(
                   f"everything is in {out}/ (config.yaml, checkpoints/, metrics.jsonl, curves.png, predictions/, eval/)")
 
 
+@app.command(epilog="Example: unet compare data/ --skip concat,add,none --seeds 3 --out study/   "
+             "(data/ holds train/ and test/; or pass --test)   Demo: unet compare --demo --out study-demo")
+@handle_errors
+def compare(
+    data: Annotated[Optional[Path], typer.Argument(help="Training folder (as for `unet train`), or a folder with train/ and test/ "
+                                                        "(test/images + test/masks), or nnU-Net with imagesTs/ + labelsTs/.",
+                                                   show_default=False)] = None,
+    skip: Annotated[str, typer.Option("--skip", help="Variants to compare: concat, add, none, valid-crop (concat skips with "
+                                                     "unpadded convolutions, the paper's copy-and-crop).")] = "concat,add,none,valid-crop",
+    seeds: Annotated[int, typer.Option(help="Seeds per variant: train.seed, train.seed+1, ... (the train/val split stays fixed).")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Study folder (default: compare_DATA-NAME, or unet-compare with --demo); "
+                                                     "rerun the same command to continue an interrupted study.")] = None,
+    test: Annotated[Optional[Path], typer.Option(help="Held-out cases: a folder with images/ + masks/ (or imagesTs/ + labelsTs/).")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Use the shipped 2D MRI demo data with a small budget (about 15 min on 2 CPU cores).")] = False,
+    config: ConfigOpt = None,
+    epochs: EpochsOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="First seed (also the seed of the train/validation split).")] = None,
+    num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every run again, even if the folder holds a finished or different study.")] = False,
+) -> None:
+    """Compare skip connections (concat / add / none / valid-crop): train each variant with the same data, split, budget
+    and seeds, predict and score the held-out cases; writes DIR/report.md with a table (Dice, HD95, NSD), charts and overlays."""
+    from unetcli.evaluation.compare import comparison_table
+    from unetcli.study import DEMO_OVERRIDES, REPORT_METRICS, make_plan, parse_variants, resolve_study_data, run_study
+
+    variants = parse_variants(skip)
+    study_data = resolve_study_data(data, test, demo)
+    cfg = _resolve_config(config, set_, {"train.epochs": epochs, "train.device": device, "train.precision": precision,
+                                         "train.seed": seed, "train.num_threads": num_threads},
+                          defaults=DEMO_OVERRIDES if demo else None)
+    plan = make_plan(variants, seeds, cfg, study_data)
+    out = out or (Path("unet-compare") if demo else Path(f"compare_{study_data.train.resolve().name}"))
+    result = run_study(plan, out, overwrite=overwrite, progress=_progress())
+    console.print(comparison_table(result.comparison, metrics=REPORT_METRICS))
+    console.print(f"{len(result.ran)} run(s) trained, {len(result.skipped)} finished earlier; report: {result.report}")
+
+
 def main() -> None:
     app()
