@@ -64,6 +64,7 @@ def test_report_has_table_boundary_metrics_charts_and_overlays(study: Path) -> N
     assert "| variant | parameters | s / epoch | Dice | HD95 | NSD |" in report
     assert "| concat (ref) |" in report and "| none |" in report
     assert "## Paired tests against concat" in report and "Δ HD95" in report and "Δ NSD" in report
+    assert "## Per seed" in report and "| none | 1 |" in report
     for name in ("comparison.png", "curves.png", "comparison.csv"):
         assert (study / name).stat().st_size > 0, name
         if name.endswith(".png"):

@@ -336,7 +336,7 @@ def compare(
     out: Annotated[Optional[Path], typer.Option(help="Study folder (default: compare_DATA-NAME, or unet-compare with --demo); "
                                                      "rerun the same command to continue an interrupted study.")] = None,
     test: Annotated[Optional[Path], typer.Option(help="Held-out cases: a folder with images/ + masks/ (or imagesTs/ + labelsTs/).")] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Use the shipped 2D MRI demo data with a small budget (about 15 min on 2 CPU cores).")] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="Use the shipped 2D MRI demo data with a small budget (under 15 min on 2 CPU cores).")] = False,
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
     device: DeviceOpt = None,

@@ -5,12 +5,13 @@ budget, train/validation split and seeds; each run predicts the held-out cases a
 The study folder ``DIR`` holds:
 
 - ``runs/{variant}_seed{s}/``: a normal run folder plus ``predictions/`` and ``eval/``
-  (``metrics.csv``, ``summary.json``); a run counts as finished once ``eval/summary.json`` exists;
+  (``metrics.csv``, ``summary.json``); a run counts as finished once ``eval/summary.json`` exists
+  (and ``study.json`` says this plan started it);
 - ``study.json``: the plan (variants, seeds, data, config) and every run's status, duration,
-  parameter count and foreground means; with the variant statistics once the study is complete;
+  parameter count and thread count; the variant statistics once the study is complete;
 - ``report.md`` with ``comparison.png`` (bars with CIs), ``comparison.csv``, ``curves.png``
   (validation Dice per epoch, mean over seeds with a min-max band) and ``overlays/CASE.png``
-  (one panel per variant) for the cases where the variants differ most in surface Dice.
+  (one column per variant, plus a zoom) for the cases where the variants differ most in surface Dice.
 
 Statistics: the unit of the paired test is the held-out case. A variant's per-case value is the
 mean over seeds; :func:`unetcli.evaluation.compare.compare_results` then gives the bootstrap CI
@@ -64,12 +65,13 @@ DEMO_OVERRIDES: dict[str, object] = {
     "model.features": [16, 32, 64, 128], "train.epochs": 5, "train.iterations_per_epoch": 20,
     "train.warmup_iterations": 20,
 }
-"""``unet compare --demo`` budget: 100 steps of batch 8 per run, so that 4 variants x 3 seeds take
-about 12 minutes on 2 quiet CPU cores (estimated from single-thread CPU time per step: concat 1,
-add 0.8, none 0.75, valid-crop 1.3 times concat's ~0.5 s on 2 cores)."""
+"""``unet compare --demo`` budget: 100 steps of batch 8 per run. 4 variants x 3 seeds took 14.9 min
+with one thread on a shared, loaded 2-core machine (13.5 min CPU); estimated 8-12 min on 2 quiet
+cores (per-step CPU time relative to concat: add 0.8, none 0.75, valid-crop 1.3)."""
 PLAN_IGNORED_KEYS = (("train", "device"), ("train", "num_workers"), ("train", "num_threads"),
                      ("train", "checkpoint_interval"))
-"""Config keys that do not change a run's numbers: a study may resume with other values."""
+"""Config keys left out of the plan check, so that a study may continue elsewhere. The thread count
+can change the floating-point results (runs are reproducible for a fixed count); each run records its own."""
 STUDY_VERSION = 1
 
 
@@ -363,7 +365,9 @@ def _run_record(run_dir: Path, seconds: float | None) -> dict[str, Any]:
     cfg = config_from_dict(load_checkpoint(resolve_checkpoint(run_dir))["config"])
     record: dict[str, Any] = {"status": "finished", "parameters": count_parameters(build_model(cfg.model))}
     if seconds is not None:
-        record["seconds"] = round(seconds, 2)
+        import torch
+
+        record.update(seconds=round(seconds, 2), torch_threads=torch.get_num_threads())
     return record
 
 
@@ -443,6 +447,8 @@ class Report:
     table: str
     conventions: dict[str, Any]
     """The scoring conventions of the runs (``eval/summary.json``): spacing, NSD tolerance, empty masks."""
+    resolved: str
+    """What the first run resolved from the config (batch, patch, precision)."""
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -501,6 +507,16 @@ def paired_table(comp: Comparison) -> str:
     return "\n".join(lines)
 
 
+def per_seed_table(stats: dict[str, VariantStats]) -> str:
+    header = ["variant", "seed"] + [METRIC_TITLES[m] for m in REPORT_METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, s in stats.items():
+        for seed, values in s.per_run.items():
+            cells = ["–" if math.isnan(values[m]) else f"{values[m]:.{_digits(m)}f}" for m in REPORT_METRICS]
+            lines.append("| " + " | ".join([variant, str(seed), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def write_curves(plan: StudyPlan, out: Path, histories: dict[str, list[list[dict[str, Any]]]]) -> Path:
     """Validation Dice (and training loss) per epoch: each variant's mean over seeds, min-max band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -548,56 +564,87 @@ def pick_overlay_cases(averaged: dict[str, EvalResult], n: int = N_OVERLAY_CASES
     return [first.cases[i] for i in order[:n]]
 
 
+def _zoom_box(disagreement: np.ndarray, fraction: float = 0.35) -> tuple[int, int, int, int]:
+    """``(row0, row1, col0, col1)``: the square window (``fraction`` of the shorter side) holding the most
+    disagreement between predictions and reference."""
+    from scipy.ndimage import uniform_filter
+
+    height, width = disagreement.shape
+    size = max(8, int(round(min(height, width) * fraction)))
+    density = uniform_filter(disagreement.astype(np.float64), size=size, mode="constant")
+    r, c = np.unravel_index(int(np.argmax(density)), density.shape)
+    r0 = int(np.clip(r - size // 2, 0, max(height - size, 0)))
+    c0 = int(np.clip(c - size // 2, 0, max(width - size, 0)))
+    return r0, min(r0 + size, height), c0, min(c0 + size, width)
+
+
+def _draw_contours(ax: Any, masks: list[np.ndarray], colour: str, width: float = 0.8) -> None:
+    """Each mask's outline; padded so that a region touching the image border is closed."""
+    for mask in masks:
+        if mask.any():
+            rows, cols = mask.shape
+            ax.contour(np.arange(-1, cols + 1), np.arange(-1, rows + 1), np.pad(mask, 1).astype(np.float32),
+                       levels=[0.5], colors=[colour], linewidths=width)
+
+
 def render_case_grid(case: str, results: dict[str, EvalResult], image_dir: Path | None, path: Path,
                      seed: int) -> Path:
-    """One panel per variant (the run of ``seed``): the image, reference (green) and prediction (magenta) contours."""
+    """One column per variant (the run of ``seed``): the whole case, then a zoom on the window where the
+    variants disagree most with the reference; reference contours green, predictions magenta."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
     from unetcli.evaluation.overlays import PREDICTION_COLOUR, REFERENCE_COLOUR, _normalise, _pick_slice, _read_background
     from unetcli.evaluation.report import read_pair
 
-    panels = []
+    variants, preds, truth_masks, shape, spacing, first = [], [], [], (), None, next(iter(results.values()))
     for variant, result in results.items():
         pair = next(p for p in result.pairs if p.name == case)
         pred, truth, spacing = read_pair(pair, result.kind)
         groups = list(result.groups.values())
-        panels.append((variant, result, pair, [np.isin(pred, g) for g in groups], [np.isin(truth, g) for g in groups],
-                       truth, spacing))
-    _, first, pair, _, truth_masks, truth, spacing = panels[0]
-    background = _read_background(image_dir, pair, first.kind, truth.shape)
-    background = truth.astype(np.float32) if background is None else background
+        variants.append(variant)
+        preds.append([np.isin(pred, g) for g in groups])
+        truth_masks, shape = [np.isin(truth, g) for g in groups], truth.shape
+    pair = next(p for p in first.pairs if p.name == case)
+    background = _read_background(image_dir, pair, first.kind, shape)
+    background = np.zeros(shape, np.float32) if background is None else background
     origin, aspect, where = "upper", (spacing[0] / spacing[1] if spacing else 1.0), ""
-    if truth.ndim == 3:
-        z = _pick_slice([m for p in panels for m in p[3]], [m for p in panels for m in p[4]])
+    if len(shape) == 3:
+        z = _pick_slice([m for masks in preds for m in masks], truth_masks * len(preds))
         where = f", slice {z} (last axis)"
         background = background[:, :, z].T
-        panels = [(v, r, pr, [m[:, :, z].T for m in pm], [m[:, :, z].T for m in tm], t, sp)
-                  for v, r, pr, pm, tm, t, sp in panels]
+        preds = [[m[:, :, z].T for m in masks] for masks in preds]
+        truth_masks = [m[:, :, z].T for m in truth_masks]
         origin, aspect = "lower", (spacing[1] / spacing[0] if spacing else 1.0)
+    disagreement = sum(p ^ t for masks in preds for p, t in zip(masks, truth_masks))
+    r0, r1, c0, c1 = _zoom_box(np.asarray(disagreement))
     height, width = background.shape
-    scale = 4.5 / max(height * aspect, width)
-    fig = Figure(figsize=(len(panels) * width * scale, height * aspect * scale + 0.9), layout="constrained")
+    panel = 3.6  # inches per column
+    ratios = [height * aspect / width, (r1 - r0) * aspect / (c1 - c0)]
+    fig = Figure(figsize=(len(variants) * panel, panel * sum(ratios) + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = fig.subplots(2, len(variants), squeeze=False, gridspec_kw={"height_ratios": ratios})
     image = _normalise(background)
-    for ax, (variant, result, _, pred_masks, truth_masks, _, _) in zip(axes, panels):
-        ax.imshow(image, cmap="gray", origin=origin, aspect=aspect, interpolation="nearest")
-        for masks, colour in ((truth_masks, REFERENCE_COLOUR), (pred_masks, PREDICTION_COLOUR)):
-            for mask in masks:
-                if mask.any():  # padded, so that a region touching the border gets its full outline
-                    rows, cols = mask.shape
-                    ax.contour(np.arange(-1, cols + 1), np.arange(-1, rows + 1), np.pad(mask, 1).astype(np.float32),
-                               levels=[0.5], colors=[colour], linewidths=0.8)
+    for j, (variant, result, pred_masks) in enumerate(zip(variants, results.values(), preds)):
+        whole, zoom = axes[0, j], axes[1, j]
+        for ax, line in ((whole, 0.8), (zoom, 1.5)):
+            ax.imshow(image, cmap="gray", origin=origin, aspect=aspect, interpolation="nearest")
+            _draw_contours(ax, truth_masks, REFERENCE_COLOUR, line)
+            _draw_contours(ax, pred_masks, PREDICTION_COLOUR, line)
+        whole.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="yellow", linewidth=1))
+        zoom.set_xlim(c0 - 0.5, c1 - 0.5)
+        zoom.set_ylim((r1 - 0.5, r0 - 0.5) if origin == "upper" else (r0 - 0.5, r1 - 0.5))
         i = result.cases.index(case)
         scores = ", ".join(f"{METRIC_TITLES[m]} {result.foreground_values(m)[i]:.{_digits(m)}f}" for m in REPORT_METRICS)
-        ax.set_title(f"{variant}\n{scores}", fontsize=9)
-        ax.set_axis_off()
-    axes[-1].legend(handles=[Line2D([], [], color=REFERENCE_COLOUR, label="reference"),
-                             Line2D([], [], color=PREDICTION_COLOUR, label="prediction")],
-                    loc="lower right", fontsize=7, framealpha=0.6)
-    fig.suptitle(f"{case} (seed {seed}{where})", fontsize=10)
+        whole.set_title(f"{variant}\n{scores}", fontsize=9)
+        for ax in (whole, zoom):
+            ax.set_axis_off()
+    axes[0, -1].legend(handles=[Line2D([], [], color=REFERENCE_COLOUR, label="reference"),
+                                Line2D([], [], color=PREDICTION_COLOUR, label="prediction")],
+                       loc="lower right", fontsize=7, framealpha=0.6)
+    fig.suptitle(f"{case} (seed {seed}{where}); bottom row: the yellow box enlarged", fontsize=10)
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return path
 
@@ -626,16 +673,20 @@ def build_report(plan: StudyPlan, out: Path, state: dict[str, Any]) -> Report:
     write_curves(plan, out, histories)
     table = result_table(plan, comp, stats)
     conventions = per_run[order[0]][plan.seeds[0]].summary.get("conventions", {})
-    return Report(comp, stats, cases, table, conventions if isinstance(conventions, dict) else {})
+    first = load_checkpoint(resolve_checkpoint(out / "runs" / RunSpec(order[0], plan.seeds[0]).name))
+    t = first["config"]["train"]
+    resolved = (f"batch {t['batch_size']}, patch {t['patch_size']} (whole images unless set), precision "
+                f"{first.get('resume', {}).get('precision', t['precision'])}")
+    return Report(comp, stats, cases, table, conventions if isinstance(conventions, dict) else {}, resolved)
 
 
 def report_markdown(plan: StudyPlan, report: Report) -> str:
     cfg, comp = plan.config, report.comparison
     spacing = (f"Distance spacing: {report.conventions.get('spacing', 'see runs/*/eval/summary.json')}; "
                f"NSD tolerance {report.conventions.get('nsd_tolerance_mm', 1.0)}.")
-    budget = (f"{cfg.train.epochs} epochs × {cfg.train.iterations_per_epoch} iterations, batch "
-              f"{cfg.train.batch_size or 'default'}, lr {cfg.train.lr:g}, features {cfg.model.features}, "
-              f"precision {cfg.train.precision}, validation fraction {cfg.data.val_fraction} (split seed {plan.split_seed})")
+    budget = (f"{cfg.train.epochs} epochs × {cfg.train.iterations_per_epoch} iterations, {report.resolved}, "
+              f"lr {cfg.train.lr:g} ({cfg.train.warmup_iterations} warm-up iterations, {cfg.train.schedule}), "
+              f"features {cfg.model.features}, validation fraction {cfg.data.val_fraction} (split seed {plan.split_seed})")
     lines = [
         "# Skip-connection study", "",
         f"Variants: {', '.join(plan.variants)} (`valid-crop` = concat skips with unpadded convolutions and "
@@ -658,7 +709,13 @@ def report_markdown(plan: StudyPlan, report: Report) -> str:
         f"Δ = variant − {comp.reference} per held-out case (each case averaged over seeds), mean with 95 % bootstrap CI; "
         "p: two-sided Wilcoxon signed-rank test on the paired per-case values (zero differences dropped). "
         f"{(len(plan.variants) - 1) * len(REPORT_METRICS)} tests in this table: read single p-values below 0.05 with "
-        "that in mind. n: cases where both values are finite (HD95 is undefined when a mask is empty).", "",
+        "that in mind. n: cases where both values are finite (HD95 is undefined when a mask is empty). "
+        "The unit is the held-out case: a small p says these trained models differ consistently across the cases, "
+        "not that other seeds would rank the variants the same way; for that, compare the per-seed table below.", "",
+        "## Per seed", "",
+        per_seed_table(report.variants), "",
+        "Each run's mean over the held-out cases. Differences between seeds of one variant show how much "
+        "of a gap between variants the training noise alone can make.", "",
         "## Figures", "",
         "![Foreground means with 95 % bootstrap CIs](comparison.png)", "",
         "![Validation Dice per epoch](curves.png)", "",
