@@ -122,7 +122,6 @@ def main() -> None:
         stream = iterate_batches(sampler, 0, 10**9, num_workers=args.workers)
         next(stream)  # start the workers
         ours_workers = rate(lambda: next(stream), args.seconds)
-        del stream
 
         cfg_model = apply_overrides(RunConfig(), {"model.spatial_dims": 3, "model.in_channels": 1, "model.out_channels": 3,
                                                   "model.features": [16, 32, 64, 128]})

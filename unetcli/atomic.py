@@ -71,3 +71,15 @@ def atomic_write_with(path: Path | str, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and move the result to ``path`` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def ensure_writable_folder(folder: Path, what: str, hint: str) -> None:
+    """Create ``folder`` (and parents) and check it can be written, or raise :class:`OutputError`."""
+    from unetcli.errors import OutputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the {what} ({exc.strerror or exc})", hint=hint) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: {what} is not writable", hint=hint)

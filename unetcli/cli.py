@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 
 from unetcli import __version__
 from unetcli.config import RunConfig, apply_overrides, load_config, parse_set_option
-from unetcli.errors import ConfigError, OutputError, UnetCliError
+from unetcli.errors import ConfigError, UnetCliError
 
 err_console = Console(stderr=True)
 console = Console()
@@ -130,7 +130,8 @@ EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (each = train.ite
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16. auto uses bf16 only where the hardware runs it natively.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (split, sampling, initialisation).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set section.key=value (repeatable), e.g. --set model.features=[16,32,64,128].")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Any config key: --set section.key=value (repeatable), e.g. --set model.features=[16,32,64,128].")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")]
 
 
@@ -243,7 +244,8 @@ def eval_(
     paths: Annotated[list[Path], typer.Argument(help="PRED TRUTH (folders or files of PNG masks or NIfTI label maps, paired by "
                                                      "file name); with --truth, one or more PRED folders to score and compare.",
                                                 show_default=False)],
-    truth: Annotated[Optional[Path], typer.Option("--truth", help="Reference folder; every positional path is then a prediction folder (compare mode when 2+).")] = None,
+    truth: Annotated[Optional[Path], typer.Option(
+        "--truth", help="Reference folder; every positional path is then a prediction folder (compare mode when 2+).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for metrics.csv (long: case, class, label, metric, value) and summary.json "
                                                      "(default: PRED_eval next to PRED; comparison_eval when comparing).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Labels to score, e.g. 1,2 (default: every non-zero label found).")] = None,
@@ -254,9 +256,11 @@ def eval_(
     spacing: Annotated[Optional[str], typer.Option(help="Voxel size in mm per array axis for distances: PNG ROW,COL (default 1); "
                                                         "NIfTI default: the reference's header.")] = None,
     tolerance: Annotated[float, typer.Option(help="Normalised surface Dice tolerance in mm.")] = 1.0,
-    overlays: Annotated[Optional[Path], typer.Option(help="Folder for PNG overlays (reference green, prediction magenta) of the worst cases.")] = None,
+    overlays: Annotated[Optional[Path], typer.Option(
+        help="Folder for PNG overlays (reference green, prediction magenta) of the worst cases.")] = None,
     worst: Annotated[int, typer.Option(help="Number of worst cases (by foreground Dice) to draw with --overlays.")] = 5,
-    image_dir: Annotated[Optional[Path], typer.Option(help="Images to draw the overlays on (NAME or NAME_0000); default: the reference labels.")] = None,
+    image_dir: Annotated[Optional[Path], typer.Option(
+        help="Images to draw the overlays on (NAME or NAME_0000); default: the reference labels.")] = None,
     run: Annotated[Optional[Path], typer.Option(help="Run folder or checkpoint to take class names from.")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Worker processes for scoring cases (default: CPU cores, at most 4).")] = None,
     keep_empty: Annotated[bool, typer.Option("--keep-empty", help="Score a class absent from both masks as perfect (Dice 1, distances 0) "
@@ -344,7 +348,8 @@ def compare(
     seed: Annotated[Optional[int], typer.Option(help="First seed (also the seed of the train/validation split).")] = None,
     num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every run again, even if the folder holds a finished or different study.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Train every run again, even if the folder holds a finished or different study.")] = False,
 ) -> None:
     """Compare skip connections (concat / add / none / valid-crop): train each variant with the same data, split, budget
     and seeds, predict and score the held-out cases; writes DIR/report.md with a table (Dice, HD95, NSD), charts and overlays."""

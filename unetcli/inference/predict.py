@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from unetcli.atomic import atomic_path
+from unetcli.atomic import atomic_path, ensure_writable_folder
 from unetcli.config import RunConfig, config_from_dict
 from unetcli.data.dataset import load_image_channels
 from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
@@ -183,13 +182,7 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
     if existing and not overwrite:
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot create the output folder ({exc.strerror or exc})",
-                          hint="choose a writable output folder") from exc
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise OutputError(f"{output}: output folder is not writable", hint="choose a writable output folder")
+    ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
     window = _window_kwargs(loaded, device, precision, mirror)
     predict_one = predict_volume if file_format == "nifti" else predict_png
     written = []

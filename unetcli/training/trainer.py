@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from unetcli.atomic import atomic_write_text
+from unetcli.atomic import atomic_write_text, ensure_writable_folder
 from unetcli.config import RunConfig, apply_overrides, config_from_dict, config_to_dict, dump_config
 from unetcli.data.dataset import Dataset, discover_dataset, load_dataset, split_cases
 from unetcli.data.sampling import PatchSampler, iterate_batches
@@ -142,13 +142,7 @@ def _claim_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
     created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create the run folder ({exc.strerror or exc})",
-                          hint="choose a writable --out") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: run folder is not writable", hint="choose a writable --out")
+    ensure_writable_folder(out, "run folder", hint="choose a writable --out")
     with RunLock(out):
         try:
             _prepare_run_dir(out, overwrite)
@@ -243,7 +237,8 @@ def _resolve_model_config(cfg: RunConfig, dataset: Dataset) -> None:
                        ("out_channels", dataset.num_classes)):
         current = getattr(m, key)
         if current is not None and current != value:
-            raise ConfigError(f"model.{key} is {current} but the data has {value}", hint=f"remove model.{key} from the config to take it from the data")
+            raise ConfigError(f"model.{key} is {current} but the data has {value}",
+                              hint=f"remove model.{key} from the config to take it from the data")
         setattr(m, key, value)
     cfg.data.num_classes = dataset.num_classes
     cfg.data.label_names = dataset.label_names
