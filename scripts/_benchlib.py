@@ -85,7 +85,19 @@ def load_note() -> str:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process (``ru_maxrss``, KiB on Linux) in MiB."""
+    """Peak resident set size of this process in MiB: ``VmHWM`` from /proc/self/status.
+
+    ``getrusage().ru_maxrss`` reads the same high-water mark but takes the maximum with the
+    RSS the process had *before its exec*: a child forked from a 1 GB Python parent reports
+    >= 1 GB whatever it does itself. VmHWM does not carry that over. ``ru_maxrss`` is the
+    fallback where /proc is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -112,9 +124,9 @@ def release_memory() -> None:
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs).
 
-    After a successful reset ``ru_maxrss`` reports the peak since the reset, which lets one
-    process attribute a peak to each phase. Returns False where that is not possible (then
-    ``ru_maxrss`` stays the whole-process peak and per-phase figures are upper bounds).
+    After a successful reset :func:`peak_rss_mib` reports the peak since the reset, which lets
+    one process attribute a peak to each phase. Returns False where that is not possible (then
+    the figure stays the whole-process peak and per-phase figures are upper bounds).
     """
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -139,6 +151,20 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def timed_wall_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds summed over all threads) taken by ``fn()``.
+
+    On a shared machine the wall time also counts time this process spent waiting for a core;
+    CPU time does not (but OpenMP threads spin-waiting for a descheduled sibling add to it). On a
+    quiet machine CPU time ~= wall time x threads. On CUDA the CPU time is host time only.
+    """
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def median(values: Sequence[float]) -> float:

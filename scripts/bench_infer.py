@@ -29,17 +29,20 @@ Memory: the peak RSS increment of each method is measured in a fresh child proce
 (``--only METHOD``, started by this script) so the figures do not pollute each other: after
 building the network and data and one warm-up forward pass, freed heap is handed back
 (``malloc_trim``), the RSS high-water mark is reset (``/proc/self/clear_refs``), the method
-runs once, and ``increment = ru_maxrss - RSS before``. The float32 input volume, the float32
-probability output and the model size are printed for scale.
+runs once, and ``increment = VmHWM - RSS before``. (Not ``ru_maxrss``: in a child it is at
+least the parent's RSS at the fork, which the kernel carries across exec.) The float32 input
+volume, the float32 probability output and the model size are printed for scale.
 
 Agreement: max |p_ours - p_monai| over all voxels and classes of the probability maps.
 
 How to read it: ``ratio`` is the method's time / MONAI's time in the same process on the same
-work, so < 1 is faster than MONAI. Absolute seconds are context only.
+work, so < 1 is faster than MONAI. Absolute seconds are context only. ``cpu-time`` is the same
+ratio with process CPU seconds, a cross-check when other processes share the cores (the load
+average is printed before and after; ``CPU use`` well below 100 % flags a disturbed run).
 
 Examples::
 
-    python scripts/bench_infer.py                              # full size, a few minutes on 2 cores
+    python scripts/bench_infer.py                              # full size: ~4 min on 2 cores
     python scripts/bench_infer.py --size 96 96 64 --json out/infer.json
     python scripts/bench_infer.py --only ours                  # one method, peak RSS only (what the children run)
 """
@@ -229,6 +232,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     methods = [m for m in METHODS if m in args.methods]
     times: dict[str, list[float]] = {m: [] for m in methods}
     net_times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu_times: dict[str, list[float]] = {m: [] for m in methods}
     calls: dict[str, int] = {}
     outputs: dict[str, torch.Tensor] = {}
     for rnd in range(args.rounds):
@@ -236,9 +240,12 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             timed_net = net_for(method, net)
             timed_net.seconds, timed_net.calls = 0.0, 0
             bl.release_memory()
-            t0 = time.perf_counter()
-            outputs[method] = run_method(method, timed_net, volume, args)
-            times[method].append(time.perf_counter() - t0)
+            def call(method: str = method, timed_net: TimedNet = timed_net) -> None:
+                outputs[method] = run_method(method, timed_net, volume, args)
+
+            wall, cpu = bl.timed_wall_cpu(call, device)
+            times[method].append(wall)
+            cpu_times[method].append(cpu)
             net_times[method].append(timed_net.seconds)
             calls[method] = timed_net.calls
             print(f"   round {rnd + 1}: {LABELS[method]:<24} {times[method][-1]:7.1f} s", flush=True)
@@ -246,22 +253,29 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     rss = measure_rss_in_children(args, [m for m in methods if m in args.rss]) if args.rss else {}
 
     ref = "monai" if "monai" in methods else methods[0]
-    ref_time = bl.median(times[ref])
+    ref_time, ref_cpu = bl.median(times[ref]), bl.median(cpu_times[ref])
+    threads = torch.get_num_threads()
     rows, results = [], {}
     for m in methods:
-        t, tn = bl.median(times[m]), bl.median(net_times[m])
+        t, tn, tc = bl.median(times[m]), bl.median(net_times[m]), bl.median(cpu_times[m])
+        cpu_use = bl.median([c / w / threads for c, w in zip(cpu_times[m], times[m])])
         diff = float((outputs[m] - outputs[ref]).abs().max()) if m != ref else 0.0
         r = rss.get(m, {})
         results[m] = {"seconds_rounds": times[m], "seconds": t, "network_seconds": tn, "rest_seconds": t - tn,
-                      "ratio_vs_monai": t / ref_time, "forward_calls": calls[m], "max_abs_diff_vs_monai": diff,
+                      "ratio_vs_monai": t / ref_time,
+                      "cpu_seconds_rounds": cpu_times[m], "ratio_cpu_time_vs_monai": tc / ref_cpu, "cpu_use": cpu_use,
+                      "forward_calls": calls[m], "max_abs_diff_vs_monai": diff,
                       "rss": r or None}
-        rows.append([LABELS[m], f"{t:.1f}", f"{t / ref_time:.2f}x", f"{tn:.1f}", f"{t - tn:.2f}",
+        rows.append([LABELS[m], f"{t:.1f}", f"{t / ref_time:.2f}x", f"{tc / ref_cpu:.2f}x", f"{cpu_use * 100:.0f}%",
+                     f"{tn:.1f}", f"{t - tn:.2f}",
                      f"{(t - tn) / t * 100:.1f}%", str(calls[m]),
                      f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{diff:.2e}" if m != ref else "-"])
     print()
-    bl.print_table(["method", "seconds", "ratio", "network s", "rest s", "rest %", "forwards",
+    bl.print_table(["method", "seconds", "ratio", "cpu-time", "CPU use", "network s", "rest s", "rest %", "forwards",
                     "peak RSS incr MiB", "max|dp| vs monai"], rows)
-    print("ratio = time / MONAI's time, same process, same work (<1 is faster). 'rest' = total - network forward.")
+    print("ratio = time / MONAI's time, same process, same work (<1 is faster); cpu-time = the same with process CPU\n"
+          "seconds (a cross-check on a shared machine); CPU use = CPU s / (wall s x threads), well below 100 % means\n"
+          "other processes took the cores. 'rest' = total - network forward = the sliding-window machinery itself.")
     load_after = bl.load_note()
     print(f"after: {load_after}")
     print(f"total benchmark time {time.perf_counter() - start:.0f} s")

@@ -21,7 +21,6 @@ within ``--budget`` seconds is reported with its best Dice.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
 import json
 import re
 import shutil

@@ -108,7 +108,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 where the CPU/GPU runs it natively, fp16 on older GPUs, else fp32."""
     channels_last: bool = True
-    """Memory format for 2D convolutions (ignored in 3D)."""
+    """channels_last (2D) / channels_last_3d (3D) memory format for the network, in training and prediction."""
     num_threads: int | None = None
     """CPU threads for torch; ``None`` keeps torch's default."""
     checkpoint_interval: int = 0

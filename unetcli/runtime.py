@@ -74,3 +74,11 @@ def seed_everything(seed: int) -> None:
 def configure_threads(num_threads: int | None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
+
+
+def memory_format(spatial_dims: int, channels_last: bool) -> torch.memory_format:
+    """channels_last (2D) / channels_last_3d (3D) when asked for: faster convolutions on CPUs
+    (oneDNN) and GPUs (tensor cores); measured by scripts/bench_train.py and bench_infer.py."""
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d

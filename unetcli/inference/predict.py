@@ -22,7 +22,7 @@ from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model
-from unetcli.runtime import resolve_device, resolve_precision
+from unetcli.runtime import memory_format, resolve_device, resolve_precision
 from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
 
 log = logging.getLogger("unetcli")
@@ -50,7 +50,7 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
         msg = exc.message if isinstance(exc, UnetCliError) else state_dict_problem(exc)
         raise CheckpointError(f"{path}: weights do not fit the model described in the checkpoint ({msg[:200]})",
                               hint="the checkpoint may come from another model or unetcli version") from exc
-    model.to(device).eval()
+    model.to(device, memory_format=memory_format(cfg.model.spatial_dims, cfg.train.channels_last)).eval()
     return LoadedModel(model, cfg, state["metadata"], path)
 
 

@@ -37,7 +37,7 @@ from unetcli.errors import CheckpointError, ConfigError, DataError, Interrupted,
 from unetcli.evaluation.metrics import dice
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model, count_parameters
-from unetcli.runtime import autocast, configure_threads, resolve_device, resolve_precision, seed_everything
+from unetcli.runtime import autocast, memory_format, configure_threads, resolve_device, resolve_precision, seed_everything
 from unetcli.runlock import LOCK_NAME, RunLock
 from unetcli.training.checkpoint import (
     capture_rng_state,
@@ -262,8 +262,8 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
     atomic_write_text(out / "split.json", json.dumps({"train": train_names, "val": val_names}, indent=2))
 
     model.to(device)
-    if t.channels_last and dataset.spatial_dims == 2:
-        model.to(memory_format=torch.channels_last)
+    fmt = memory_format(dataset.spatial_dims, t.channels_last)
+    model.to(memory_format=fmt)
     n_params = count_parameters(model)
     log.info(
         "training %dD U-Net (%s skips, %s padding, %s params) on %d cases (%d train / %d val), %d classes, "
@@ -398,8 +398,7 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
                         raise interrupted(stop.signum) from None
                     sampler.position += 1
                     images = images.to(device, non_blocking=True)
-                    if t.channels_last and dataset.spatial_dims == 2:
-                        images = images.contiguous(memory_format=torch.channels_last)
+                    images = images.contiguous(memory_format=fmt)
                     labels = labels.to(device, non_blocking=True)
                     plan.apply(optimizer, t.lr, iteration)
                     with autocast(device, precision):
