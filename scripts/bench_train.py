@@ -10,7 +10,7 @@ the device (no data loading). Two problems:
   batch norm, concat skips, transposed-convolution upsampling).
 * 3D: batch 2x1xS^3, 3 classes, features 16,32,64,128. ``S`` is ``--size3d``: 96 on CUDA,
   64 on CPU by default (a 96^3 step on two CPU cores takes long enough that a run with a
-  few repeats no longer fits in minutes; 64^3 is the figure quoted in shared/README.md).
+  few repeats no longer fits in minutes).
 
 Variants, all in one process, all starting from the same weights and the same batch:
 

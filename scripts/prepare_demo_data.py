@@ -3,7 +3,7 @@
 
 Run from anywhere (paths default relative to this file)::
 
-    python scripts/prepare_demo_data.py [--source ../shared/data] [--out unetcli/demo_data]
+    python scripts/prepare_demo_data.py [--source RAW_DATA_DIR] [--out unetcli/demo_data]
 
 The output is deterministic: running the script twice gives byte-identical files
 (PNG written by Pillow without timestamps, NIfTI gzipped with ``mtime=0``).
