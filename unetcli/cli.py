@@ -302,7 +302,7 @@ def eval_(
 @handle_errors
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Folder for the run, predictions and scores (default: unet-demo, or unet-demo-3d).")] = None,
-    three_d: Annotated[bool, typer.Option("--3d", help="The 3D demo: a NIfTI U-Net on Colin27 lobes (about 10 minutes on 2 CPU cores).")] = False,
+    three_d: Annotated[bool, typer.Option("--3d", help="The 3D demo: a NIfTI U-Net on Colin27 lobes (about 7 minutes on 2 CPU cores).")] = False,
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
     device: DeviceOpt = None,

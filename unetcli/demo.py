@@ -38,7 +38,7 @@ DEMOS = {
         "colin27_lobes_3d", ".", "imagesTs", "labelsTs",
         "Colin27 T1 at 2 mm cut into 4 blocks, 8 AAL lobe classes; trained on 3 blocks, held-out block colin_rh_sup",
         # Three training blocks are too few to hold one out for validation: validate on them.
-        {"model.features": [16, 32, 64, 128], "train.epochs": 12, "train.iterations_per_epoch": 25,
+        {"model.features": [16, 32, 64, 128], "train.epochs": 40, "train.iterations_per_epoch": 25,
          "data.val_fraction": 0.0, "train.lr": 0.01},
     ),
 }
