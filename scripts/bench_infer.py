@@ -197,7 +197,7 @@ def measure_rss_in_children(args: argparse.Namespace, methods: list[str]) -> dic
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)), None)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith(RESULT_TAG)), None)
         if proc.returncode or line is None:
             raise RuntimeError(f"child {method} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         results[method] = json.loads(line[len(RESULT_TAG):])
