@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from unetcli.runtime import cpu_flags
+
 INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -33,18 +35,8 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_flag_set() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
-    flags = cpu_flag_set()
+    flags = cpu_flags()  # the same reading --precision auto decides from
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_flags": {f: f in flags for f in INTERESTING_FLAGS},

@@ -31,13 +31,6 @@ FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoc
          "--batch-size", "2", "--lr", "0.01", "--precision", "fp32", "--device", "cpu", "--num-threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_blobs(tmp_path_factory.mktemp("reliability") / "blobs", n=5)
