@@ -102,11 +102,6 @@ class PatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch(self.position)
-        self.position += 1
-        return batch
-
     def _crop(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.images[index], self.labels[index]
         shape = label.shape

@@ -174,12 +174,6 @@ def _files(path: Path) -> tuple[str, dict[str, Path]]:
     return ("nifti", niftis) if niftis else ("png", pngs)
 
 
-def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
-    """Pair prediction and reference files by stem; every unmatched file is an error."""
-    _, pairs = find_cases(pred, truth)
-    return [(p.name, p.pred, p.truth) for p in pairs]
-
-
 def find_cases(pred: Path, truth: Path) -> tuple[str, list[CasePair]]:
     """``(kind, pairs)``: prediction and reference files paired by stem, sorted by case name.
 
