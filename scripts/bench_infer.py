@@ -8,18 +8,30 @@ A seeded, smooth synthetic single-channel volume (default 160x160x128, z-scored)
 into 3 classes by a 3D U-Net (features 16,32,64,128, batch norm, eval mode; its BatchNorm
 running statistics are set from one forward pass over the volume so that its outputs are
 not trivially uniform). Windows: roi 64^3, overlap 0.5, Gaussian weighting (sigma 0.125 *
-roi), ``--window-batch`` windows per forward pass (default 4, unetcli's default) on both sides.
+roi), ``--window-batch`` windows per forward pass (default 2, unetcli's 3D default) on both sides.
 
-* ``monai``      ``monai.inferers.sliding_window_inference(x, roi, sw_batch_size,
-                 lambda x: torch.softmax(net(x), 1), overlap=0.5, mode="gaussian")`` under
-                 ``torch.no_grad()``, fp32. This is the reference.
-* ``ours``       ``unetcli.inference.sliding_window.sliding_window_predict(..., precision="fp32")``.
-* ``ours bf16``  the same with ``precision="bf16"`` (autocast of the forward pass).
-* ``ours_cl3d``, ``ours_bf16_cl3d`` (only with ``--methods``): the same with the network's
-                 weights in ``channels_last_3d`` memory format, a lever unetcli does not pull
-                 today.
+* ``monai``        ``monai.inferers.sliding_window_inference(x, roi, sw_batch_size,
+                   lambda x: torch.softmax(net(x), 1), overlap=0.5, mode="gaussian")`` under
+                   ``torch.no_grad()``, fp32, the network as built, glibc's default allocator
+                   settings (what a MONAI script gets). This is the reference.
+* ``ours``         what ``unet predict`` runs, fp32: ``sliding_window_predict`` on the network
+                   prepared as ``load_trained_model`` prepares it (BatchNorm folded into the
+                   convolutions, weights in channels_last_3d) with heap reuse on
+                   (``unetcli.runtime.configure_cpu_allocator``).
+* ``ours_bf16``    the same with bf16 autocast of the forward pass.
+* levers, each ``ours`` with one thing taken away or given to MONAI:
+  ``ours_plain``   our sliding window on the network as built, default allocator: the
+                   blending machinery alone against MONAI's;
+  ``monai_reuse``  MONAI with our heap-reuse allocator setting: how much of the ratio is the
+                   allocator;
+  ``ours_nofold``, ``ours_contig``, ``ours_malloc`` (only with ``--methods``): ``ours`` without
+                   BatchNorm folding / without channels_last_3d / with the default allocator.
 
-Speed: the three run in this process, in turn, ``--rounds`` times (order reversed every other
+The allocator setting is process-wide, so it is switched before every timed block
+(``unetcli.runtime.set_heap_reuse``): on for the methods that use it, back to glibc's
+steady-state default (mmap for blocks above 32 MiB) for the others.
+
+Speed: the methods run in this process, in turn, ``--rounds`` times (order reversed every other
 round), after a warm-up forward pass in each precision; a method's time is its median round.
 The network is wrapped in a timer, so each time is split into the network's forward pass and
 the rest (window extraction, softmax, weighting, accumulation, normalisation): the rest is
@@ -35,8 +47,8 @@ volume, the float32 probability output and the model size are printed for scale.
 
 Agreement: max |p_ours - p_monai| over all voxels and classes of the probability maps.
 
-How to read it: ``ratio`` is the method's time / MONAI's time in the same process on the same
-work, so < 1 is faster than MONAI. Absolute seconds are context only. ``cpu-time`` is the same
+How to read it: ``speed-up`` is MONAI's time / the method's time in the same process on the same
+work, so > 1 is faster than MONAI. Absolute seconds are context only. ``cpu-time`` is the same
 ratio with process CPU seconds, a cross-check when other processes share the cores (the load
 average is printed before and after; ``CPU use`` well below 100 % flags a disturbed run).
 
@@ -55,6 +67,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +81,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchlib as bl  # noqa: E402
 
 from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
-from unetcli.models import UNet  # noqa: E402
-from unetcli.runtime import autocast  # noqa: E402
+from unetcli.models import UNet, fold_batch_norm  # noqa: E402
+from unetcli.runtime import autocast, set_heap_reuse  # noqa: E402
 
-METHODS = ("monai", "ours", "ours_bf16", "ours_cl3d", "ours_bf16_cl3d")
-LABELS = {"monai": "monai (fp32, reference)", "ours": "ours fp32", "ours_bf16": "ours bf16",
-          "ours_cl3d": "ours fp32, model CL3d", "ours_bf16_cl3d": "ours bf16, model CL3d"}
-DEFAULT_METHODS = ["monai", "ours", "ours_bf16"]
+@dataclass(frozen=True)
+class Method:
+    label: str
+    impl: str = "ours"  # "ours" (sliding_window_predict) or "monai" (sliding_window_inference)
+    precision: str = "fp32"
+    fold: bool = True  # BatchNorm folded into the convolutions
+    channels_last: bool = True  # weights and windows in channels_last_3d
+    heap_reuse: bool = True  # unetcli.runtime.set_heap_reuse(True)
+
+
+PLAIN = dict(fold=False, channels_last=False, heap_reuse=False)
+METHODS = {
+    "monai": Method("monai (fp32, reference)", impl="monai", **PLAIN),
+    "monai_reuse": Method("monai + heap reuse", impl="monai", fold=False, channels_last=False),
+    "ours": Method("ours fp32 (unet predict)"),
+    "ours_bf16": Method("ours bf16 (unet predict)", precision="bf16"),
+    "ours_plain": Method("ours fp32, plain network", **PLAIN),
+    "ours_nofold": Method("ours fp32, BN not folded", fold=False),
+    "ours_contig": Method("ours fp32, contiguous", channels_last=False),
+    "ours_malloc": Method("ours fp32, default malloc", heap_reuse=False),
+}
+LABELS = {name: m.label for name, m in METHODS.items()}
+DEFAULT_METHODS = ["monai", "monai_reuse", "ours", "ours_bf16", "ours_plain"]
 RESULT_TAG = "BENCH_INFER_RESULT "
 
 
@@ -128,35 +160,43 @@ def model_mib(net: nn.Module) -> float:
 
 
 def net_for(method: str, net: TimedNet) -> TimedNet:
-    """The network a method runs: the ``_cl3d`` methods get a channels_last_3d copy (made once)."""
-    if not method.endswith("_cl3d"):
+    """The network a method runs, prepared once per (fold, channels_last) combination."""
+    m = METHODS[method]
+    key = (m.fold, m.channels_last)
+    if key == (False, False):
         return net
-    if not hasattr(net, "cl3d"):
-        net.cl3d = TimedNet(copy.deepcopy(net.net).to(memory_format=torch.channels_last_3d))
-    return net.cl3d
+    prepared = getattr(net, "prepared", {})
+    net.prepared = prepared
+    if key not in prepared:
+        model = fold_batch_norm(net.net) if m.fold else copy.deepcopy(net.net)
+        if m.channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        prepared[key] = TimedNet(model)
+    return prepared[key]
 
 
 def precision_of(method: str) -> str:
-    return "bf16" if "bf16" in method else "fp32"
+    return METHODS[method].precision
 
 
 def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Namespace) -> torch.Tensor:
     """(K, *S) float32 probabilities."""
     roi = [args.roi] * 3
-    if method == "monai":
+    if METHODS[method].impl == "monai":
         x = torch.from_numpy(volume)[None]
         with torch.no_grad():
             out = sliding_window_inference(x, roi, args.window_batch, lambda w: torch.softmax(net(w), 1),
                                            overlap=args.overlap, mode="gaussian")
         return out[0]
-    precision = precision_of(method)
     return sliding_window_predict(net, volume, roi, 3, overlap=args.overlap, window_batch_size=args.window_batch,
-                                  gaussian=True, device="cpu", precision=precision)
+                                  gaussian=True, device="cpu", precision=precision_of(method))
 
 
 def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str]) -> None:
     """One window batch through the network per precision: oneDNN builds its kernels here."""
     x = torch.zeros((args.window_batch, 1) + (args.roi,) * 3)
+    if next(net.parameters()).is_contiguous(memory_format=torch.channels_last_3d):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         for precision in precisions:
             with autocast(torch.device("cpu"), precision):
@@ -170,7 +210,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     size = tuple(args.size)
     volume = make_volume(size, args.seed)
     net = net_for(args.only, TimedNet(make_net(args.features, volume, args.roi, args.seed)))
+    set_heap_reuse(METHODS[args.only].heap_reuse)
     warm_up(net, args, [precision_of(args.only)])
+    # The network's own working memory: one window batch through it, nothing else.
+    bl.release_memory()
+    before = bl.current_rss_mib()
+    bl.reset_peak_rss()
+    warm_up(net, args, [precision_of(args.only)])
+    forward_mib = bl.peak_rss_mib() - before
     bl.release_memory()
     before = bl.current_rss_mib()
     can_reset = bl.reset_peak_rss()
@@ -180,10 +227,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     peak = bl.peak_rss_mib()
     result = {"method": args.only, "rss_before_mib": before, "peak_rss_mib": peak, "rss_increment_mib": peak - before,
-              "peak_reset": can_reset, "seconds": seconds, "network_seconds": net.seconds,
+              "forward_increment_mib": forward_mib, "peak_reset": can_reset, "seconds": seconds, "network_seconds": net.seconds,
               "output_shape": list(out.shape)}
-    print(f"{LABELS[args.only]}: peak RSS {peak:,.0f} MiB, increment {peak - before:+,.0f} MiB over {before:,.0f} MiB "
-          f"(time in this child {seconds:.1f} s, not a comparison)")
+    print(f"{LABELS[args.only]}: peak RSS {peak:,.0f} MiB, increment {peak - before:+,.0f} MiB over {before:,.0f} MiB; "
+          f"one window batch through the network alone {forward_mib:+,.0f} MiB (time in this child {seconds:.1f} s, not a comparison)")
     print(RESULT_TAG + json.dumps(result), flush=True)
     return result
 
@@ -239,6 +286,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         for method in methods if rnd % 2 == 0 else methods[::-1]:
             timed_net = net_for(method, net)
             timed_net.seconds, timed_net.calls = 0.0, 0
+            set_heap_reuse(METHODS[method].heap_reuse)
             bl.release_memory()
             def call(method: str = method, timed_net: TimedNet = timed_net) -> None:
                 outputs[method] = run_method(method, timed_net, volume, args)
@@ -266,16 +314,28 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
                       "cpu_seconds_rounds": cpu_times[m], "ratio_cpu_time_vs_monai": tc / ref_cpu, "cpu_use": cpu_use,
                       "forward_calls": calls[m], "max_abs_diff_vs_monai": diff,
                       "rss": r or None}
-        rows.append([LABELS[m], f"{t:.1f}", f"{t / ref_time:.2f}x", f"{tc / ref_cpu:.2f}x", f"{cpu_use * 100:.0f}%",
-                     f"{tn:.1f}", f"{t - tn:.2f}",
-                     f"{(t - tn) / t * 100:.1f}%", str(calls[m]),
-                     f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{diff:.2e}" if m != ref else "-"])
+        rows.append([LABELS[m], f"{t:.1f}", f"{ref_time / t:.2f}x", f"{ref_cpu / tc:.2f}x", f"{cpu_use * 100:.0f}%",
+                     f"{tn:.1f}", f"{t - tn:.2f}", str(calls[m]),
+                     f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{r['forward_increment_mib']:+,.0f}" if r else "-",
+                     f"{diff:.2e}" if m != ref else "-"])
     print()
-    bl.print_table(["method", "seconds", "ratio", "cpu-time", "CPU use", "network s", "rest s", "rest %", "forwards",
-                    "peak RSS incr MiB", "max|dp| vs monai"], rows)
-    print("ratio = time / MONAI's time, same process, same work (<1 is faster); cpu-time = the same with process CPU\n"
-          "seconds (a cross-check on a shared machine); CPU use = CPU s / (wall s x threads), well below 100 % means\n"
-          "other processes took the cores. 'rest' = total - network forward = the sliding-window machinery itself.")
+    bl.print_table(["method", "seconds", "speed-up", "cpu-time", "CPU use", "network s", "rest s", "forwards",
+                    "peak RSS incr MiB", "net alone MiB", "max|dp| vs monai"], rows)
+    print("speed-up = MONAI's time / the method's time, same process, same work (>1 is faster); cpu-time = the same\n"
+          "with process CPU seconds (a cross-check on a shared machine); CPU use = CPU s / (wall s x threads), well\n"
+          "below 100 % means other processes took the cores. 'rest' = total - network forward = the sliding-window\n"
+          "machinery itself. 'net alone' = peak RSS increment of one window batch through the network by itself.")
+    if "ours" in results and ref == "monai":
+        ours = results["ours"]
+        speedup = 1 / ours["ratio_vs_monai"]
+        print(f"goal speed: ours fp32 {speedup:.2f}x MONAI (goal >= 2): {'met' if speedup >= 2 else 'NOT met'}; "
+              f"max |dp| {ours['max_abs_diff_vs_monai']:.1e} (goal < 1e-3): "
+              f"{'met' if ours['max_abs_diff_vs_monai'] < 1e-3 else 'NOT met'}")
+        if ours["rss"]:
+            budget = 3 * in_mib + model_mib(net.net) + ours["rss"]["forward_increment_mib"]
+            incr = ours["rss"]["rss_increment_mib"]
+            print(f"goal memory: ours peak RSS increment {incr:,.0f} MiB vs 3 x volume + model + one window batch's "
+                  f"activations = {budget:,.0f} MiB: {'met' if incr <= budget else 'NOT met'}")
     load_after = bl.load_note()
     print(f"after: {load_after}")
     print(f"total benchmark time {time.perf_counter() - start:.0f} s")
@@ -293,15 +353,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="volume size: 3 numbers, or 1 for a cube (default 160 160 128)")
     p.add_argument("--roi", type=int, default=64)
     p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--window-batch", type=int, default=4, help="windows per forward pass (sw_batch_size)")
+    p.add_argument("--window-batch", type=int, default=2, help="windows per forward pass (sw_batch_size; default 2, unetcli's 3D default)")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--rounds", type=int, default=1, help="timed rounds per method (median counts)")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS,
-                   help="default: monai ours ours_bf16; the *_cl3d methods (model in channels_last_3d, "
-                        "which unetcli does not do today) are levers to try")
-    p.add_argument("--rss", nargs="*", default=["monai", "ours"], choices=METHODS,
-                   help="methods whose peak RSS is measured in a child process (default: monai ours; none: skip)")
-    p.add_argument("--only", choices=METHODS, help="child mode: run one method once and report its peak RSS")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                   help=f"default: {' '.join(DEFAULT_METHODS)}; also ours_nofold, ours_contig, ours_malloc")
+    p.add_argument("--rss", nargs="*", default=["monai", "ours", "ours_bf16"], choices=list(METHODS),
+                   help="methods whose peak RSS is measured in a child process (default: monai ours ours_bf16; none: skip)")
+    p.add_argument("--only", choices=list(METHODS), help="child mode: run one method once and report its peak RSS")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this JSON file")

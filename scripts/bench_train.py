@@ -20,23 +20,29 @@ Variants, all in one process, all starting from the same weights and the same ba
                     excluded, like the trainer's default), ``loss.item()`` every step.
 * ``ours``          what ``unetcli.training.trainer`` does: ``resolve_precision('auto')``
                     autocast (bf16 on a CPU with avx512_bf16/amx_bf16, else fp32; bf16/fp16 on
-                    CUDA), channels_last in 2D (batch converted every step, as the trainer
-                    does), ``make_optimizer`` (foreach AdamW on CPU, fused on CUDA),
-                    ``DiceCELoss``, gradient clipping at 12 and the LR scheduler (the trainer's
-                    defaults), no per-step host sync (loss summed on the device),
-                    cudnn.benchmark on CUDA.
+                    CUDA), channels_last (2D) / channels_last_3d (3D) for weights and batch
+                    (converted every step, as the trainer does), ``make_optimizer`` (foreach
+                    AdamW on CPU, fused on CUDA), ``DiceCELoss``, gradient clipping at 12 and the
+                    LR scheduler (the trainer's defaults), no per-step host sync (loss summed on
+                    the device), cudnn.benchmark on CUDA, and on CPU glibc heap reuse
+                    (``unetcli.runtime.configure_cpu_allocator``, which ``unet train`` calls).
 * ``ours fp32``     ``ours`` with precision fp32: what ``auto`` chose against. ``auto`` must
                     never be slower than this; the script says so and exits 1 if it is.
 * levers            the reference plus exactly one change: ``+channels_last`` (in 3D
-                    ``channels_last_3d``, which the trainer does *not* use), ``+bf16 autocast``
-                    (on CUDA: the AMP dtype ``auto`` picks), ``+foreach AdamW``,
-                    ``+DiceCELoss, no sync``; in 3D also ``ours +channels_last_3d``; with
-                    ``--compile`` also ``+torch.compile`` and
-                    ``ours +torch.compile`` (the first steps then include compilation, whose
-                    time is reported separately).
+                    ``+channels_last_3d``), ``+bf16 autocast`` (on CUDA: the AMP dtype ``auto``
+                    picks), ``+foreach AdamW``, ``+DiceCELoss, no sync``, on CPU ``+heap reuse``;
+                    and ``ours, default malloc`` (ours without heap reuse); with ``--compile``
+                    also ``+torch.compile`` and ``ours +torch.compile`` (the first steps then
+                    include compilation, whose time is reported separately).
+
+The allocator setting is process-wide, so ``unetcli.runtime.set_heap_reuse`` switches it before
+every variant's block: on for the variants that use it, back to glibc's steady-state default
+(mmap for blocks above 32 MiB) for the others, the reference included.
 
 Timing: every variant first runs ``--warmup`` steps. Then ``--rounds`` rounds; in each round
-every variant, in turn, runs ``--steps`` steps, timed as one block (device synchronised
+every variant, in turn, runs one untimed step (after the memory hand-back that the RSS figures
+need, so that each block starts from the steady state of a training run) and ``--steps`` steps,
+timed as one block (device synchronised
 before and after). Interleaving the variants spreads slow drift (other tenants, clock
 changes) over all of them. A variant's figure is the median over rounds of its per-step time;
 ``spread`` is (max - min) / median of those rounds: differences smaller than the spread are
@@ -88,7 +94,7 @@ import _benchlib as bl  # noqa: E402
 
 from unetcli.config import ModelConfig, RunConfig  # noqa: E402
 from unetcli.models import UNet  # noqa: E402
-from unetcli.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
+from unetcli.runtime import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, set_heap_reuse  # noqa: E402
 from unetcli.training.losses import DiceCELoss  # noqa: E402
 from unetcli.training.trainer import lr_factor, make_optimizer  # noqa: E402
 
@@ -126,16 +132,18 @@ class Variant:
     scheduler: bool = False
     cudnn_benchmark: bool = False
     compile: bool = False
+    heap_reuse: bool = False  # unetcli.runtime.set_heap_reuse(True), as `unet train` sets it
 
 
 def build_variants(dims: int, device: torch.device, compile_: bool) -> list[Variant]:
     auto = resolve_precision("auto", device)
     lever_precision = "bf16" if device.type == "cpu" else auto
-    cl_name = "+channels_last" if dims == 2 else "+channels_last_3d (trainer: off in 3D)"
+    cl_name = "+channels_last" if dims == 2 else "+channels_last_3d"
     ref = Variant("reference (plain fp32)")
     ours = Variant(
-        f"ours (auto={auto})", channels_last=dims == 2, precision=auto, optimizer="unetcli", loss="ours",
+        f"ours (auto={auto})", channels_last=True, precision=auto, optimizer="unetcli", loss="ours",
         sync_each_step=False, grad_clip=12.0, scheduler=True, cudnn_benchmark=device.type == "cuda",
+        heap_reuse=device.type == "cpu",
     )
     variants = [ref, ours]
     if auto != "fp32":
@@ -146,8 +154,9 @@ def build_variants(dims: int, device: torch.device, compile_: bool) -> list[Vari
         replace(ref, name="+foreach AdamW" if device.type == "cpu" else "+fused AdamW", optimizer="unetcli"),
         replace(ref, name="+DiceCELoss, no sync", loss="ours", sync_each_step=False),
     ]
-    if dims == 3:  # a lever the trainer does not pull in 3D: is it worth pulling?
-        variants.append(replace(ours, name="ours +channels_last_3d", channels_last=True))
+    if device.type == "cpu":
+        variants += [replace(ref, name="+heap reuse", heap_reuse=True),
+                     replace(ours, name="ours, default malloc", heap_reuse=False)]
     if compile_:
         variants += [replace(ref, name="+torch.compile", compile=True), replace(ours, name=ours.name + " +torch.compile", compile=True)]
     return variants
@@ -253,6 +262,7 @@ def bench_problem(dims: int, args: argparse.Namespace, device: torch.device) -> 
           f"{n_params:,} parameters; {args.warmup} warm-up steps, {args.rounds} rounds x {args.steps} timed steps")
     for r in runners:
         torch.backends.cudnn.benchmark = r.variant.cudnn_benchmark  # autotuning happens during warm-up
+        set_heap_reuse(r.variant.heap_reuse)
         for _ in range(args.warmup):
             r.warmup_seconds.append(bl.timed(r.step_fn, device))
         print(f"   warmed up {r.variant.name:<40} first step {r.warmup_seconds[0]:7.2f} s"
@@ -264,11 +274,15 @@ def bench_problem(dims: int, args: argparse.Namespace, device: torch.device) -> 
         order = runners if rnd % 2 == 0 else runners[::-1]  # alternate order: no variant always runs first
         for r in order:
             torch.backends.cudnn.benchmark = r.variant.cudnn_benchmark
+            set_heap_reuse(r.variant.heap_reuse)  # process-wide: switched for every block
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             bl.release_memory()
             block_base = bl.current_rss_mib()
             bl.reset_peak_rss()
+            # release_memory handed the heap back to the OS: one untimed step brings every variant
+            # back to its steady state (a training run never trims between steps).
+            r.step_fn()
 
             def block(r: Runner = r) -> None:
                 for _ in range(args.steps):
@@ -325,7 +339,9 @@ def bench_problem(dims: int, args: argparse.Namespace, device: torch.device) -> 
 
     verdict = check_auto(results)
     print(f"   {verdict['message']}")
-    return {"dims": dims, "batch_shape": list(shape), "features": features, "parameters": n_params,
+    goal = check_goal(results, device)
+    print(f"   {goal['message']}")
+    return {"goal": goal, "dims": dims, "batch_shape": list(shape), "features": features, "parameters": n_params,
             "num_classes": NUM_CLASSES, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
             "baseline_rss_mib": baseline_rss, "peak_rss_reset": can_reset, "results": results, "auto_check": verdict}
 
@@ -351,6 +367,24 @@ def check_auto(results: list[dict[str, Any]]) -> dict[str, Any]:
            f"{median_r:.2f}x (median) / {best_r:.2f}x (best) / {cpu_r:.2f}x (CPU time) -> "
            + ("OK, auto is not slower than fp32" if ok else "FAIL: auto is SLOWER than fp32"))
     return {"ok": ok, "auto_vs_fp32": ratios, "message": msg}
+
+
+def check_goal(results: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """The issue's goal for ours vs the plain fp32 reference depends on the hardware."""
+    ours = next((r for r in results if r["variant"]["name"].startswith("ours (auto=")), None)
+    if ours is None:
+        return {"met": None, "message": "goal check skipped (ours not measured)"}
+    if device.type == "cuda":
+        kind, target = "a GPU (AMP)", 2.0
+    elif cpu_has_native_bf16():
+        kind, target = "a bf16-native CPU", 3.0
+    else:
+        kind, target = "a CPU without native bf16", 1.5
+    ratio = ours["ratio_vs_reference"]
+    met = ratio >= target
+    return {"met": met, "target": target, "ratio": ratio,
+            "message": f"goal on {kind}: ours >= {target:g}x the plain fp32 loop; measured {ratio:.2f}x -> "
+                       + ("met" if met else "NOT met")}
 
 
 # --------------------------------------------------------------------------- main

@@ -11,7 +11,7 @@ from torch import nn
 
 from unetcli.config import ModelConfig
 from unetcli.errors import ConfigError, ModelError
-from unetcli.models import UNet, build_model, count_parameters
+from unetcli.models import UNet, build_model, count_parameters, fold_batch_norm
 
 torch.set_num_threads(2)
 
@@ -214,3 +214,35 @@ def test_build_model_passes_config_through():
     assert isinstance(net, UNet)
     assert net.spatial_dims == 3 and net.depth == 1 and net.convs_per_level == 1
     assert net.head.out_channels == 3 and net.stem[0].in_channels == 2
+
+
+# --------------------------------------------------------------------------- inference folding
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 32, 32)), (3, (1, 1, 16, 16, 16))])
+def test_fold_batch_norm_keeps_outputs_and_removes_batch_norm(spatial_dims, shape):
+    torch.manual_seed(0)
+    net = UNet(spatial_dims, 1, 3, features=(8, 16, 32))
+    net.train()
+    with torch.no_grad():  # give the running statistics non-trivial values
+        for _ in range(3):
+            net(torch.randn(shape) * 3 + 1)
+    net.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = net(x)
+        folded = fold_batch_norm(net)
+        got = folded(x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())  # original untouched
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(folded.stem[0].weight, net.stem[0].weight)
+
+
+def test_fold_batch_norm_leaves_instance_norm_and_refuses_training_mode():
+    net = UNet(2, 1, 2, features=(4, 8), norm="instance").eval()
+    folded = fold_batch_norm(net)
+    assert sum(isinstance(m, nn.InstanceNorm2d) for m in folded.modules()) == sum(
+        isinstance(m, nn.InstanceNorm2d) for m in net.modules()) > 0
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(net.train())

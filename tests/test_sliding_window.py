@@ -184,3 +184,21 @@ def test_labels_output_equals_argmax_of_probabilities(shape, roi) -> None:
     labels = sliding_window_predict(net, image, roi, 4, overlap=0.5, output="labels")
     assert labels.shape == shape and labels.dtype == torch.int64
     assert torch.equal(labels, probs.argmax(0))
+
+
+# --------------------------------------------------------------------------- MONAI cross-check
+
+
+@pytest.mark.parametrize("shape,roi", [((40, 36, 28), (16, 16, 16)), ((50, 45), (32, 32))])
+def test_matches_monai_sliding_window_inference(shape, roi):
+    """Same network, roi, overlap and Gaussian blending as MONAI: the same probabilities."""
+    monai_inferers = pytest.importorskip("monai.inferers")
+    torch.manual_seed(0)
+    net = UNet(len(shape), 1, 3, features=(4, 8)).eval()
+    image = rand_image(1, *shape, seed=3)
+    ours = sliding_window_predict(net, image, roi, 3, overlap=0.5, window_batch_size=2, gaussian=True)
+    with torch.no_grad():
+        ref = monai_inferers.sliding_window_inference(torch.from_numpy(image)[None], roi, 2,
+                                                      lambda w: torch.softmax(net(w), 1), overlap=0.5, mode="gaussian")[0]
+    assert ours.shape == ref.shape
+    assert float((ours - ref).abs().max()) < 1e-5

@@ -120,10 +120,15 @@ class InferConfig:
     """Sliding-window prediction (validation and ``unet predict``)."""
 
     overlap: float = 0.5
-    window_batch_size: int = 4
+    window_batch_size: int | None = None
+    """Windows per forward pass; ``None`` = 4 for 2D, 2 for 3D (on CPU, 3D windows of 64^3 run as
+    fast two at a time as four, at 60 % of the peak memory: scripts/bench_infer.py)."""
     gaussian: bool = True
     mirror: bool = False
     """Test-time augmentation: average predictions over flips of every spatial axis."""
+
+    def windows_per_batch(self, spatial_dims: int) -> int:
+        return self.window_batch_size or (4 if spatial_dims == 2 else 2)
 
 
 @dataclass
@@ -288,13 +293,13 @@ def validate_config(cfg: RunConfig) -> None:
         "train.epochs": t.epochs,
         "train.iterations_per_epoch": t.iterations_per_epoch,
         "model.convs_per_level": m.convs_per_level,
-        "infer.window_batch_size": cfg.infer.window_batch_size,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
-    if t.batch_size is not None and t.batch_size < 1:
-        raise ConfigError(f"config key 'train.batch_size' must be at least 1, got {t.batch_size}")
+    for key, value in {"train.batch_size": t.batch_size, "infer.window_batch_size": cfg.infer.window_batch_size}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
     for key in ("foreground_fraction", "rotate_scale_prob", "gamma_prob", "noise_prob"):
         if not 0.0 <= getattr(t, key) <= 1.0:
             raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")

@@ -21,8 +21,8 @@ from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
 from unetcli.inference.sliding_window import sliding_window_predict
-from unetcli.models import build_model
-from unetcli.runtime import memory_format, resolve_device, resolve_precision
+from unetcli.models import build_model, fold_batch_norm
+from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_device, resolve_precision
 from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
 
 log = logging.getLogger("unetcli")
@@ -50,7 +50,8 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
         msg = exc.message if isinstance(exc, UnetCliError) else state_dict_problem(exc)
         raise CheckpointError(f"{path}: weights do not fit the model described in the checkpoint ({msg[:200]})",
                               hint="the checkpoint may come from another model or unetcli version") from exc
-    model.to(device, memory_format=memory_format(cfg.model.spatial_dims, cfg.train.channels_last)).eval()
+    model = fold_batch_norm(model.eval())
+    model.to(device, memory_format=memory_format(cfg.model.spatial_dims, cfg.train.channels_last))
     return LoadedModel(model, cfg, state["metadata"], path)
 
 
@@ -114,7 +115,8 @@ def _check_channels(image: np.ndarray, path: Path, meta: dict[str, Any]) -> None
 
 def _window_kwargs(loaded: LoadedModel, device: torch.device, precision: str, mirror: bool | None) -> dict[str, Any]:
     infer = loaded.config.infer
-    return {"overlap": infer.overlap, "window_batch_size": infer.window_batch_size, "gaussian": infer.gaussian,
+    return {"overlap": infer.overlap, "window_batch_size": infer.windows_per_batch(loaded.config.model.spatial_dims),
+            "gaussian": infer.gaussian,
             "mirror": infer.mirror if mirror is None else mirror, "margin": getattr(loaded.model, "margin", 0),
             "device": device, "precision": precision}
 
@@ -169,6 +171,7 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
             progress: bool = True) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths."""
     device = resolve_device(device_name)
+    configure_cpu_allocator()
     loaded = load_trained_model(run, device)
     meta, cfg = loaded.metadata, loaded.config
     precision = resolve_precision(precision_name or cfg.train.precision, device)

@@ -18,15 +18,17 @@ def gaussian_importance(roi_size: Sequence[int], sigma_scale: float = 0.125) -> 
     """Separable Gaussian weight map peaked at the window centre (sigma = ``sigma_scale`` * size).
 
     Windows overlap, and predictions near a window's border see less context; weighting by
-    this map lets each voxel's prediction come mostly from windows centred near it.
+    this map lets each voxel's prediction come mostly from windows centred near it. Built as
+    MONAI's ``compute_importance_map`` builds it (float32, unnormalised, floored at 1e-3 so
+    corner voxels still get a weight), so blended probabilities agree with MONAI's
+    ``sliding_window_inference`` to float rounding.
     """
     weight = torch.ones(())
     for i, size in enumerate(roi_size):
-        x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-        g = torch.exp(-(x**2) / (2 * (sigma_scale * size) ** 2))
+        x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
+        g = torch.exp(x**2 / (-2 * (sigma_scale * size) ** 2))
         weight = weight.unsqueeze(-1) * g if i else g
-    weight = weight / weight.max()
-    return weight.clamp_min(1e-3).float()
+    return weight.clamp_min(max(float(weight.min()), 1e-3))
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:

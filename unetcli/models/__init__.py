@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from unetcli.config import ModelConfig
 from unetcli.errors import ConfigError
@@ -43,4 +45,29 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "UNet", "build_model", "count_parameters"]
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` (in eval mode) with every BatchNorm that directly follows a
+    convolution folded into that convolution's weights and bias.
+
+    In eval mode BatchNorm is a fixed per-channel scale and shift, so ``bn(conv(x))`` equals one
+    convolution with rescaled weights: the outputs agree to float rounding (~1e-6) and a whole
+    memory-bound pass over every activation disappears (7 % of a 3D forward pass on CPU,
+    scripts/bench_infer.py). InstanceNorm depends on the input and is left in place.
+    The original model is not modified.
+    """
+    if model.training:
+        raise ValueError("fold_batch_norm needs a model in eval mode (training-mode BatchNorm uses batch statistics)")
+    folded = copy.deepcopy(model)
+    for block in folded.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        for i in range(len(block) - 1):
+            conv, norm = block[i], block[i + 1]
+            if (isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed
+                    and isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats):
+                block[i] = fuse_conv_bn_eval(conv, norm)
+                block[i + 1] = nn.Identity()
+    return folded
+
+
+__all__ = ["MODELS", "UNet", "build_model", "count_parameters", "fold_batch_norm"]

@@ -37,7 +37,8 @@ from unetcli.errors import CheckpointError, ConfigError, DataError, Interrupted,
 from unetcli.evaluation.metrics import dice
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model, count_parameters
-from unetcli.runtime import autocast, memory_format, configure_threads, resolve_device, resolve_precision, seed_everything
+from unetcli.runtime import (autocast, configure_cpu_allocator, configure_threads, memory_format, resolve_device, resolve_precision,
+                             seed_everything)
 from unetcli.runlock import LOCK_NAME, RunLock
 from unetcli.training.checkpoint import (
     capture_rng_state,
@@ -181,12 +182,11 @@ def validate(model: nn.Module, dataset: Dataset, names: list[str], cfg: RunConfi
     scores = np.full((len(names), dataset.num_classes - 1), np.nan)
     for i, name in enumerate(names):
         case = by_name[name]
-        probs = sliding_window_predict(
+        pred = sliding_window_predict(
             model, case.image, patch, dataset.num_classes, overlap=cfg.infer.overlap,
-            window_batch_size=cfg.infer.window_batch_size, gaussian=cfg.infer.gaussian,
-            margin=getattr(model, "margin", 0), device=device, precision=precision,
-        )
-        pred = probs.argmax(0).numpy()
+            window_batch_size=cfg.infer.windows_per_batch(dataset.spatial_dims), gaussian=cfg.infer.gaussian,
+            margin=getattr(model, "margin", 0), device=device, precision=precision, output="labels",
+        ).numpy()
         for k in range(1, dataset.num_classes):
             scores[i, k - 1] = dice(pred == k, case.label == k)
     model.train()
@@ -207,6 +207,7 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False,
     """
     start = time.perf_counter()
     configure_threads(cfg.train.num_threads)
+    configure_cpu_allocator()
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
