@@ -24,6 +24,7 @@ roi), ``--window-batch`` windows per forward pass (default 2, unetcli's 3D defau
                    blending machinery alone against MONAI's;
   ``monai_reuse``  MONAI with our heap-reuse allocator setting: how much of the ratio is the
                    allocator;
+  ``ours_labels``  ``ours`` returning labels (uint8, band by band), as ``unet predict`` asks;
   ``ours_nofold``, ``ours_contig``, ``ours_malloc`` (only with ``--methods``): ``ours`` without
                    BatchNorm folding / without channels_last_3d / with the default allocator.
 
@@ -92,6 +93,7 @@ class Method:
     fold: bool = True  # BatchNorm folded into the convolutions
     channels_last: bool = True  # weights and windows in channels_last_3d
     heap_reuse: bool = True  # unetcli.runtime.set_heap_reuse(True)
+    output: str = "probabilities"  # or "labels": what unet predict asks for
 
 
 PLAIN = dict(fold=False, channels_last=False, heap_reuse=False)
@@ -100,13 +102,14 @@ METHODS = {
     "monai_reuse": Method("monai + heap reuse", impl="monai", fold=False, channels_last=False),
     "ours": Method("ours fp32 (unet predict)"),
     "ours_bf16": Method("ours bf16 (unet predict)", precision="bf16"),
+    "ours_labels": Method("ours fp32, labels output", output="labels"),
     "ours_plain": Method("ours fp32, plain network", **PLAIN),
     "ours_nofold": Method("ours fp32, BN not folded", fold=False),
     "ours_contig": Method("ours fp32, contiguous", channels_last=False),
     "ours_malloc": Method("ours fp32, default malloc", heap_reuse=False),
 }
 LABELS = {name: m.label for name, m in METHODS.items()}
-DEFAULT_METHODS = ["monai", "monai_reuse", "ours", "ours_bf16", "ours_plain"]
+DEFAULT_METHODS = ["monai", "monai_reuse", "ours", "ours_bf16", "ours_labels", "ours_plain"]
 RESULT_TAG = "BENCH_INFER_RESULT "
 
 
@@ -189,7 +192,7 @@ def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Na
                                            overlap=args.overlap, mode="gaussian")
         return out[0]
     return sliding_window_predict(net, volume, roi, 3, overlap=args.overlap, window_batch_size=args.window_batch,
-                                  gaussian=True, device="cpu", precision=precision_of(method))
+                                  gaussian=True, device="cpu", precision=precision_of(method), output=METHODS[method].output)
 
 
 def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str]) -> None:
@@ -307,7 +310,10 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     for m in methods:
         t, tn, tc = bl.median(times[m]), bl.median(net_times[m]), bl.median(cpu_times[m])
         cpu_use = bl.median([c / w / threads for c, w in zip(cpu_times[m], times[m])])
-        diff = float((outputs[m] - outputs[ref]).abs().max()) if m != ref else 0.0
+        if METHODS[m].output == "labels":  # fraction of voxels whose label differs from argmax(MONAI)
+            diff = float((outputs[m].long() != outputs[ref].argmax(0)).float().mean())
+        else:
+            diff = float((outputs[m] - outputs[ref]).abs().max()) if m != ref else 0.0
         r = rss.get(m, {})
         results[m] = {"seconds_rounds": times[m], "seconds": t, "network_seconds": tn, "rest_seconds": t - tn,
                       "ratio_vs_monai": t / ref_time,
@@ -317,25 +323,30 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         rows.append([LABELS[m], f"{t:.1f}", f"{ref_time / t:.2f}x", f"{ref_cpu / tc:.2f}x", f"{cpu_use * 100:.0f}%",
                      f"{tn:.1f}", f"{t - tn:.2f}", str(calls[m]),
                      f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{r['forward_increment_mib']:+,.0f}" if r else "-",
-                     f"{diff:.2e}" if m != ref else "-"])
+                     "-" if m == ref else f"{diff:.2e}" if METHODS[m].output != "labels" else f"{diff:.1e} labels"])
     print()
     bl.print_table(["method", "seconds", "speed-up", "cpu-time", "CPU use", "network s", "rest s", "forwards",
                     "peak RSS incr MiB", "net alone MiB", "max|dp| vs monai"], rows)
     print("speed-up = MONAI's time / the method's time, same process, same work (>1 is faster); cpu-time = the same\n"
           "with process CPU seconds (a cross-check on a shared machine); CPU use = CPU s / (wall s x threads), well\n"
           "below 100 % means other processes took the cores. 'rest' = total - network forward = the sliding-window\n"
-          "machinery itself. 'net alone' = peak RSS increment of one window batch through the network by itself.")
+          "machinery itself. 'net alone' = peak RSS increment of one window batch through the network by itself.\n"
+          "For the labels output (what unet predict asks for) the last column is the fraction of voxels whose\n"
+          "label differs from argmax(MONAI).")
     if "ours" in results and ref == "monai":
         ours = results["ours"]
         speedup = 1 / ours["ratio_vs_monai"]
         print(f"goal speed: ours fp32 {speedup:.2f}x MONAI (goal >= 2): {'met' if speedup >= 2 else 'NOT met'}; "
               f"max |dp| {ours['max_abs_diff_vs_monai']:.1e} (goal < 1e-3): "
               f"{'met' if ours['max_abs_diff_vs_monai'] < 1e-3 else 'NOT met'}")
-        if ours["rss"]:
-            budget = 3 * in_mib + model_mib(net.net) + ours["rss"]["forward_increment_mib"]
-            incr = ours["rss"]["rss_increment_mib"]
-            print(f"goal memory: ours peak RSS increment {incr:,.0f} MiB vs 3 x volume + model + one window batch's "
-                  f"activations = {budget:,.0f} MiB: {'met' if incr <= budget else 'NOT met'}")
+        for m in ("ours_labels", "ours"):
+            r = results.get(m, {}).get("rss")
+            if not r:
+                continue
+            budget = 3 * in_mib + model_mib(net.net) + r["forward_increment_mib"]
+            incr = r["rss_increment_mib"]
+            print(f"goal memory, {LABELS[m]}: peak RSS increment {incr:,.0f} MiB vs 3 x volume + model weights + "
+                  f"one window batch through the network = {budget:,.0f} MiB: {'met' if incr <= budget else 'NOT met'}")
     load_after = bl.load_note()
     print(f"after: {load_after}")
     print(f"total benchmark time {time.perf_counter() - start:.0f} s")
@@ -358,8 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="timed rounds per method (median counts)")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
                    help=f"default: {' '.join(DEFAULT_METHODS)}; also ours_nofold, ours_contig, ours_malloc")
-    p.add_argument("--rss", nargs="*", default=["monai", "ours", "ours_bf16"], choices=list(METHODS),
-                   help="methods whose peak RSS is measured in a child process (default: monai ours ours_bf16; none: skip)")
+    p.add_argument("--rss", nargs="*", default=["monai", "ours", "ours_bf16", "ours_labels"], choices=list(METHODS),
+                   help="methods whose peak RSS is measured in a child process (default: monai ours ours_bf16 ours_labels; none: skip)")
     p.add_argument("--only", choices=list(METHODS), help="child mode: run one method once and report its peak RSS")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

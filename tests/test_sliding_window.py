@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -171,19 +173,21 @@ def test_valid_padding_single_window_matches_direct_forward_on_padded_image():
     torch.testing.assert_close(probs, direct_softmax(net, padded), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.8])
 @pytest.mark.parametrize("shape, roi", [((37, 29), (16, 16)), ((21, 18, 13), (8, 8, 8))])
-def test_labels_output_equals_argmax_of_probabilities(shape, roi) -> None:
-    """The slab-by-slab label path must give exactly the argmax of the full probability map."""
+def test_labels_output_equals_argmax_of_probabilities(shape, roi, overlap) -> None:
+    """The band-by-band label path must give exactly the argmax of the full probability map,
+    whether the band moves past its windows (no overlap) or shifts overlapping rows (0.8)."""
     torch.manual_seed(0)
     nd = len(shape)
     from unetcli.models import UNet
 
     net = UNet(nd, 1, 4, features=(4, 8), norm="none").eval()
     image = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
-    probs = sliding_window_predict(net, image, roi, 4, overlap=0.5)
-    labels = sliding_window_predict(net, image, roi, 4, overlap=0.5, output="labels")
-    assert labels.shape == shape and labels.dtype == torch.int64
-    assert torch.equal(labels, probs.argmax(0))
+    probs = sliding_window_predict(net, image, roi, 4, overlap=overlap)
+    labels = sliding_window_predict(net, image, roi, 4, overlap=overlap, output="labels")
+    assert labels.shape == shape and labels.dtype == torch.uint8
+    assert torch.equal(labels.long(), probs.argmax(0))
 
 
 # --------------------------------------------------------------------------- MONAI cross-check
@@ -202,3 +206,42 @@ def test_matches_monai_sliding_window_inference(shape, roi):
                                                       lambda w: torch.softmax(net(w), 1), overlap=0.5, mode="gaussian")[0]
     assert ours.shape == ref.shape
     assert float((ours - ref).abs().max()) < 1e-5
+
+
+class PositionDependent(nn.Module):
+    """Logits that depend strongly on where a voxel sits inside its window: overlapping windows
+    disagree, so any window contribution dropped or counted twice changes the blended result."""
+
+    def __init__(self, roi: tuple[int, ...], classes: int) -> None:
+        super().__init__()
+        self.bias = torch.randn((classes,) + roi, generator=torch.Generator().manual_seed(0)) * 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias + x.mean(1, keepdim=True)
+
+
+def brute_force_blend(model: nn.Module, image: np.ndarray, roi: tuple[int, ...], overlap: float) -> torch.Tensor:
+    """Every window's softmax times the Gaussian, summed over the whole grid, divided by the summed weights."""
+    x = torch.from_numpy(image)
+    weight = gaussian_importance(roi)
+    sums = torch.zeros((model.bias.shape[0],) + x.shape[1:])
+    weights = torch.zeros(x.shape[1:])
+    for start in itertools.product(*(window_starts(s, r, overlap) for s, r in zip(x.shape[1:], roi))):
+        region = tuple(slice(s, s + r) for s, r in zip(start, roi))
+        with torch.no_grad():
+            p = torch.softmax(model(x[(slice(None),) + region][None]), 1)[0]
+        sums[(slice(None),) + region] += p * weight
+        weights[region] += weight
+    return sums / weights
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.5, 0.8])
+@pytest.mark.parametrize("shape, roi", [((45, 23), (16, 8)), ((19, 14, 11), (8, 6, 4))])
+def test_blending_equals_brute_force_for_both_outputs(shape, roi, overlap) -> None:
+    model = PositionDependent(roi, 4)
+    image = rand_image(1, *shape, seed=5)
+    expected = brute_force_blend(model, image, roi, overlap)
+    probs = sliding_window_predict(model, image, roi, 4, overlap=overlap, window_batch_size=3)
+    labels = sliding_window_predict(model, image, roi, 4, overlap=overlap, window_batch_size=3, output="labels")
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=0)
+    assert torch.equal(labels.long(), expected.argmax(0))

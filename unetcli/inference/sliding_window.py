@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,38 +49,45 @@ def _input_format(model: nn.Module, spatial_dims: int) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _SlabAccumulator:
-    """Weighted sums of window predictions for the rows [lo, hi) of the first spatial axis.
+class _RowBand:
+    """Weighted class sums of window predictions for a band of rows [lo, lo + capacity) of the
+    first spatial axis.
 
-    Windows arrive sorted by their first-axis start, so every row below the current start is
-    final: it is normalised and handed to ``emit`` (as probabilities or, to save memory, as
-    labels) and dropped. Peak memory is K x (window rows) x (other axes), not K x volume.
+    Windows arrive sorted by their first-axis start, so when a window does not fit in the band,
+    every row above its start is final: those rows are handed to ``emit`` and the band moves on
+    (its remaining rows are shifted down in place, nothing is reallocated). No weight map is
+    kept: softmax probabilities sum to 1 over classes, so the class-sum of the weighted sums is
+    the sum of weights. Memory: K x capacity x (other axes).
     """
 
-    def __init__(self, num_classes: int, grid: tuple[int, ...], emit) -> None:
-        self.num_classes, self.grid, self.emit = num_classes, grid, emit
-        self.lo = 0
-        self.sums = torch.zeros((num_classes, 0) + grid[1:])
-        self.weights = torch.zeros((0,) + grid[1:])
+    def __init__(self, sums: torch.Tensor, emit: Callable[[int, torch.Tensor], None]) -> None:
+        self.sums, self.emit, self.lo = sums, emit, 0
 
-    def flush(self, upto: int) -> None:
-        n = min(upto, self.lo + self.sums.shape[1]) - self.lo
+    def add(self, start: tuple[int, ...], pred: torch.Tensor) -> None:
+        capacity = self.sums.shape[1]
+        if start[0] + pred.shape[1] > self.lo + capacity:
+            n = min(start[0] - self.lo, capacity)
+            self.emit(self.lo, self.sums[:, :n])
+            keep = capacity - n
+            if keep:  # clone: source and destination overlap when the windows overlap by more than half
+                self.sums[:, :keep] = self.sums[:, n:].clone()
+            self.sums[:, keep:] = 0
+            self.lo = start[0]
+        window = (slice(None), slice(start[0] - self.lo, start[0] - self.lo + pred.shape[1]))
+        window += tuple(slice(s, s + r) for s, r in zip(start[1:], pred.shape[2:]))
+        self.sums[window] += pred
+
+    def finish(self, rows: int) -> None:
+        n = min(rows - self.lo, self.sums.shape[1])
         if n > 0:
-            self.emit(self.lo, self.sums[:, :n], self.weights[:n])
-            self.sums, self.weights = self.sums[:, n:], self.weights[n:]
-        self.lo = max(self.lo, upto)
+            self.emit(self.lo, self.sums[:, :n])
 
-    def add(self, start: tuple[int, ...], pred: torch.Tensor, weight: torch.Tensor) -> None:
-        self.flush(start[0])
-        need = start[0] + pred.shape[1] - self.lo
-        if need > self.sums.shape[1]:
-            grow = need - self.sums.shape[1]
-            self.sums = torch.cat([self.sums, torch.zeros((self.num_classes, grow) + self.grid[1:])], 1)
-            self.weights = torch.cat([self.weights, torch.zeros((grow,) + self.grid[1:])], 0)
-        rows = slice(start[0] - self.lo, start[0] - self.lo + pred.shape[1])
-        window = (rows,) + tuple(slice(s, s + r) for s, r in zip(start[1:], pred.shape[2:]))
-        self.sums[(slice(None),) + window] += pred * weight
-        self.weights[window] += weight
+
+def _normalise_in_place(sums: torch.Tensor, chunk_rows: int = 8) -> None:
+    """Weighted class sums -> probabilities, a few rows at a time (bounded temporary memory)."""
+    for lo in range(0, sums.shape[1], chunk_rows):
+        block = sums[:, lo : lo + chunk_rows]
+        block /= block.sum(0, keepdim=True)
 
 
 @torch.no_grad()
@@ -112,11 +119,12 @@ def sliding_window_predict(
         gaussian: weight each window by :func:`gaussian_importance` (else uniform).
         mirror: average over flips of every combination of spatial axes (test-time augmentation).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the forward pass.
-        output: ``probabilities`` -> (K, *S) float32; ``labels`` -> (*S) int64 argmax, computed
-            slab by slab so that memory does not grow with K x volume.
+        output: ``probabilities`` -> (K, *S) float32, accumulated in the output itself (no
+            other volume-sized buffer); ``labels`` -> (*S) argmax (uint8, int64 beyond 256 classes),
+            computed band by band of window height so that memory does not grow with K x volume.
 
     Returns:
-        (K, *S) float32 probabilities or (*S) int64 labels, on the CPU.
+        (K, *S) float32 probabilities or (*S) uint8/int64 labels, on the CPU.
     """
     device = torch.device(device)
     spatial = image.shape[1:]
@@ -127,21 +135,21 @@ def sliding_window_predict(
     offset = [(p - 2 * margin - s) // 2 for p, s in zip(padded.shape[1:], spatial)]
     grid = tuple(padded.shape[1:][i] - 2 * margin for i in range(len(spatial)))
 
-    if output == "labels":
-        result = torch.zeros(grid, dtype=torch.int64)
-
-        def emit(lo: int, sums: torch.Tensor, weights: torch.Tensor) -> None:
-            # A positive per-voxel weight cannot change the argmax; max().indices is much faster than argmax on CPU.
-            result[lo : lo + sums.shape[1]] = sums.max(0).indices
-    else:
-        result = torch.zeros((num_classes,) + grid, dtype=torch.float32)
-
-        def emit(lo: int, sums: torch.Tensor, weights: torch.Tensor) -> None:
-            result[:, lo : lo + sums.shape[1]] = sums / weights
-
     weight = gaussian_importance(out_roi) if gaussian else torch.ones(out_roi)
+    if output == "labels":
+        # uint8 holds 256 classes in an eighth of int64's memory (a 512x512x500 CT: 125 MiB, not 1 GiB).
+        result = torch.zeros(grid, dtype=torch.uint8 if num_classes <= 256 else torch.int64)
+
+        def emit(lo: int, sums: torch.Tensor) -> None:
+            # A positive per-voxel normaliser cannot change the argmax; max().indices is much faster than argmax on CPU.
+            result[lo : lo + sums.shape[1]] = sums.max(0).indices
+
+        band = _RowBand(torch.zeros((num_classes, out_roi[0]) + grid[1:]), emit)
+    else:
+        # The output itself is the band: the weighted sums are accumulated where the probabilities end up.
+        result = torch.zeros((num_classes,) + grid, dtype=torch.float32)
+        band = _RowBand(result, lambda lo, sums: None)
     fmt = _input_format(model, len(spatial))
-    accumulator = _SlabAccumulator(num_classes, grid, emit)
     starts = list(itertools.product(*(window_starts(g, r, overlap) for g, r in zip(grid, out_roi))))
     flip_sets: list[tuple[int, ...]] = [()]
     if mirror:
@@ -164,9 +172,11 @@ def sliding_window_predict(
         pred = pred.cpu()
         if len(flip_sets) > 1:
             pred /= len(flip_sets)
-        for start, p in zip(chunk, pred):
-            accumulator.add(start, p, weight)
-    accumulator.flush(grid[0])
+        for start, p in zip(chunk, pred.mul_(weight)):
+            band.add(start, p)
+    band.finish(grid[0])
+    if output != "labels":
+        _normalise_in_place(result)
     crop = tuple(slice(o, o + s) for o, s in zip(offset, spatial))
     if output == "labels":
         return result[crop].contiguous()
