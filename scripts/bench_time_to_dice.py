@@ -11,6 +11,10 @@ on the 15 held-out slices after every evaluation interval; scoring time is not c
   tutorials' configuration) + ``monai.losses.DiceCELoss(to_onehot_y, softmax)``, Adam 1e-3, batch
   8 of whole slices with random flips, fp32; held-out Dice every ``--eval-every`` iterations.
 
+MONAI runs after ours, in the same process, and so also with the glibc heap reuse that ``unet
+train`` switches on (``unetcli.runtime.configure_cpu_allocator``): that can only make MONAI
+faster, so the ratio is conservative.
+
 The target is the mean foreground Dice of multi-Otsu thresholding inside the brain (GM, WM) on the
 same held-out slices. Ratio = MONAI's time to target / ours. A run that does not reach the target
 within ``--budget`` seconds is reported with its best Dice.

@@ -51,7 +51,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
 
     In eval mode BatchNorm is a fixed per-channel scale and shift, so ``bn(conv(x))`` equals one
     convolution with rescaled weights: the outputs agree to float rounding (~1e-6) and a whole
-    memory-bound pass over every activation disappears (7 % of a 3D forward pass on CPU,
+    memory-bound pass over every activation disappears (about 10 % of a 3D forward pass on CPU,
     scripts/bench_infer.py). InstanceNorm depends on the input and is left in place.
     The original model is not modified.
     """
