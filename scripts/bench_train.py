@@ -21,7 +21,8 @@ Variants, all in one process, all starting from the same weights and the same ba
 * ``ours``          what ``unetcli.training.trainer`` does: ``resolve_precision('auto')``
                     autocast (bf16 on a CPU with avx512_bf16/amx_bf16, else fp32; bf16/fp16 on
                     CUDA), channels_last (2D) / channels_last_3d (3D) for weights and batch
-                    (converted every step, as the trainer does), ``make_optimizer`` (foreach
+                    where ``resolve_channels_last`` turns it on (CUDA, AVX-512/AMX CPU kernels;
+                    converted every step, as the trainer does), ``make_optimizer`` (foreach
                     AdamW on CPU, fused on CUDA), ``DiceCELoss``, gradient clipping at 12 and the
                     LR scheduler (the trainer's defaults), no per-step host sync (loss summed on
                     the device), cudnn.benchmark on CUDA, and on CPU glibc heap reuse
@@ -94,7 +95,8 @@ import _benchlib as bl  # noqa: E402
 
 from unetcli.config import ModelConfig, RunConfig  # noqa: E402
 from unetcli.models import UNet  # noqa: E402
-from unetcli.runtime import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, set_heap_reuse  # noqa: E402
+from unetcli.runtime import (autocast, cpu_has_native_bf16, resolve_channels_last, resolve_device, resolve_precision,  # noqa: E402
+                             set_heap_reuse)
 from unetcli.training.losses import DiceCELoss  # noqa: E402
 from unetcli.training.trainer import lr_factor, make_optimizer  # noqa: E402
 
@@ -141,7 +143,7 @@ def build_variants(dims: int, device: torch.device, compile_: bool) -> list[Vari
     cl_name = "+channels_last" if dims == 2 else "+channels_last_3d"
     ref = Variant("reference (plain fp32)")
     ours = Variant(
-        f"ours (auto={auto})", channels_last=True, precision=auto, optimizer="unetcli", loss="ours",
+        f"ours (auto={auto})", channels_last=resolve_channels_last(None, device), precision=auto, optimizer="unetcli", loss="ours",
         sync_each_step=False, grad_clip=12.0, scheduler=True, cudnn_benchmark=device.type == "cuda",
         heap_reuse=device.type == "cpu",
     )

@@ -24,7 +24,15 @@ CPU = torch.device("cpu")
 ])
 def test_auto_precision_follows_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert runtime.resolve_precision("auto", CPU) == expected
+
+
+def test_auto_precision_is_fp32_when_torch_runs_avx2_kernels(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 on a bf16-capable CPU: the kernels cannot use its bf16 instructions."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
 
 
 def test_explicit_precision_is_kept_and_fp16_on_cpu_is_refused(monkeypatch, caplog):
@@ -74,3 +82,12 @@ def test_heap_reuse_stops_each_step_from_page_faulting_its_activations_again():
     # glibc's defaults unmap the 48 MiB blocks on free and fault them in again every step.
     assert faults_default > 3 * 12288
     assert faults_tuned * 3 < faults_default
+
+
+@pytest.mark.parametrize("capability,expected", [("AVX512", True), ("AVX512_BF16", True), ("AMX", True),
+                                                 ("AVX2", False), ("DEFAULT", False)])
+def test_auto_channels_last_only_on_avx512_kernels(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert runtime.resolve_channels_last(None, CPU) is expected
+    assert runtime.resolve_channels_last(True, CPU) is True  # an explicit choice is kept
+    assert runtime.resolve_channels_last(False, CPU) is False

@@ -107,8 +107,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 where the CPU/GPU runs it natively, fp16 on older GPUs, else fp32."""
-    channels_last: bool = True
-    """channels_last (2D) / channels_last_3d (3D) memory format for the network, in training and prediction."""
+    channels_last: bool | None = None
+    """channels_last (2D) / channels_last_3d (3D) memory format for the network, in training and
+    prediction; ``None`` = on for CUDA and for CPUs whose kernels use AVX-512 (1.2-1.4x faster
+    there), off elsewhere (0.76x on AVX2 kernels: scripts/bench_train.py)."""
     num_threads: int | None = None
     """CPU threads for torch; ``None`` keeps torch's default."""
     checkpoint_interval: int = 0

@@ -22,7 +22,7 @@ from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model, fold_batch_norm
-from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_device, resolve_precision
+from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
 from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
 
 log = logging.getLogger("unetcli")
@@ -51,7 +51,7 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
         raise CheckpointError(f"{path}: weights do not fit the model described in the checkpoint ({msg[:200]})",
                               hint="the checkpoint may come from another model or unetcli version") from exc
     model = fold_batch_norm(model.eval())
-    model.to(device, memory_format=memory_format(cfg.model.spatial_dims, cfg.train.channels_last))
+    model.to(device, memory_format=memory_format(cfg.model.spatial_dims, resolve_channels_last(cfg.train.channels_last, device)))
     return LoadedModel(model, cfg, state["metadata"], path)
 
 

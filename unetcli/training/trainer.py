@@ -37,8 +37,8 @@ from unetcli.errors import CheckpointError, ConfigError, DataError, Interrupted,
 from unetcli.evaluation.metrics import dice
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import build_model, count_parameters
-from unetcli.runtime import (autocast, configure_cpu_allocator, configure_threads, memory_format, resolve_device, resolve_precision,
-                             seed_everything)
+from unetcli.runtime import (autocast, configure_cpu_allocator, configure_threads, memory_format, resolve_channels_last, resolve_device,
+                             resolve_precision, seed_everything)
 from unetcli.runlock import LOCK_NAME, RunLock
 from unetcli.training.checkpoint import (
     capture_rng_state,
@@ -263,14 +263,15 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
     atomic_write_text(out / "split.json", json.dumps({"train": train_names, "val": val_names}, indent=2))
 
     model.to(device)
-    fmt = memory_format(dataset.spatial_dims, t.channels_last)
+    fmt = memory_format(dataset.spatial_dims, resolve_channels_last(t.channels_last, device))
     model.to(memory_format=fmt)
     n_params = count_parameters(model)
     log.info(
         "training %dD U-Net (%s skips, %s padding, %s params) on %d cases (%d train / %d val), %d classes, "
-        "patch %s, device %s, precision %s",
+        "patch %s, device %s, precision %s%s",
         dataset.spatial_dims, cfg.model.skip, cfg.model.padding, f"{n_params:,}", len(dataset.cases),
         len(train_names), len(val_names), dataset.num_classes, patch, device, precision,
+        "" if fmt == torch.contiguous_format else ", channels_last",
     )
     by_name = {c.name: c for c in dataset.cases}
     cfg.train.batch_size = default_batch_size(cfg, dataset.spatial_dims)
