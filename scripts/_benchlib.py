@@ -128,6 +128,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def with_peak_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn``; return its result and the peak RSS increment (MiB) over the RSS before it."""
+    release_memory()
+    before = current_rss_mib()
+    reset_peak_rss()
+    result = fn()
+    return result, peak_rss_mib() - before
+
+
 # --------------------------------------------------------------------------- timing
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import load_note, machine_info, print_machine, print_table, write_json  # noqa: E402
+from _benchlib import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json  # noqa: E402
 
 from unetcli.config import DataConfig, RunConfig, apply_overrides  # noqa: E402
 from unetcli.data.dataset import discover_dataset  # noqa: E402
@@ -90,16 +90,19 @@ def main() -> None:
         root = make_dataset(Path(tmp) / "data", args.cases, shape)
         files = discover_dataset(root)
         cfg = DataConfig(cache_dir=str(Path(tmp) / "cache"))
-        start = time.perf_counter()
-        load_volume_dataset(files, cfg)
-        cold = time.perf_counter() - start
-        start = time.perf_counter()
-        dataset = load_volume_dataset(files, cfg)
-        warm = time.perf_counter() - start
+        def timed_load() -> tuple[object, float]:
+            start = time.perf_counter()
+            loaded = load_volume_dataset(files, cfg)
+            return loaded, time.perf_counter() - start
+
+        (_, cold), cold_rss = with_peak_rss(timed_load)
+        (dataset, warm), warm_rss = with_peak_rss(timed_load)
         print(f"\npreprocessing {args.cases} cases of {shape}")
-        print_table(["", "seconds", "ratio"], [["cold cache (decode + preprocess + write)", f"{cold:.2f}", ""],
-                                               ["warm cache (stamps + memory-map)", f"{warm:.3f}", f"{cold / warm:.0f}x"]])
-        results["cache"] = {"cold_s": cold, "warm_s": warm, "speedup": cold / warm}
+        print_table(["", "seconds", "ratio", "peak RSS incr MiB"],
+                    [["cold cache (decode + preprocess + write)", f"{cold:.2f}", "", f"{cold_rss:+,.0f}"],
+                     ["warm cache (stamps + memory-map)", f"{warm:.3f}", f"{cold / warm:.0f}x", f"{warm_rss:+,.0f}"]])
+        results["cache"] = {"cold_s": cold, "warm_s": warm, "speedup": cold / warm,
+                            "cold_peak_rss_increment_mib": cold_rss, "warm_peak_rss_increment_mib": warm_rss}
 
         rng = np.random.default_rng(0)
         paths = [(c.images[0], c.label) for c in files.cases]
@@ -117,8 +120,8 @@ def main() -> None:
 
         sampler = PatchSampler(dataset.cases, patch, args.batch, num_classes=dataset.num_classes, seed=0)
         position = iter(range(10**9))
-        ours_inproc = rate(lambda: sampler.batch(next(position)), args.seconds)
-        reference = rate(decode_each_step, args.seconds)
+        ours_inproc, ours_rss = with_peak_rss(lambda: rate(lambda: sampler.batch(next(position)), args.seconds))
+        reference, reference_rss = with_peak_rss(lambda: rate(decode_each_step, args.seconds))
         stream = iterate_batches(sampler, 0, 10**9, num_workers=args.workers)
         next(stream)  # start the workers
         ours_workers = rate(lambda: next(stream), args.seconds)
@@ -138,17 +141,19 @@ def main() -> None:
 
         consumption = rate(step, args.seconds, min_calls=2)
         print(f"\nloader, batch {args.batch} x patch {patch} (batches/s)")
-        print_table(["", "batches/s", "vs decode every step"], [
-            ["decode .nii.gz every step (reference)", f"{reference:.2f}", "1.0x"],
-            ["unetcli sampler on the cache, in-process", f"{ours_inproc:.1f}", f"{ours_inproc / reference:.0f}x"],
-            [f"unetcli sampler, {args.workers} worker processes", f"{ours_workers:.1f}", f"{ours_workers / reference:.0f}x"],
-            ["3D U-Net 16-32-64-128 training step (consumption)", f"{consumption:.2f}", ""],
+        print_table(["", "batches/s", "vs decode every step", "peak RSS incr MiB"], [
+            ["decode .nii.gz every step (reference)", f"{reference:.2f}", "1.0x", f"{reference_rss:+,.0f}"],
+            ["unetcli sampler on the cache, in-process", f"{ours_inproc:.1f}", f"{ours_inproc / reference:.0f}x", f"{ours_rss:+,.0f}"],
+            [f"unetcli sampler, {args.workers} worker processes", f"{ours_workers:.1f}", f"{ours_workers / reference:.0f}x",
+             "(in the workers)"],
+            ["3D U-Net 16-32-64-128 training step (consumption)", f"{consumption:.2f}", "", ""],
         ])
         print(f"loader / consumption: {ours_inproc / consumption:.0f}x in-process "
               f"({'never' if ours_inproc > consumption else 'sometimes'} waits on data)")
         results["loader"] = {"reference_batches_per_s": reference, "inprocess_batches_per_s": ours_inproc,
                              "workers_batches_per_s": ours_workers, "train_steps_per_s": consumption,
-                             "speedup_inprocess": ours_inproc / reference, "speedup_workers": ours_workers / reference}
+                             "speedup_inprocess": ours_inproc / reference, "speedup_workers": ours_workers / reference,
+                             "reference_peak_rss_increment_mib": reference_rss, "inprocess_peak_rss_increment_mib": ours_rss}
     if args.json:
         write_json(args.json, results)
 

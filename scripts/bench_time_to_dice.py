@@ -35,7 +35,7 @@ import torch
 from skimage.filters import threshold_multiotsu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import load_note, machine_info, print_machine, print_table, write_json  # noqa: E402
+from _benchlib import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json  # noqa: E402
 
 from unetcli.config import DataConfig, RunConfig, apply_overrides  # noqa: E402
 from unetcli.data.dataset import discover_dataset, load_dataset  # noqa: E402
@@ -158,14 +158,16 @@ def main() -> None:
     target = threshold_baseline(raw, truths)
     print(f"target: multi-Otsu threshold baseline, held-out mean foreground Dice {target:.4f}\n")
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_ours(data, images, truths, target, args.budget, Path(tmp) / "run")
-    monai = run_monai(data, images, truths, target, args.budget, args.eval_every)
+        ours, ours["peak_rss_increment_mib"] = with_peak_rss(
+            lambda: run_ours(data, images, truths, target, args.budget, Path(tmp) / "run"))
+    monai, monai["peak_rss_increment_mib"] = with_peak_rss(
+        lambda: run_monai(data, images, truths, target, args.budget, args.eval_every))
     rows = []
     for r in (ours, monai):
         reached = f"{r['seconds_to_target']:.0f}" if r["seconds_to_target"] is not None else f"not in {r['curve'][-1][0]:.0f} s"
-        rows.append([r["name"], reached, f"{r['best_dice']:.4f}"])
+        rows.append([r["name"], reached, f"{r['best_dice']:.4f}", f"{r['peak_rss_increment_mib']:+,.0f}"])
     print()
-    print_table(["", f"seconds to Dice {target:.3f}", "best held-out Dice"], rows)
+    print_table(["", f"seconds to Dice {target:.3f}", "best held-out Dice", "peak RSS incr MiB"], rows)
     if ours["seconds_to_target"] and monai["seconds_to_target"]:
         print(f"ratio (MONAI / ours): {monai['seconds_to_target'] / ours['seconds_to_target']:.2f}x")
     elif ours["seconds_to_target"]:
