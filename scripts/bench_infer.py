@@ -55,7 +55,7 @@ average is printed before and after; ``CPU use`` well below 100 % flags a distur
 
 Examples::
 
-    python scripts/bench_infer.py                              # full size: ~4 min on 2 cores
+    python scripts/bench_infer.py                              # full size: ~2 min on 2 cores
     python scripts/bench_infer.py --size 96 96 64 --json out/infer.json
     python scripts/bench_infer.py --only ours                  # one method, peak RSS only (what the children run)
 """

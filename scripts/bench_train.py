@@ -71,7 +71,7 @@ agree, bf16 variants are close.
 
 Examples::
 
-    python scripts/bench_train.py                         # both problems, CPU: ~5.5 min on 2 cores
+    python scripts/bench_train.py                         # both problems, CPU: ~6 min on 2 cores
     python scripts/bench_train.py --dims 2 --steps 3 --rounds 5 --json out/train.json
     python scripts/bench_train.py --device cuda --size3d 96 --steps 20
 """
