@@ -84,23 +84,24 @@ def peak_rss_mib() -> float:
     >= 1 GB whatever it does itself. VmHWM does not carry that over. ``ru_maxrss`` is the
     fallback where /proc is missing.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    hwm = _proc_status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_rss_mib() -> float:
+    rss = _proc_status_mib("VmRSS")
+    return rss if rss is not None else float("nan")
+
+
+def _proc_status_mib(key: str) -> float | None:
+    """A ``kB`` field of /proc/self/status in MiB (None where /proc is missing)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return float("nan")
+    return None
 
 
 def release_memory() -> None:

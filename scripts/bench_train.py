@@ -95,10 +95,10 @@ import _benchlib as bl  # noqa: E402
 
 from unetcli.config import ModelConfig, RunConfig  # noqa: E402
 from unetcli.models import UNet  # noqa: E402
-from unetcli.runtime import (autocast, cpu_has_native_bf16, resolve_channels_last, resolve_device, resolve_precision,  # noqa: E402
+from unetcli.runtime import (cpu_has_native_bf16, resolve_channels_last, resolve_device, resolve_precision,  # noqa: E402
                              set_heap_reuse)
 from unetcli.training.losses import DiceCELoss  # noqa: E402
-from unetcli.training.trainer import lr_factor, make_optimizer  # noqa: E402
+from unetcli.training.trainer import lr_factor, make_optimizer, train_step  # noqa: E402
 
 NUM_CLASSES = 3
 
@@ -208,16 +208,8 @@ def make_runner(v: Variant, base: nn.Module, images: torch.Tensor, labels: torch
         x = runner.images
         if channels_last:  # the trainer converts every batch it draws
             x = x.contiguous(memory_format=memory_format)
-        with autocast(device, v.precision):
-            logits = forward(x)
-        loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if v.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), v.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        # The trainer's own step; with fp32, no clipping and a disabled scaler it is the plain loop.
+        loss = train_step(forward, x, labels, loss_fn, optimizer, scaler, device, v.precision, v.grad_clip)
         if scheduler is not None:
             scheduler.step()
         if v.sync_each_step:
@@ -225,9 +217,9 @@ def make_runner(v: Variant, base: nn.Module, images: torch.Tensor, labels: torch
             if runner.first_loss is None:
                 runner.first_loss = value
         else:
-            runner.loss_sum += loss.detach()
+            runner.loss_sum += loss
             if runner.first_loss is None:  # once, outside the timed blocks (warm-up)
-                runner.first_loss = float(loss.detach())
+                runner.first_loss = float(loss)
 
     runner.step_fn = step
     return runner

@@ -76,6 +76,24 @@ def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> to
     return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **fused)
 
 
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+               precision: str, grad_clip: float | None) -> torch.Tensor:
+    """One optimisation step: forward under ``precision`` autocast, loss, backward, optional
+    gradient clipping, update. Returns the detached loss without a host sync."""
+    with autocast(device, precision):
+        logits = model(images)
+    loss = loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def resolve_patch_size(cfg: RunConfig, dataset: Dataset, model: nn.Module) -> list[int]:
     """The network input size: the configured patch, or the largest image (plus valid-padding
     context), rounded up to a size the network takes."""
@@ -403,17 +421,7 @@ def _train(dataset: Dataset, layout: str, cfg: RunConfig, out: Path, device: tor
                     images = images.contiguous(memory_format=fmt)
                     labels = labels.to(device, non_blocking=True)
                     plan.apply(optimizer, t.lr, iteration)
-                    with autocast(device, precision):
-                        logits = model(images)
-                    loss = loss_fn(logits, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if t.grad_clip:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    loss = loss.detach()
+                    loss = train_step(model, images, labels, loss_fn, optimizer, scaler, device, precision, t.grad_clip)
                     loss_sum += loss
                     iteration += 1
                     epoch_iteration += 1
