@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unetcli.data.dataset import Case
+from unetcli.data.types import Case
 
 
 def pad_to_cover(array: np.ndarray, spatial_shape: Sequence[int], margin: int, mode: str = "reflect") -> np.ndarray:

@@ -26,7 +26,8 @@ import numpy as np
 from unetcli import __version__
 from unetcli.atomic import atomic_path, atomic_write_text
 from unetcli.config import DataConfig
-from unetcli.data.dataset import Case, CaseFiles, Dataset, DatasetFiles, _label_values, _names
+from unetcli.data.labels import label_values_from_masks, resolve_names
+from unetcli.data.types import Case, CaseFiles, Dataset, DatasetFiles
 from unetcli.data.nifti import (
     ImageProperties,
     crop_to_nonzero,
@@ -268,7 +269,7 @@ def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
     channel_counts = {name: e["channels"] for name, e in entries.items()}
     if len(set(channel_counts.values())) > 1:
         raise DataError.from_problems([f"{files.root}: case {n} has {c} channel(s), others differ" for n, c in channel_counts.items()])
-    label_values = _label_values({n: np.asarray(e["labels"]) for n, e in entries.items()}, cfg, files)
+    label_values = label_values_from_masks({n: np.asarray(e["labels"]) for n, e in entries.items()}, cfg, files)
     if label_values != list(range(len(label_values))):
         raise DataError(f"{files.root}: 3D label maps must hold class indices 0..K-1, found {label_values}")
     cases = [
@@ -286,7 +287,7 @@ def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
              len(cases), in_channels, num_classes, [round(s, 3) for s in plan["target_spacing"]], cache)
     return Dataset(
         cases, num_classes, in_channels, spatial_dims, label_values,
-        _names(cfg.label_names or files.label_names, num_classes, "class", files.root),
-        _names(files.channel_names, in_channels, "channel", files.root),
+        resolve_names(cfg.label_names or files.label_names, num_classes, "class", files.root),
+        resolve_names(files.channel_names, in_channels, "channel", files.root),
         file_format="nifti", preprocessing=plan,
     )

@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from unetcli.atomic import atomic_path, ensure_writable_folder
 from unetcli.config import RunConfig, config_from_dict
-from unetcli.data.dataset import load_image_channels
 from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
 from unetcli.data.png import PNG_SUFFIX, write_png_mask
+from unetcli.data.png_dataset import load_image_channels
+from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
 from unetcli.inference.sliding_window import sliding_window_predict
@@ -143,8 +144,6 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
     by nearest neighbour, so memory does not grow with the number of classes; with it, class
     probabilities are resampled one class at a time (smoother boundaries, K x the memory).
     """
-    from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
-
     meta = loaded.metadata
     image, props = read_image(paths)
     _check_channels(image, paths[0], meta)

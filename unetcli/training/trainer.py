@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from unetcli.atomic import atomic_write_text, ensure_writable_folder
 from unetcli.config import RunConfig, apply_overrides, config_from_dict, config_to_dict, dump_config
-from unetcli.data.dataset import Dataset, discover_dataset, load_dataset, split_cases
+from unetcli.data.dataset import discover_dataset, load_dataset, split_cases
+from unetcli.data.types import Dataset
 from unetcli.data.sampling import PatchSampler, iterate_batches
 from unetcli.errors import CheckpointError, ConfigError, DataError, Interrupted, ModelError, OutputError, TrainingError
 from unetcli.evaluation.metrics import dice
