@@ -4,7 +4,7 @@ Synthetic mode (default): writes N seeded cases (default 100 of 160x160x128, 3 n
 classes, anisotropic spacing, predictions with smooth boundary shifts, spurious blobs and the
 occasional missed class) as NIfTI files once (not timed), then times
 
-* ours: ``unetcli.evaluation.report.evaluate`` with ``--jobs`` worker processes, end to end
+* ours: ``unetcli.evaluation.scoring.evaluate`` with ``--jobs`` worker processes, end to end
   (reading both files of every case, all 9 metrics, 3 classes);
 * MONAI: ``DiceMetric``, ``compute_hausdorff_distance(percentile=95)``,
   ``compute_average_surface_distance(symmetric=True)`` and ``compute_surface_dice`` on the same
@@ -127,7 +127,7 @@ def monai_case(pred: np.ndarray, truth: np.ndarray, labels: list[int], spacing, 
 
 def agreement(result, pairs_kind: str, labels: list[int], tolerance: float, limit: int | None) -> tuple[dict, float, int]:
     """Max |ours - MONAI| per metric over the first ``limit`` cases; MONAI seconds; cases run."""
-    from unetcli.evaluation.report import read_pair
+    from unetcli.evaluation.cases import read_pair
 
     worst = {m: 0.0 for m in MONAI_METRICS}
     nonfinite_mismatch = {m: 0 for m in MONAI_METRICS}
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from unetcli.evaluation.report import evaluate
+    from unetcli.evaluation.scoring import evaluate
 
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))

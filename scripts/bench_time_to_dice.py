@@ -39,7 +39,7 @@ from _benchlib import load_note, machine_info, print_machine, print_table, with_
 
 from unetcli.config import DataConfig, RunConfig, apply_overrides  # noqa: E402
 from unetcli.data.dataset import discover_dataset, load_dataset  # noqa: E402
-from unetcli.demo import DEMOS, demo_data_dir  # noqa: E402
+from unetcli.workflows.demo import DEMOS, demo_data_dir  # noqa: E402
 from unetcli.inference.predict import load_trained_model  # noqa: E402
 from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
 from unetcli.training.trainer import train  # noqa: E402

@@ -98,7 +98,9 @@ from unetcli.models import UNet  # noqa: E402
 from unetcli.runtime import (cpu_has_native_bf16, resolve_channels_last, resolve_device, resolve_precision,  # noqa: E402
                              set_heap_reuse)
 from unetcli.training.losses import DiceCELoss  # noqa: E402
-from unetcli.training.trainer import lr_factor, make_optimizer, train_step  # noqa: E402
+from unetcli.training.schedule import lr_factor  # noqa: E402
+from unetcli.training.setup import make_optimizer  # noqa: E402
+from unetcli.training.trainer import train_step  # noqa: E402
 
 NUM_CLASSES = 3
 

@@ -27,8 +27,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from test_cli import make_blobs
-from test_volumes import make_nnunet
+from helpers import make_blobs, make_nnunet
 from unetcli.cli import app
 from unetcli.data.png import read_png_image, read_png_mask
 from unetcli.errors import DataError

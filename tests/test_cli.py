@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from helpers import make_blobs
 from typer.testing import CliRunner
 
 from unetcli.cli import app
@@ -18,27 +19,6 @@ from unetcli.evaluation.metrics import METRIC_NAMES
 
 TINY = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=25",
         "--batch-size", "4", "--lr", "0.01", "--set", "train.warmup_iterations=5", "--precision", "fp32"]
-
-
-def make_blobs(root: Path, n: int = 10, size: int = 32, seed: int = 0, binary_255: bool = False) -> Path:
-    """Images with a bright disc (class 1) and a dark square (class 2) on noise."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        mask = np.zeros((size, size), np.uint8)
-        cy, cx, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(4, 7))]
-        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
-        if not binary_255:
-            y0, x0 = rng.integers(0, size - 8, 2)
-            mask[y0:y0 + 6, x0:x0 + 6] = np.where(mask[y0:y0 + 6, x0:x0 + 6] == 0, 2, mask[y0:y0 + 6, x0:x0 + 6])
-        image = 100 + rng.normal(0, 12, (size, size))
-        image[mask == 1] += 80
-        image[mask == 2] -= 70
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"case{i:02d}.png")
-        Image.fromarray((mask * 255).astype(np.uint8) if binary_255 else mask).save(root / "masks" / f"case{i:02d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unetcli.demo import demo_data_dir
+from unetcli.workflows.demo import demo_data_dir
 
 
 def test_demo_data_is_installed_with_its_notice() -> None:

@@ -13,13 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from helpers import error_lines, invoke
 
-from unetcli.cli import app
 from unetcli.errors import ConfigError, DataError
-from unetcli.evaluation.compare import bootstrap_mean_ci, compare_results
+from unetcli.evaluation.stats import bootstrap_mean_ci, compare_results
 from unetcli.evaluation.metrics import METRIC_NAMES, case_metrics
-from unetcli.evaluation.report import evaluate, evaluate_runs
+from unetcli.evaluation.scoring import evaluate, evaluate_runs
 
 # --------------------------------------------------------------------------- helpers
 
@@ -42,14 +41,6 @@ def long_csv(path: Path) -> dict[tuple[str, str, str], str]:
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["case", "class", "label", "metric", "value"]
     return {(r["case"], r["class"], r["metric"]): r["value"] for r in rows}
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture()
@@ -335,11 +326,11 @@ def test_bootstrap_ci_and_paired_statistics_by_hand() -> None:
 def test_parallel_scoring_gives_identical_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str) -> None:
     import multiprocessing
 
-    from unetcli.evaluation import report
+    from unetcli.evaluation import scoring
 
     if start_method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {start_method} on this platform")
-    monkeypatch.setattr(report, "_start_method", lambda: start_method)
+    monkeypatch.setattr(scoring, "_start_method", lambda: start_method)
     good, bad, truth = _compare_data(tmp_path, n=6)
     serial = evaluate_runs([good, bad], truth, jobs=1)
     parallel = evaluate_runs([good, bad], truth, jobs=2, parallel_min_seconds=0.0)

@@ -46,17 +46,17 @@ def test_forward_shape_matches_documented_contract(spatial_dims, skip, padding, 
     if padding == "same":
         in_shape = (12, 8) if spatial_dims == 2 else (8, 4, 12)
     else:
-        base = net.valid_input_size(1)
-        step = net.size_multiple
+        base = net.valid_input_size(1)[0]
+        step = net.size_multiple[0]
         in_shape = (base, base + step) if spatial_dims == 2 else (base, base, base + step)
     with torch.no_grad():
         out = net(torch.randn(1, 2, *in_shape))
     if padding == "same":
         expected = in_shape
-        assert net.margin == 0
+        assert net.margin == (0,) * spatial_dims
     else:
-        assert net.margin > 0
-        expected = tuple(s - 2 * net.margin for s in in_shape)
+        assert all(m > 0 for m in net.margin) and len(net.margin) == spatial_dims
+        expected = tuple(s - 2 * m for s, m in zip(in_shape, net.margin))
     assert out.shape == (1, 3) + expected
     assert net.output_shape(in_shape) == expected
     assert torch.isfinite(out).all()
@@ -65,16 +65,17 @@ def test_forward_shape_matches_documented_contract(spatial_dims, skip, padding, 
 def test_paper_configuration_572_gives_388_without_forward():
     net = UNet(2, 1, 2, features=(64, 128, 256, 512, 1024), padding="valid")
     assert net.output_shape((572, 572)) == (388, 388)
-    assert net.margin == 92  # (572 - 388) / 2
-    assert net.input_size_for_output(388) == 572
+    assert net.margin == (92, 92)  # (572 - 388) / 2
+    assert net.input_size_for_output(388) == (572, 572)
+    assert net.input_size_for_output((388, 100)) == (572, 284)
 
 
 def test_valid_margin_is_constant_over_valid_sizes():
     net = UNet(2, 1, 2, features=FEATURES, padding="valid", norm="none")
-    base, step = net.valid_input_size(1), net.size_multiple
+    base, step = net.valid_input_size(1)[0], net.size_multiple[0]
     for k in range(4):
         size = base + k * step
-        assert net.output_shape((size, size)) == (size - 2 * net.margin,) * 2
+        assert net.output_shape((size, size)) == (size - 2 * net.margin[0],) * 2
 
 
 # --------------------------------------------------------------------------- skip / projection / params
@@ -140,22 +141,22 @@ def test_wrong_input_size_3d_suggestion_works():
 
 def test_valid_padding_bad_size_suggestion_works():
     net = UNet(2, 1, 2, features=FEATURES, padding="valid", norm="none")
-    bad = net.valid_input_size(1) + 1
+    bad = net.valid_input_size(1)[0] + 1
     with pytest.raises(ModelError) as info:
         net(torch.zeros(1, 1, bad, bad))
-    assert str(net.valid_input_size(1)) in info.value.hint
+    assert str(net.valid_input_size(1)[0]) in info.value.hint
     suggested = _hint_shape(info.value)
     with torch.no_grad():
         out = net(torch.zeros(1, 1, *suggested))
-    assert out.shape[2:] == tuple(s - 2 * net.margin for s in suggested)
+    assert out.shape[2:] == tuple(s - 2 * m for s, m in zip(suggested, net.margin))
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_valid_input_size_is_accepted_and_minimal(padding):
     net = UNet(2, 1, 2, features=FEATURES, padding=padding, norm="none")
     for min_size in (1, 5, 17, 50):
-        size = net.valid_input_size(min_size)
-        assert size >= min_size
+        size, other = net.valid_input_size((min_size, 1))
+        assert size >= min_size and net.valid_input_size(min_size) == (size, size)
         net.output_shape((size, size))  # does not raise
         for smaller in range(min_size, size):
             with pytest.raises(ModelError):
@@ -246,3 +247,86 @@ def test_fold_batch_norm_leaves_instance_norm_and_refuses_training_mode():
         isinstance(m, nn.InstanceNorm2d) for m in net.modules()) > 0
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norm(net.train())
+
+
+# --------------------------------------------------------------------------- per-axis kernels and strides (thick slices)
+
+THICK_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]
+THICK_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+
+
+def thick_net(padding: str = "same", **kw) -> UNet:
+    return UNet(3, 1, 2, features=(4, 8, 16, 32), padding=padding, norm="instance",
+                kernel_sizes=THICK_KERNELS, strides=THICK_STRIDES, **kw)
+
+
+def test_anisotropic_topology_builds_per_axis_layers_and_size_rules():
+    net = thick_net()
+    assert net.stem[0].kernel_size == (1, 3, 3) and net.stem[0].padding == (0, 1, 1)
+    assert net.downs[0][0].kernel_size == (1, 2, 2) and net.downs[0][1][0].kernel_size == (1, 3, 3)
+    assert net.downs[1][0].kernel_size == (2, 2, 2) and net.downs[1][1][0].kernel_size == (3, 3, 3)
+    # the decoder undoes each level's stride and uses that level's kernel
+    assert [up.up.stride for up in net.ups] == [(2, 2, 2), (2, 2, 2), (1, 2, 2)]
+    assert [up.conv[0].kernel_size for up in net.ups] == [(3, 3, 3), (1, 3, 3), (1, 3, 3)]
+    assert net.size_multiple == (4, 8, 8) and net.margin == (0, 0, 0)
+    assert net.valid_input_size((5, 9, 8)) == (8, 16, 8)
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 4, 16, 24)).shape == (1, 2, 4, 16, 24)
+    with pytest.raises(ModelError, match=r"multiple of \(4, 8, 8\)") as info:
+        net.output_shape((6, 16, 16))
+    assert _hint_shape(info.value) == (8, 16, 16)
+
+
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_anisotropic_valid_padding_has_per_axis_margin_matching_forward(upsample):
+    net = thick_net("valid", upsample=upsample).eval()
+    mz, my, mx = net.margin
+    assert mz < my == mx  # 1-wide kernels on the thick axis lose fewer voxels there
+    shape = net.input_size_for_output((3, 5, 7))
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, *shape))
+    assert out.shape[2:] == net.output_shape(shape) == tuple(s - 2 * m for s, m in zip(shape, net.margin))
+    assert all(o >= w for o, w in zip(out.shape[2:], (3, 5, 7)))
+
+
+def test_anisotropic_gradients_reach_every_parameter():
+    net = thick_net()
+    net(torch.randn(2, 1, 8, 16, 16)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_default_topology_equals_explicit_3_and_2_and_keeps_checkpoint_keys():
+    torch.manual_seed(0)
+    default = UNet(3, 1, 2, features=FEATURES)
+    torch.manual_seed(0)
+    explicit = UNet(3, 1, 2, features=FEATURES, kernel_sizes=[3, [3, 3, 3], 3], strides=[1, 2, [2, 2, 2]])
+    a, b = default.state_dict(), explicit.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert default.size_multiple == (4, 4, 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kernel_sizes=[[3, 3, 3]] * 2), "kernel_sizes lists 2 levels but model.features has 3"),
+    (dict(strides=[1, 2, 2, 2]), "strides lists 4 levels"),
+    (dict(kernel_sizes=[[3, 3]] * 3), "3 sizes"),
+    (dict(kernel_sizes=[[3, 2, 3]] * 3), "odd and positive"),
+    (dict(strides=[[1, 1, 1], [0, 2, 2], [2, 2, 2]]), "at least 1"),
+    (dict(strides=[[2, 2, 2]] * 3), r"strides\[0\] must be all 1"),
+])
+def test_bad_topology_is_refused_with_the_key(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        UNet(3, 1, 2, features=FEATURES, **kwargs)
+
+
+def test_topology_from_config_and_set_option():
+    from unetcli.config import apply_overrides, config_from_dict, parse_set_option
+
+    key, value = parse_set_option("model.kernel_sizes=[[1,3,3],[1,3,3],[3,3,3],[3,3,3]]")
+    cfg = apply_overrides(config_from_dict({}), {key: value, "model.strides": THICK_STRIDES,
+                                                 "model.features": [4, 8, 16, 32]})
+    assert cfg.model.kernel_sizes == THICK_KERNELS
+    cfg.model.spatial_dims, cfg.model.in_channels, cfg.model.out_channels = 3, 1, 2
+    net = build_model(cfg.model)
+    assert net.size_multiple == (4, 8, 8)
+    with pytest.raises(ConfigError, match="model.kernel_sizes"):
+        apply_overrides(cfg, {"model.kernel_sizes": "big"})

@@ -25,10 +25,8 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from test_cli import make_blobs
-from unetcli.cli import app
+from helpers import invoke_quiet as invoke
 from unetcli.training.schedule import LRPlan
 
 EPOCHS = 4
@@ -36,19 +34,6 @@ ITERATIONS = 10
 FLAGS = ["--set", "model.features=[4,8,16]", "--set", f"train.iterations_per_epoch={ITERATIONS}",
          "--set", "train.checkpoint_interval=3", "--set", "train.warmup_iterations=5", "--batch-size", "2",
          "--lr", "0.01", "--precision", "fp32", "--device", "cpu", "--num-threads", "1", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_blobs(tmp_path_factory.mktemp("resume") / "blobs", n=6)
-
-
-def invoke(*args: str) -> Any:
-    threads = torch.get_num_threads()
-    try:
-        return CliRunner().invoke(app, ["-q", *args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -151,8 +151,8 @@ def test_mirror_averages_flips():
 def test_valid_padding_unet_gives_image_shape(shape):
     torch.manual_seed(0)
     net = UNet(2, 1, 2, features=(4, 8), padding="valid", norm="instance").eval()
-    assert net.margin > 0
-    roi = (net.valid_input_size(2 * net.margin + 4),) * 2
+    assert all(m > 0 for m in net.margin)
+    roi = net.input_size_for_output(4)
     image = rand_image(1, *shape)
     probs = sliding_window_predict(net, image, roi, 2, overlap=0.5, margin=net.margin)
     assert probs.shape == (2, *shape)
@@ -164,8 +164,8 @@ def test_valid_padding_single_window_matches_direct_forward_on_padded_image():
     """With one window, the output is the net applied to the image mirror-padded by the margin."""
     torch.manual_seed(0)
     net = UNet(2, 1, 2, features=(4, 8), padding="valid", norm="instance").eval()
-    m = net.margin
-    roi = net.valid_input_size(2 * m + 4)
+    m = net.margin[0]
+    roi = net.input_size_for_output(4)[0]
     out = roi - 2 * m
     image = rand_image(1, out, out)
     probs = sliding_window_predict(net, image, (roi, roi), 2, margin=m)

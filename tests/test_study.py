@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
-import unetcli.study as study_mod
-from test_cli import make_blobs
-from unetcli.cli import app
+import unetcli.workflows.compare.runner as study_mod
+from helpers import invoke, make_blobs
 from unetcli.errors import Interrupted
 
 TINY = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=3", "--epochs", "2",
@@ -28,23 +25,8 @@ TINY = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch
 RUNS = ["concat_seed0", "concat_seed1", "none_seed0", "none_seed1"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def invoke(*args: str) -> Any:
-    threads = torch.get_num_threads()
-    try:
-        return CliRunner().invoke(app, list(args))
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def study_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("study_data")
     make_blobs(root / "train", n=6, seed=0)
     make_blobs(root / "test", n=3, seed=1)
@@ -52,9 +34,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def study(study_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study") / "study"
-    result = invoke("compare", str(data), "--skip", "concat,none", "--seeds", "2", "--out", str(out), *TINY)
+    result = invoke("compare", str(study_data), "--skip", "concat,none", "--seeds", "2", "--out", str(out), *TINY)
     assert result.exit_code == 0, result.output
     return out
 
@@ -88,7 +70,7 @@ def test_report_has_table_boundary_metrics_charts_and_overlays(study: Path) -> N
     # The seed statistics are the mean over seeds of each run's mean over the held-out cases.
     import numpy as np
 
-    from unetcli.study import load_eval
+    from unetcli.workflows.compare.report import load_eval
 
     truth = Path(state["plan"]["test_labels"])
     per_seed = [np.nanmean(load_eval(study / "runs" / f"none_seed{s}", truth).foreground_values("dice")) for s in (0, 1)]
@@ -110,28 +92,28 @@ def test_every_run_uses_the_same_split_and_its_own_seed_and_variant(study: Path)
         assert len(list((study / "runs" / run / "predictions").glob("*.png"))) == 3
 
 
-def test_rerun_skips_finished_runs(study: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_skips_finished_runs(study: Path, study_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a finished run was trained or predicted again")
 
     for name in ("train", "resume_training", "predict"):
         monkeypatch.setattr(study_mod, name, refuse)
     before = {run: (study / "runs" / run / "checkpoints" / "best.pt").stat().st_mtime_ns for run in RUNS}
-    result = invoke("compare", str(data), "--skip", "concat,none", "--seeds", "2", "--out", str(study), *TINY)
+    result = invoke("compare", str(study_data), "--skip", "concat,none", "--seeds", "2", "--out", str(study), *TINY)
     assert result.exit_code == 0, result.output
     assert result.output.count("skipping") == 4
     assert "0 run(s) trained, 4 finished earlier" in result.output
     assert before == {run: (study / "runs" / run / "checkpoints" / "best.pt").stat().st_mtime_ns for run in RUNS}
 
 
-def test_a_different_plan_in_the_same_folder_is_refused(study: Path, data: Path) -> None:
-    result = invoke("compare", str(data), "--skip", "concat,none", "--seeds", "1", "--out", str(study), *TINY)
+def test_a_different_plan_in_the_same_folder_is_refused(study: Path, study_data: Path) -> None:
+    result = invoke("compare", str(study_data), "--skip", "concat,none", "--seeds", "1", "--out", str(study), *TINY)
     assert result.exit_code == 2
     assert "holds a study with another plan (differs in: seeds)" in result.output
     assert "--overwrite" in result.output
 
 
-def test_interrupted_study_resumes_and_reproduces_the_same_numbers(study: Path, data: Path, tmp_path: Path,
+def test_interrupted_study_resumes_and_reproduces_the_same_numbers(study: Path, study_data: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Same seeds -> the same per-case numbers as the first study, although the `none` run is
     stopped after its first epoch and continued from its checkpoint by the second invocation."""
@@ -148,7 +130,7 @@ def test_interrupted_study_resumes_and_reproduces_the_same_numbers(study: Path, 
         return real_train(data_dir, cfg, run_dir, **kwargs)
 
     monkeypatch.setattr(study_mod, "train", train_then_stop)
-    args = ["compare", str(data), "--skip", "concat,none", "--seeds", "1", "--out", str(out), *TINY]
+    args = ["compare", str(study_data), "--skip", "concat,none", "--seeds", "1", "--out", str(out), *TINY]
     result = invoke(*args)
     assert result.exit_code == 130, result.output
     assert "study interrupted in run 2/2 (none_seed0); 1 run(s) finished" in " ".join(result.output.split())
@@ -174,8 +156,8 @@ def test_interrupted_study_resumes_and_reproduces_the_same_numbers(study: Path, 
     ("concat,residual", "--skip: unknown variant(s) 'residual'; choose from concat, add, none, valid-crop"),
     ("concat", "--skip 'concat': a comparison needs at least two variants"),
 ])
-def test_bad_variant_list_is_one_clear_error(data: Path, tmp_path: Path, skip: str, message: str) -> None:
-    result = invoke("compare", str(data), "--skip", skip, "--out", str(tmp_path / "s"))
+def test_bad_variant_list_is_one_clear_error(study_data: Path, tmp_path: Path, skip: str, message: str) -> None:
+    result = invoke("compare", str(study_data), "--skip", skip, "--out", str(tmp_path / "s"))
     assert result.exit_code == 2
     assert f"error: {message}" in " ".join(result.output.split())
     assert "Traceback" not in result.output

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from test_cli import make_blobs
-from unetcli.cli import app
+from helpers import error_lines
+from helpers import invoke_quiet as invoke
 from unetcli.errors import OutputError
 from unetcli.runlock import LOCK_NAME, RunLock, owner_info
 from unetcli.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -32,24 +31,11 @@ FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoc
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_blobs(tmp_path_factory.mktemp("reliability") / "blobs", n=5)
-
-
-@pytest.fixture(scope="module")
 def finished_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     result = invoke("train", str(data), "--out", str(out), "--epochs", "1", *FLAGS)
     assert result.exit_code == 0, result.output
     return out
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, ["-q", *args])
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 # --------------------------------------------------------------------------- learning-rate plan
@@ -225,9 +211,9 @@ def test_huge_learning_rate_is_reported_with_advice(data: Path, tmp_path: Path) 
 
 
 def test_reduced_precision_fault_suggests_fp32() -> None:
-    from unetcli.training.trainer import _numerical_fault
+    from unetcli.training.interrupts import numerical_fault
 
-    error = _numerical_fault(57, 10, 1e-3, "bf16", 3e-3, Path("runs/x"), [5, 50], True)
+    error = numerical_fault(57, 10, 1e-3, "bf16", 3e-3, Path("runs/x"), (5, 50), True)
     assert "iteration 57 (epoch 6)" in error.message and "bf16" in error.message
     assert "--precision fp32" in error.hint and "unet train --resume runs/x --precision fp32" in error.hint
     assert error.exit_code == 3
@@ -332,3 +318,9 @@ def test_resume_removes_temp_files_a_killed_run_left_behind(finished_run: Path, 
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in stale) and keep.exists()
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_quiet_run_still_writes_the_full_log_file(finished_run: Path) -> None:
+    """`unet -q train` (how the fixture ran) quiets the terminal, not RUN/log.txt."""
+    text = (finished_run / "log.txt").read_text()
+    assert "training 2D U-Net" in text and "epoch 1/1" in text and "done in" in text

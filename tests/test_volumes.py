@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import lps_affine, make_nnunet, make_volume, save_nifti
 from typer.testing import CliRunner
 
 from unetcli.cli import app
@@ -19,53 +20,6 @@ from unetcli.errors import DataError
 
 TINY_3D = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=20", "--batch-size", "2",
            "--lr", "0.01", "--set", "train.warmup_iterations=5", "--precision", "fp32", "--set", "train.num_workers=0"]
-
-
-def make_volume(rng: np.random.Generator, shape=(24, 24, 16)) -> tuple[np.ndarray, np.ndarray]:
-    """A head-like blob (non-zero brain) holding a bright sphere (1) and a brighter box (2)."""
-    label = np.zeros(shape, np.uint8)
-    grid = np.indices(shape).astype(np.float32)
-    centre = np.asarray(shape, np.float32)[:, None, None, None] / 2
-    brain = (((grid - centre) / (np.asarray(shape)[:, None, None, None] * 0.45)) ** 2).sum(0) <= 1
-    c = rng.integers(7, np.asarray(shape) - 7)
-    label[(((grid - c[:, None, None, None]) ** 2).sum(0) <= 16) & brain] = 1
-    b = rng.integers(5, np.asarray(shape) - 9)
-    box = np.zeros(shape, bool)
-    box[b[0]:b[0] + 5, b[1]:b[1] + 5, b[2]:b[2] + 4] = True
-    label[box & brain & (label == 0)] = 2
-    image = np.where(brain, 100 + rng.normal(0, 8, shape), 0).astype(np.float32)
-    image[label == 1] += 60
-    image[label == 2] += 130
-    return image, label
-
-
-def lps_affine(spacing=(1.0, 1.0, 2.0)) -> np.ndarray:
-    return np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]) + np.array([[0, 0, 0, 20], [0, 0, 0, 30], [0, 0, 0, -10], [0, 0, 0, 0]])
-
-
-def save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
-def make_nnunet(root: Path, n: int = 5, seed: int = 0, flip_first: bool = False) -> Path:
-    rng = np.random.default_rng(seed)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    ras = np.diag([1.0, 1.0, 2.0, 1.0])
-    for i in range(n):
-        image, label = make_volume(rng)
-        affine = ras
-        if flip_first and i == 0:  # the same kind of data stored in LPS: the pipeline must not care
-            image, label, affine = image[::-1, ::-1].copy(), label[::-1, ::-1].copy(), lps_affine()
-        save(image, affine, root / "imagesTr" / f"case{i}_0000.nii.gz")
-        save(label, affine, root / "labelsTr" / f"case{i}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "T1"}, "labels": {"background": 0, "sphere": 1, "box": 2},
-        "numTraining": n, "file_ending": ".nii.gz"}))
-    return root
 
 
 @pytest.fixture()
@@ -94,8 +48,8 @@ def test_decathlon_4d_layout(tmp_path: Path, cache: Path) -> None:
     rng = np.random.default_rng(1)
     for i in range(2):
         image, label = make_volume(rng)
-        save(np.stack([image, image * 0.5], axis=-1), np.eye(4), root / "imagesTr" / f"brain_{i:03d}.nii.gz")
-        save(label, np.eye(4), root / "labelsTr" / f"brain_{i:03d}.nii.gz")
+        save_nifti(np.stack([image, image * 0.5], axis=-1), np.eye(4), root / "imagesTr" / f"brain_{i:03d}.nii.gz")
+        save_nifti(label, np.eye(4), root / "labelsTr" / f"brain_{i:03d}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1w"},
                                                    "labels": {"0": "background", "1": "a", "2": "b"}}))
     files = discover_dataset(root)
@@ -119,11 +73,11 @@ def test_preprocessing_is_cached_and_reused(tmp_path: Path, cache: Path, monkeyp
 
 def test_every_bad_case_is_listed_before_training(tmp_path: Path, cache: Path) -> None:
     root = make_nnunet(tmp_path / "d", n=4)
-    save(np.zeros((20, 24, 16), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0]), root / "labelsTr" / "case1.nii.gz")
+    save_nifti(np.zeros((20, 24, 16), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0]), root / "labelsTr" / "case1.nii.gz")
     bad = nib.load(str(root / "imagesTr" / "case2_0000.nii.gz"))
     data = np.asanyarray(bad.dataobj).copy()
     data[3, 3, 3] = np.nan
-    save(data, bad.affine, root / "imagesTr" / "case2_0000.nii.gz")
+    save_nifti(data, bad.affine, root / "imagesTr" / "case2_0000.nii.gz")
     with pytest.raises(DataError) as info:
         load_dataset(discover_dataset(root), DataConfig())
     lines = info.value.message.splitlines()
@@ -134,7 +88,7 @@ def test_every_bad_case_is_listed_before_training(tmp_path: Path, cache: Path) -
 
 def test_preprocess_then_restore_is_exact_without_resampling(tmp_path: Path) -> None:
     image, label = make_volume(np.random.default_rng(3))
-    save(image, lps_affine(), tmp_path / "img.nii.gz")
+    save_nifti(image, lps_affine(), tmp_path / "img.nii.gz")
     arr, props = read_image([tmp_path / "img.nii.gz"])
     plan = {"target_spacing": [1.0, 1.0, 2.0], "crop_to_nonzero": True, "schemes": ["zscore"], "ct_stats": None}
     image_pp, label_pp, geometry = volumes.preprocess(arr, props, plan, label.astype(np.int64))
@@ -144,7 +98,7 @@ def test_preprocess_then_restore_is_exact_without_resampling(tmp_path: Path) -> 
 
 def test_restore_after_resampling_keeps_anatomy(tmp_path: Path) -> None:
     image, label = make_volume(np.random.default_rng(4), shape=(32, 32, 20))
-    save(image, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "img.nii.gz")
+    save_nifti(image, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "img.nii.gz")
     arr, props = read_image([tmp_path / "img.nii.gz"])
     plan = {"target_spacing": [1.5, 1.5, 1.5], "crop_to_nonzero": True, "schemes": ["zscore"], "ct_stats": None}
     image_pp, label_pp, geometry = volumes.preprocess(arr, props, plan, label.astype(np.int64))
@@ -185,9 +139,9 @@ def test_predicted_nifti_keeps_geometry_and_orientation(trained_3d: tuple[Path, 
     scans = tmp_path / "scans"
     scans.mkdir()
     ras = np.diag([1.0, 1.0, 2.0, 1.0])
-    save(image, ras, scans / "new_ras_0000.nii.gz")
+    save_nifti(image, ras, scans / "new_ras_0000.nii.gz")
     # the same scan stored flipped (LPS): a different array, the same anatomy
-    save(image[::-1, ::-1].copy(), lps_affine(), scans / "new_lps_0000.nii.gz")
+    save_nifti(image[::-1, ::-1].copy(), lps_affine(), scans / "new_lps_0000.nii.gz")
     out = tmp_path / "pred"
     result = CliRunner().invoke(app, ["predict", str(run), str(scans), str(out)])
     assert result.exit_code == 0, result.output

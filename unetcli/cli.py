@@ -87,8 +87,10 @@ def root(
     _state["debug"] = debug or _state["debug"]
     _state["quiet"] = quiet
     handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False, rich_tracebacks=False)
+    # --quiet quiets the terminal only: a run's log.txt handler still gets every INFO record.
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.handlers = [h for h in log.handlers if not isinstance(h, RichHandler)] + [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.setLevel(logging.INFO)
     log.propagate = False
 
 
@@ -166,7 +168,7 @@ def train(
 
     Ctrl-C or SIGTERM saves a checkpoint and stops (exit 130/143); `unet train --resume RUN` continues exactly where it stopped.
     """
-    from unetcli.training.trainer import RESUME_KEYS, resume_training
+    from unetcli.training.resume import RESUME_KEYS, resume_training
     from unetcli.training.trainer import train as run_training
 
     if resume is not None:
@@ -269,7 +271,10 @@ def eval_(
 ) -> None:
     """Score predictions against references: Dice, IoU, precision, recall, volume difference, HD, HD95, ASSD, NSD
     (distances in mm); or compare several runs with bootstrap confidence intervals and paired tests."""
-    from unetcli.evaluation.report import default_jobs, resolve_label_names, run_evaluation, summary_table
+    from unetcli.evaluation.scoring import default_jobs
+    from unetcli.evaluation.stats import comparison_table
+    from unetcli.evaluation.summary import summary_table
+    from unetcli.workflows.eval import resolve_label_names, run_evaluation
 
     if truth is None:
         if len(paths) != 2:
@@ -292,8 +297,6 @@ def eval_(
     if outcome.comparison is None:
         console.print(summary_table(outcome.results[0]))
     else:
-        from unetcli.evaluation.compare import comparison_table
-
         console.print(comparison_table(outcome.comparison))
     console.print(f"wrote {len(outcome.written)} file(s) to {out}" + (f" and {overlays}" if overlays else ""))
 
@@ -312,8 +315,8 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train on real MRI slices shipped with unetcli, predict held-out slices, print their Dice."""
-    from unetcli.demo import DEMOS, run_demo
-    from unetcli.evaluation.report import summary_table
+    from unetcli.evaluation.summary import summary_table
+    from unetcli.workflows.demo import DEMOS, run_demo
 
     kind = "3d" if three_d else "2d"
     out = out or Path("unet-demo-3d" if three_d else "unet-demo")
@@ -353,8 +356,8 @@ def compare(
 ) -> None:
     """Compare skip connections (concat / add / none / valid-crop): train each variant with the same data, split, budget
     and seeds, predict and score the held-out cases; writes DIR/report.md with a table (Dice, HD95, NSD), charts and overlays."""
-    from unetcli.evaluation.compare import comparison_table
-    from unetcli.study import DEMO_OVERRIDES, REPORT_METRICS, make_plan, parse_variants, resolve_study_data, run_study
+    from unetcli.evaluation.stats import comparison_table
+    from unetcli.workflows.compare import DEMO_OVERRIDES, REPORT_METRICS, make_plan, parse_variants, resolve_study_data, run_study
 
     variants = parse_variants(skip)
     study_data = resolve_study_data(data, test, demo)

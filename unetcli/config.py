@@ -66,6 +66,12 @@ class ModelConfig:
     norm: Literal["batch", "instance", "none"] = "batch"
     dropout: float = 0.0
     convs_per_level: int = 2
+    kernel_sizes: list[int | list[int]] | None = None
+    """Per level, the convolution kernel per axis (odd), e.g. ``[[1,3,3],[3,3,3],[3,3,3],[3,3,3]]`` for
+    thick-slice MRI; an int means every axis. ``None``: 3 on every axis."""
+    strides: list[int | list[int]] | None = None
+    """Per level, the pooling factor per axis; the first level's is all 1, e.g.
+    ``[[1,1,1],[1,2,2],[2,2,2],[2,2,2]]``. ``None``: 2 on every axis."""
 
 
 @dataclass

@@ -79,7 +79,7 @@ class ImageProperties:
     @property
     def canonical_spacing(self) -> tuple[float, float, float]:
         """Voxel sizes (mm) along the canonical (RAS) axes."""
-        return _voxel_sizes(self.canonical_affine)
+        return voxel_sizes(self.canonical_affine)
 
 
 # --------------------------------------------------------------------------- file names
@@ -149,7 +149,8 @@ def _image_class(raw: bytes) -> type[nib.Nifti1Image] | None:
     return None
 
 
-def _voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along each array axis of ``affine``."""
     sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
 
@@ -227,7 +228,7 @@ def read_image(paths: Sequence[Path]) -> tuple[np.ndarray, ImageProperties]:
         affine=affine,
         header=ref_img.header.copy(),
         original_shape=tuple(int(n) for n in image.shape[1:]),
-        spacing=_voxel_sizes(affine),
+        spacing=voxel_sizes(affine),
         orientation=tuple(nib.aff2axcodes(affine)),
         source=str(ref_path),
     )
@@ -239,17 +240,17 @@ def _check_same_grid(path: Path, img: nib.Nifti1Image, ref_path: Path, ref: nib.
         raise DataError(f"{path}: shape {img.shape[:3]} differs from {ref_path.name}'s {ref.shape[:3]}",
                         hint="all channel files of a case must be on the same voxel grid")
     if not np.allclose(img.affine, ref.affine, atol=AFFINE_ATOL):
-        raise DataError(f"{path}: affine differs from {ref_path.name}'s ({_affine_diff(img.affine, ref.affine)})",
+        raise DataError(f"{path}: affine differs from {ref_path.name}'s ({affine_difference(img.affine, ref.affine)})",
                         hint="all channel files of a case must be on the same voxel grid")
 
 
-def _affine_diff(a: np.ndarray, b: np.ndarray) -> str:
+def affine_difference(a: np.ndarray, b: np.ndarray) -> str:
     """Short description of how two affines differ: origin, spacing, orientation, max difference."""
 
     def fmt(values: Sequence[float]) -> str:
         return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
-    parts = [f"origin {fmt(a[:3, 3])} vs {fmt(b[:3, 3])}", f"spacing {fmt(_voxel_sizes(a))} vs {fmt(_voxel_sizes(b))}"]
+    parts = [f"origin {fmt(a[:3, 3])} vs {fmt(b[:3, 3])}", f"spacing {fmt(voxel_sizes(a))} vs {fmt(voxel_sizes(b))}"]
     try:
         parts.append(f"orientation {''.join(nib.aff2axcodes(a))} vs {''.join(nib.aff2axcodes(b))}")
     except Exception:  # noqa: BLE001 - a degenerate affine has no axis codes; the rest still helps
@@ -301,7 +302,7 @@ def _check_label_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, re
             hint="the label must be on the image's voxel grid",
         )
     if not np.allclose(affine, ref.affine, atol=AFFINE_ATOL):
-        raise DataError(f"{path}: label affine differs from image {image_name}'s ({_affine_diff(affine, ref.affine)})",
+        raise DataError(f"{path}: label affine differs from image {image_name}'s ({affine_difference(affine, ref.affine)})",
                         hint="the label must be on the image's voxel grid (same origin, spacing and orientation)")
 
 

@@ -18,13 +18,16 @@ import torch.nn.functional as F
 from unetcli.data.types import Case
 
 
-def pad_to_cover(array: np.ndarray, spatial_shape: Sequence[int], margin: int, mode: str = "reflect") -> np.ndarray:
-    """Pad the trailing spatial axes by ``margin`` per side and up to ``spatial_shape`` (mirror padding)."""
+def pad_to_cover(array: np.ndarray, spatial_shape: Sequence[int], margin: int | Sequence[int],
+                 mode: str = "reflect") -> np.ndarray:
+    """Pad the trailing spatial axes by ``margin`` per side (an int, or one per axis) and up to
+    ``spatial_shape`` (mirror padding)."""
     spatial = array.shape[-len(spatial_shape):]
+    margins = [margin] * len(spatial_shape) if isinstance(margin, int) else list(margin)
     pads = []
-    for size, target in zip(spatial, spatial_shape):
-        extra = max(0, target - (size + 2 * margin))
-        pads.append((margin + extra // 2, margin + extra - extra // 2))
+    for size, target, m in zip(spatial, spatial_shape, margins):
+        extra = max(0, target - (size + 2 * m))
+        pads.append((m + extra // 2, m + extra - extra // 2))
     if not any(lo or hi for lo, hi in pads):
         return array
     lead = [(0, 0)] * (array.ndim - len(spatial_shape))
@@ -50,7 +53,7 @@ class PatchSampler:
         patch_size: network input size per spatial axis.
         batch_size: patches per batch.
         num_classes: classes incl. background (for foreground oversampling).
-        margin: voxels a valid-padding network loses per side; images are mirror-padded by it.
+        margin: voxels a valid-padding network loses per side (per axis); images are mirror-padded by it.
         foreground_fraction: share of patches centred on a voxel of a random foreground class
             present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
         flips, rotate90: mirror every spatial axis / turn in the last two axes (square patches only).
@@ -68,7 +71,7 @@ class PatchSampler:
         patch_size: Sequence[int],
         batch_size: int,
         num_classes: int = 2,
-        margin: int = 0,
+        margin: int | Sequence[int] = 0,
         foreground_fraction: float = 0.33,
         flips: bool = True,
         rotate90: bool = True,

@@ -477,37 +477,39 @@ def case_metrics(
             p, t = pred_arr == values[0], truth_arr == values[0]
         else:
             p, t = np.isin(pred_arr, values), np.isin(truth_arr, values)
-        tp = int(np.count_nonzero(p & t))
-        n_pred, n_truth = int(np.count_nonzero(p)), int(np.count_nonzero(t))
-        fp, fn = n_pred - tp, n_truth - tp
-
-        if n_pred == 0 and n_truth == 0:
-            results[key] = {m: _NAN for m in names}
-            continue
-
-        d_pt = d_tp = np.zeros(0)
-        if need_surface:
-            d_pt, d_tp = _surface_distance_pair(p, t, sp)
-
-        row: dict[str, float] = {}
-        for m in names:
-            if m == "dice":
-                row[m] = _ratio(2 * tp, 2 * tp + fp + fn, _NAN)
-            elif m == "iou":
-                row[m] = _ratio(tp, tp + fp + fn, _NAN)
-            elif m == "precision":
-                row[m] = _ratio(tp, tp + fp, _NAN)
-            elif m == "recall":
-                row[m] = _ratio(tp, tp + fn, _NAN)
-            elif m == "volume_difference":
-                row[m] = float((n_pred - n_truth) * voxel_volume)
-            elif m == "hd":
-                row[m] = _hd_from(d_pt, d_tp, 100.0)
-            elif m == "hd95":
-                row[m] = _hd_from(d_pt, d_tp, 95.0)
-            elif m == "assd":
-                row[m] = _assd_from(d_pt, d_tp)
-            else:  # "nsd"
-                row[m] = _nsd_from(d_pt, d_tp, tol)
-        results[key] = row
+        results[key] = _mask_metrics(p, t, names, sp, tol, voxel_volume, need_surface)
     return results
+
+
+def _mask_metrics(p: np.ndarray, t: np.ndarray, names: list[str], sp: np.ndarray, tol: float,
+                  voxel_volume: float, need_surface: bool) -> dict[str, float]:
+    """The metrics ``names`` of one class's prediction mask ``p`` against its reference ``t``."""
+    tp = int(np.count_nonzero(p & t))
+    n_pred, n_truth = int(np.count_nonzero(p)), int(np.count_nonzero(t))
+    fp, fn = n_pred - tp, n_truth - tp
+    if n_pred == 0 and n_truth == 0:
+        return {m: _NAN for m in names}
+    d_pt = d_tp = np.zeros(0)
+    if need_surface:
+        d_pt, d_tp = _surface_distance_pair(p, t, sp)
+    row: dict[str, float] = {}
+    for m in names:
+        if m == "dice":
+            row[m] = _ratio(2 * tp, 2 * tp + fp + fn, _NAN)
+        elif m == "iou":
+            row[m] = _ratio(tp, tp + fp + fn, _NAN)
+        elif m == "precision":
+            row[m] = _ratio(tp, tp + fp, _NAN)
+        elif m == "recall":
+            row[m] = _ratio(tp, tp + fn, _NAN)
+        elif m == "volume_difference":
+            row[m] = float((n_pred - n_truth) * voxel_volume)
+        elif m == "hd":
+            row[m] = _hd_from(d_pt, d_tp, 100.0)
+        elif m == "hd95":
+            row[m] = _hd_from(d_pt, d_tp, 95.0)
+        elif m == "assd":
+            row[m] = _assd_from(d_pt, d_tp)
+        else:  # "nsd"
+            row[m] = _nsd_from(d_pt, d_tp, tol)
+    return row

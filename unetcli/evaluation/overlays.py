@@ -8,19 +8,28 @@ case's image from ``image_dir`` when one matches (``NAME.png`` / ``NAME_0000.png
 disagree on a scored class is shown (if they agree everywhere, the slice with the largest
 reference area), with the X axis horizontal, Y vertical and the voxel aspect from the spacing.
 Every class is drawn with its own contour, so borders between touching classes show.
+
+:func:`read_case_view` and :func:`draw_case_view` are shared with ``unet compare``'s per-variant
+case grids (:mod:`unetcli.workflows.compare.figures`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from unetcli.atomic import atomic_write_with
+from unetcli.data.nifti import read_image
+from unetcli.data.png import read_png_image
 from unetcli.errors import UnetCliError
-from unetcli.evaluation.report import CasePair, EvalResult, read_pair
+from unetcli.evaluation.cases import CasePair, read_pair
+from unetcli.evaluation.summary import EvalResult
 
 log = logging.getLogger("unetcli")
 
@@ -55,13 +64,9 @@ def _read_background(image_dir: Path | None, pair: CasePair, kind: str, shape: t
         return None
     try:
         if kind == "png":
-            from unetcli.data.png import read_png_image
-
             image = read_png_image(path)
             image = image.mean(axis=0) if image.shape[0] == 3 else image[0]
         else:
-            from unetcli.data.nifti import read_image
-
             image = read_image([path])[0][0]
     except UnetCliError as exc:
         log.warning("overlay %s: %s; drawing on the reference labels", pair.name, exc.message)
@@ -94,46 +99,89 @@ def _normalise(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) / (high - low), 0, 1).astype(np.float32)
 
 
+@dataclass
+class CaseView:
+    """One case as an overlay shows it: a grey image in [0, 1] and, per class, the reference's mask and
+    every prediction's mask, all 2D, on the same slice and in display orientation."""
+
+    image: np.ndarray
+    reference: list[np.ndarray]
+    predictions: list[list[np.ndarray]]  # per result read, per class
+    origin: str  # imshow origin: "upper" (PNG rows) or "lower" (a 3D slice, Y up)
+    aspect: float  # row height / column width, from the spacing
+    slice_index: int | None = None  # 3D: the axial (last-axis) slice shown
+    depth: int = 1  # 3D: the number of axial slices
+
+
+def _case_pair(result: EvalResult, case: str) -> CasePair:
+    return next(p for p in result.pairs if p.name == case)
+
+
+def read_case_view(case: str, results: Sequence[EvalResult], image_dir: Path | None = None) -> CaseView:
+    """``case`` as scored in each of ``results`` (runs on the same references), ready to draw.
+
+    The background is the case's image from ``image_dir``, else the reference labels; a 3D case
+    shows the slice where the predictions disagree most with the reference (see the module text).
+    """
+    predictions: list[list[np.ndarray]] = []
+    for result in results:
+        pred, truth, spacing = read_pair(_case_pair(result, case), result.kind, result.spacings.get(case))
+        groups = list(result.groups.values())
+        predictions.append([np.isin(pred, g) for g in groups])
+        reference = [np.isin(truth, g) for g in groups]
+    background = _read_background(image_dir, _case_pair(results[0], case), results[0].kind, truth.shape)
+    if background is None:
+        background = truth.astype(np.float32)
+    if truth.ndim == 2:
+        return CaseView(_normalise(background), reference, predictions, "upper",
+                        spacing[0] / spacing[1] if spacing else 1.0)
+    z = _pick_slice([m for masks in predictions for m in masks], reference * len(predictions))
+    # (X, Y) slice shown with X horizontal, Y vertical: transpose, origin lower.
+    return CaseView(_normalise(background[:, :, z].T), [m[:, :, z].T for m in reference],
+                    [[m[:, :, z].T for m in masks] for masks in predictions], "lower",
+                    spacing[1] / spacing[0] if spacing else 1.0, z, truth.shape[-1])
+
+
+def _draw_contours(ax: Any, masks: list[np.ndarray], colour: str, width: float) -> None:
+    """Each mask's outline; padded so that a region touching the image border is closed."""
+    limits = ax.get_xlim(), ax.get_ylim()
+    for mask in masks:
+        if mask.any():
+            rows, cols = mask.shape
+            ax.contour(np.arange(-1, cols + 1), np.arange(-1, rows + 1), np.pad(mask, 1).astype(np.float32),
+                       levels=[0.5], colors=[colour], linewidths=width)
+    ax.set_xlim(*limits[0])  # the padding must not widen the view beyond the image
+    ax.set_ylim(*limits[1])
+
+
+def draw_case_view(ax: Any, view: CaseView, prediction: int = 0, linewidth: float = 1.0, legend: bool = False) -> None:
+    """On the matplotlib axes ``ax``: the image, the reference's contours (green) and those of
+    prediction number ``prediction`` (magenta); with ``legend``, a legend of the two colours."""
+    from matplotlib.lines import Line2D
+
+    ax.imshow(view.image, cmap="gray", origin=view.origin, aspect=view.aspect, interpolation="nearest")
+    _draw_contours(ax, view.reference, REFERENCE_COLOUR, linewidth)
+    _draw_contours(ax, view.predictions[prediction], PREDICTION_COLOUR, linewidth)
+    if legend:
+        ax.legend(handles=[Line2D([], [], color=REFERENCE_COLOUR, label="reference"),
+                           Line2D([], [], color=PREDICTION_COLOUR, label="prediction")],
+                  loc="lower right", fontsize=7, framealpha=0.6)
+
+
 def render_overlay(result: EvalResult, case: str, dice: float, path: Path, image_dir: Path | None = None) -> Path:
     """Write one overlay PNG for ``case`` of ``result`` to ``path`` (atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    pair = next(p for p in result.pairs if p.name == case)
-    pred, truth, spacing = read_pair(pair, result.kind, result.spacings.get(case))
-    groups = list(result.groups.values())
-    pred_masks = [np.isin(pred, g) for g in groups]
-    truth_masks = [np.isin(truth, g) for g in groups]
-    background = _read_background(image_dir, pair, result.kind, truth.shape)
-    if background is None:
-        background = truth.astype(np.float32)
-    where = ""
-    if truth.ndim == 3:
-        z = _pick_slice(pred_masks, truth_masks)
-        where = f", slice {z} of {truth.shape[-1]} (last axis)"
-        # (X, Y) slice shown with X horizontal, Y vertical: transpose, origin lower.
-        background = background[:, :, z].T
-        pred_masks = [m[:, :, z].T for m in pred_masks]
-        truth_masks = [m[:, :, z].T for m in truth_masks]
-        origin, aspect = "lower", (spacing[1] / spacing[0] if spacing else 1.0)
-    else:
-        origin, aspect = "upper", (spacing[0] / spacing[1] if spacing else 1.0)
-
-    height, width = background.shape
-    scale = 6.0 / max(height * aspect, width)
-    fig = Figure(figsize=(max(width * scale, 3.0), height * aspect * scale + 0.8), layout="constrained")
+    view = read_case_view(case, [result], image_dir)
+    height, width = view.image.shape
+    scale = 6.0 / max(height * view.aspect, width)
+    fig = Figure(figsize=(max(width * scale, 3.0), height * view.aspect * scale + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.imshow(_normalise(background), cmap="gray", origin=origin, aspect=aspect, interpolation="nearest")
-    for masks, colour in ((truth_masks, REFERENCE_COLOUR), (pred_masks, PREDICTION_COLOUR)):
-        for mask in masks:
-            if mask.any() and not mask.all():
-                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
+    draw_case_view(ax, view, linewidth=1.0, legend=True)
     ax.set_axis_off()
-    ax.legend(handles=[Line2D([], [], color=REFERENCE_COLOUR, label="reference"),
-                       Line2D([], [], color=PREDICTION_COLOUR, label="prediction")],
-              loc="lower right", fontsize=7, framealpha=0.6)
+    where = "" if view.slice_index is None else f", slice {view.slice_index} of {view.depth} (last axis)"
     dice_text = "–" if math.isnan(dice) else f"{dice:.3f}"
     ax.set_title(f"{case}: foreground Dice {dice_text}{where}", fontsize=9)
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from unetcli.atomic import atomic_path, ensure_writable_folder
@@ -22,7 +21,7 @@ from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
 from unetcli.inference.sliding_window import sliding_window_predict
-from unetcli.models import build_model, fold_batch_norm
+from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
 from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
 
@@ -33,7 +32,7 @@ _CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: SegmentationNetwork
     config: RunConfig
     metadata: dict[str, Any]
     checkpoint: Path
@@ -118,7 +117,7 @@ def _window_kwargs(loaded: LoadedModel, device: torch.device, precision: str, mi
     infer = loaded.config.infer
     return {"overlap": infer.overlap, "window_batch_size": infer.windows_per_batch(loaded.config.model.spatial_dims),
             "gaussian": infer.gaussian,
-            "mirror": infer.mirror if mirror is None else mirror, "margin": getattr(loaded.model, "margin", 0),
+            "mirror": infer.mirror if mirror is None else mirror, "margin": loaded.model.margin,
             "device": device, "precision": precision}
 
 

@@ -100,7 +100,7 @@ def sliding_window_predict(
     window_batch_size: int = 4,
     gaussian: bool = True,
     mirror: bool = False,
-    margin: int = 0,
+    margin: int | Sequence[int] = 0,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     output: str = "probabilities",
@@ -109,9 +109,10 @@ def sliding_window_predict(
 
     Args:
         model: network in eval mode; input (B, C, *roi_size) -> logits (B, K, *out) with
-            ``out = roi_size - 2 * margin`` (``margin`` > 0 for valid-padding networks).
+            ``out = roi_size - 2 * margin`` per axis (``margin`` > 0 for valid-padding networks).
         image: (C, *S) float32, already normalised. Images smaller than a window are
-            mirror-padded; valid-padding networks get ``margin`` voxels of mirrored context.
+            mirror-padded; valid-padding networks get ``margin`` voxels of mirrored context
+            (an int, or one per axis).
         roi_size: network input size per spatial axis.
         num_classes: K.
         overlap: fraction of a window shared with its neighbour along each axis.
@@ -128,27 +129,16 @@ def sliding_window_predict(
     """
     device = torch.device(device)
     spatial = image.shape[1:]
-    out_roi = tuple(r - 2 * margin for r in roi_size)
+    margins = (margin,) * len(spatial) if isinstance(margin, int) else tuple(margin)
+    out_roi = tuple(r - 2 * m for r, m in zip(roi_size, margins))
     grid = tuple(max(s, r) for s, r in zip(spatial, out_roi))
-    padded = torch.from_numpy(np.ascontiguousarray(pad_to_cover(image, [g + 2 * margin for g in grid], margin)))
+    padded = torch.from_numpy(np.ascontiguousarray(pad_to_cover(image, [g + 2 * m for g, m in zip(grid, margins)], margins)))
     # pad_to_cover centres the extra padding; the output grid starts where the image starts.
-    offset = [(p - 2 * margin - s) // 2 for p, s in zip(padded.shape[1:], spatial)]
-    grid = tuple(padded.shape[1:][i] - 2 * margin for i in range(len(spatial)))
+    offset = [(p - 2 * m - s) // 2 for p, m, s in zip(padded.shape[1:], margins, spatial)]
+    grid = tuple(p - 2 * m for p, m in zip(padded.shape[1:], margins))
 
     weight = gaussian_importance(out_roi) if gaussian else torch.ones(out_roi)
-    if output == "labels":
-        # uint8 holds 256 classes in an eighth of int64's memory (a 512x512x500 CT: 125 MiB, not 1 GiB).
-        result = torch.zeros(grid, dtype=torch.uint8 if num_classes <= 256 else torch.int64)
-
-        def emit(lo: int, sums: torch.Tensor) -> None:
-            # A positive per-voxel normaliser cannot change the argmax; max().indices is much faster than argmax on CPU.
-            result[lo : lo + sums.shape[1]] = sums.max(0).indices
-
-        band = _RowBand(torch.zeros((num_classes, out_roi[0]) + grid[1:]), emit)
-    else:
-        # The output itself is the band: the weighted sums are accumulated where the probabilities end up.
-        result = torch.zeros((num_classes,) + grid, dtype=torch.float32)
-        band = _RowBand(result, lambda lo, sums: None)
+    result, band = _accumulator(output, num_classes, out_roi, grid)
     fmt = _input_format(model, len(spatial))
     starts = list(itertools.product(*(window_starts(g, r, overlap) for g, r in zip(grid, out_roi))))
     flip_sets: list[tuple[int, ...]] = [()]
@@ -161,23 +151,45 @@ def sliding_window_predict(
         batch = torch.stack(
             [padded[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, roi_size))] for start in chunk]
         ).to(device, non_blocking=True).contiguous(memory_format=fmt)
-        pred = None
-        for flips in flip_sets:
-            x = batch.flip(flips) if flips else batch
-            with autocast(device, precision):
-                logits = model(x)
-            p = torch.softmax(logits.float(), dim=1)
-            p = p.flip(flips) if flips else p
-            pred = p if pred is None else pred.add_(p)
-        pred = pred.cpu()
-        if len(flip_sets) > 1:
-            pred /= len(flip_sets)
+        pred = _predict_windows(model, batch, flip_sets, device, precision)
         for start, p in zip(chunk, pred.mul_(weight)):
             band.add(start, p)
     band.finish(grid[0])
-    if output != "labels":
-        _normalise_in_place(result)
     crop = tuple(slice(o, o + s) for o, s in zip(offset, spatial))
     if output == "labels":
         return result[crop].contiguous()
+    _normalise_in_place(result)
     return result[(slice(None),) + crop].contiguous()
+
+
+def _accumulator(output: str, num_classes: int, out_roi: tuple[int, ...], grid: tuple[int, ...]) -> tuple[torch.Tensor, _RowBand]:
+    """The output array and the band that accumulates window predictions into it."""
+    if output == "labels":
+        # uint8 holds 256 classes in an eighth of int64's memory (a 512x512x500 CT: 125 MiB, not 1 GiB).
+        labels = torch.zeros(grid, dtype=torch.uint8 if num_classes <= 256 else torch.int64)
+
+        def emit(lo: int, sums: torch.Tensor) -> None:
+            # A positive per-voxel normaliser cannot change the argmax; max().indices is much faster than argmax on CPU.
+            labels[lo : lo + sums.shape[1]] = sums.max(0).indices
+
+        return labels, _RowBand(torch.zeros((num_classes, out_roi[0]) + grid[1:]), emit)
+    # The output itself is the band: the weighted sums are accumulated where the probabilities end up.
+    probabilities = torch.zeros((num_classes,) + grid, dtype=torch.float32)
+    return probabilities, _RowBand(probabilities, lambda lo, sums: None)
+
+
+def _predict_windows(model: nn.Module, batch: torch.Tensor, flip_sets: list[tuple[int, ...]], device: torch.device,
+                     precision: str) -> torch.Tensor:
+    """Softmax probabilities of a window batch, averaged over the flips in ``flip_sets``, on the CPU."""
+    pred = None
+    for flips in flip_sets:
+        x = batch.flip(flips) if flips else batch
+        with autocast(device, precision):
+            logits = model(x)
+        p = torch.softmax(logits.float(), dim=1)
+        p = p.flip(flips) if flips else p
+        pred = p if pred is None else pred.add_(p)
+    pred = pred.cpu()  # type: ignore[union-attr]
+    if len(flip_sets) > 1:
+        pred /= len(flip_sets)
+    return pred

@@ -1,19 +1,22 @@
-"""Model factory: ``build_model(cfg)`` looks the network up by name in :data:`MODELS`."""
+"""Model factory: ``build_model(cfg)`` looks the network up by name in :data:`MODELS` and returns a
+:class:`SegmentationNetwork` (per-axis size contract: ``size_multiple``, ``margin``, ...)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from unetcli.config import ModelConfig
 from unetcli.errors import ConfigError
+from unetcli.models.network import SegmentationNetwork
 from unetcli.models.unet import UNet
 
 
-def _build_unet(cfg: ModelConfig) -> nn.Module:
+def _build_unet(cfg: ModelConfig) -> SegmentationNetwork:
     return UNet(
         spatial_dims=cfg.spatial_dims,  # type: ignore[arg-type]
         in_channels=cfg.in_channels,  # type: ignore[arg-type]
@@ -25,13 +28,15 @@ def _build_unet(cfg: ModelConfig) -> nn.Module:
         norm=cfg.norm,
         dropout=cfg.dropout,
         convs_per_level=cfg.convs_per_level,
+        kernel_sizes=cfg.kernel_sizes,
+        strides=cfg.strides,
     )
 
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"unet": _build_unet}
+MODELS: dict[str, Callable[[ModelConfig], SegmentationNetwork]] = {"unet": _build_unet}
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> SegmentationNetwork:
     """Build the network named by ``cfg.name``; spatial dims and channel counts must be resolved."""
     if cfg.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.name}'", hint=f"choose one of: {', '.join(MODELS)}")
@@ -45,7 +50,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fold_batch_norm(model: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def fold_batch_norm(model: ModuleT) -> ModuleT:
     """An inference copy of ``model`` (in eval mode) with every BatchNorm that directly follows a
     convolution folded into that convolution's weights and bias.
 
@@ -70,4 +78,4 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     return folded
 
 
-__all__ = ["MODELS", "UNet", "build_model", "count_parameters", "fold_batch_norm"]
+__all__ = ["MODELS", "SegmentationNetwork", "UNet", "build_model", "count_parameters", "fold_batch_norm"]

@@ -1,7 +1,12 @@
-"""U-Net building blocks, each written once for 2D and 3D (``spatial_dims``)."""
+"""U-Net building blocks, each written once for 2D and 3D (``spatial_dims``).
+
+Kernel sizes and strides are per axis (``(1, 3, 3)``, ``(1, 2, 2)``), so one block serves
+isotropic data and thick-slice MRI, where the slice axis must not be pooled as early as the others.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -24,10 +29,11 @@ def norm_layer(norm: Norm, spatial_dims: int, channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Sequential):
-    """``convs`` x (3^d convolution -> norm -> LeakyReLU), optionally followed by dropout.
+    """``convs`` x (convolution -> norm -> LeakyReLU), optionally followed by dropout.
 
-    ``padding="same"`` keeps the spatial size; ``"valid"`` (the original U-Net) shrinks each
-    axis by 2 per convolution. Shape: (N, in_channels, *S) -> (N, out_channels, *S').
+    ``kernel_size`` is per axis (odd sizes). ``padding="same"`` pads ``k // 2`` per axis and keeps
+    the spatial size; ``"valid"`` (the original U-Net) pads nothing, so each convolution shrinks
+    an axis by ``k - 1``. Shape: (N, in_channels, *S) -> (N, out_channels, *S').
     """
 
     def __init__(
@@ -39,15 +45,18 @@ class ConvBlock(nn.Sequential):
         norm: Norm = "batch",
         padding: Literal["same", "valid"] = "same",
         dropout: float = 0.0,
+        kernel_size: Sequence[int] | None = None,
     ) -> None:
+        kernel = tuple(kernel_size) if kernel_size is not None else (3,) * spatial_dims
+        pad = tuple(k // 2 for k in kernel) if padding == "same" else 0
         layers: list[nn.Module] = []
         for i in range(convs):
             layers += [
                 conv_nd(spatial_dims)(
                     in_channels if i == 0 else out_channels,
                     out_channels,
-                    kernel_size=3,
-                    padding=1 if padding == "same" else 0,
+                    kernel_size=kernel,
+                    padding=pad,
                     bias=norm == "none",  # a norm layer's shift makes the conv bias redundant
                 ),
                 norm_layer(norm, spatial_dims, out_channels),
@@ -59,21 +68,27 @@ class ConvBlock(nn.Sequential):
 
 
 class Down(nn.Sequential):
-    """2x max-pooling then a :class:`ConvBlock`: halves every spatial axis."""
+    """Max-pooling by ``stride`` (per axis; 1 leaves an axis alone) then a :class:`ConvBlock`."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, **block_kwargs) -> None:
-        pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims](2)
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: Sequence[int] | None = None,
+                 **block_kwargs) -> None:
+        stride = tuple(stride) if stride is not None else (2,) * spatial_dims
+        pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims](stride)
         super().__init__(pool, ConvBlock(spatial_dims, in_channels, out_channels, **block_kwargs))
 
 
-def upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: Literal["transpose", "interp"]) -> nn.Module:
-    """Doubles every spatial axis. ``transpose``: learned 2x transposed convolution to
-    ``out_channels``. ``interp``: parameter-free (bi/tri)linear interpolation that keeps
-    ``in_channels`` (the decoder's merge then sees more channels, as in milesial's bilinear U-Net)."""
+def upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: Literal["transpose", "interp"],
+              stride: Sequence[int] | None = None) -> nn.Module:
+    """Multiplies each spatial axis by ``stride`` (per axis, default 2), undoing a :class:`Down`.
+    ``transpose``: learned transposed convolution (kernel = stride) to ``out_channels``.
+    ``interp``: parameter-free (bi/tri)linear interpolation that keeps ``in_channels`` (the
+    decoder's merge then sees more channels, as in milesial's bilinear U-Net)."""
+    stride = tuple(stride) if stride is not None else (2,) * spatial_dims
     if mode == "transpose":
         cls = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
-        return cls(in_channels, out_channels, kernel_size=2, stride=2)
-    return nn.Upsample(scale_factor=2, mode="bilinear" if spatial_dims == 2 else "trilinear", align_corners=False)
+        return cls(in_channels, out_channels, kernel_size=stride, stride=stride)
+    scale = tuple(float(s) for s in stride)
+    return nn.Upsample(scale_factor=scale, mode="bilinear" if spatial_dims == 2 else "trilinear", align_corners=False)
 
 
 def center_crop(x: torch.Tensor, spatial_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -86,7 +101,7 @@ def center_crop(x: torch.Tensor, spatial_shape: tuple[int, ...] | torch.Size) ->
 
 
 class Up(nn.Module):
-    """Upsample the deeper features, merge the encoder's skip features, then a :class:`ConvBlock`.
+    """Upsample the deeper features by ``stride``, merge the encoder's skip features, then a :class:`ConvBlock`.
 
     ``skip``: ``concat`` joins channels (original U-Net); ``add`` sums them, projecting the skip
     with a 1x1 convolution when the channel counts differ; ``none`` ignores the skip. With
@@ -101,11 +116,12 @@ class Up(nn.Module):
         out_channels: int,
         skip: SkipMode = "concat",
         upsample: Literal["transpose", "interp"] = "transpose",
+        stride: Sequence[int] | None = None,
         **block_kwargs,
     ) -> None:
         super().__init__()
         up_channels = skip_channels if upsample == "transpose" else deep_channels
-        self.up = upsampler(spatial_dims, deep_channels, up_channels, upsample)
+        self.up = upsampler(spatial_dims, deep_channels, up_channels, upsample, stride)
         self.skip = skip
         self.project: nn.Module = nn.Identity()
         if skip == "add" and skip_channels != up_channels:

@@ -1,8 +1,8 @@
-"""One U-Net for 2D and 3D with configurable skips, padding, upsampling and normalisation."""
+"""One U-Net for 2D and 3D with configurable skips, padding, upsampling, normalisation and
+per-axis kernel sizes and strides."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -11,9 +11,40 @@ from torch import nn
 
 from unetcli.errors import ModelError
 from unetcli.models.blocks import ConvBlock, Down, Norm, SkipMode, Up, conv_nd
+from unetcli.models.network import SegmentationNetwork, Size, per_axis
 
 
-class UNet(nn.Module):
+def resolve_topology(spatial_dims: int, levels: int, kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+                     strides: Sequence[int | Sequence[int]] | None = None) -> tuple[list[Size], list[Size]]:
+    """Per-level, per-axis kernel sizes and strides; ``None`` gives 3 and 2 on every axis.
+
+    Level 0 is the full-resolution stem, so its stride must be 1; level ``i > 0`` pools by
+    ``strides[i]``. An int stands for the same value on every axis.
+    """
+    kernels_in = kernel_sizes if kernel_sizes is not None else [3] * levels
+    strides_in = strides if strides is not None else [1] + [2] * (levels - 1)
+    for name, given in (("kernel_sizes", kernels_in), ("strides", strides_in)):
+        if len(given) != levels:
+            raise ModelError(f"model.{name} lists {len(given)} levels but model.features has {levels}",
+                             hint=f"give one entry per level, e.g. model.{name}=[[...], ...] with {levels} entries")
+    try:
+        kernels = [per_axis(k, spatial_dims) for k in kernels_in]
+        steps = [per_axis(s, spatial_dims) for s in strides_in]
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"model.kernel_sizes / model.strides: {exc}",
+                         hint=f"give {spatial_dims} numbers per level, e.g. {[3] * spatial_dims}") from exc
+    if any(k < 1 or k % 2 == 0 for level in kernels for k in level):
+        raise ModelError(f"model.kernel_sizes must be odd and positive, got {[list(k) for k in kernels]}",
+                         hint="use 1 or 3 (or 5, ...) per axis; an even kernel has no centre")
+    if any(s < 1 for level in steps for s in level):
+        raise ModelError(f"model.strides must be at least 1, got {[list(s) for s in steps]}")
+    if any(s != 1 for s in steps[0]):
+        raise ModelError(f"model.strides[0] must be all 1 (the first level keeps the input resolution), got {list(steps[0])}",
+                         hint=f"e.g. model.strides=[{[1] * spatial_dims}, {[2] * spatial_dims}, ...]")
+    return kernels, steps
+
+
+class UNet(SegmentationNetwork):
     """U-Net (Ronneberger et al., 2015) for ``spatial_dims`` 2 or 3.
 
     Args:
@@ -21,25 +52,34 @@ class UNet(nn.Module):
         in_channels: input channels (modalities / colour channels).
         out_channels: classes including background; the network returns logits.
         features: channels per resolution level, e.g. ``(32, 64, 128, 256)``: 4 levels,
-            3 down-samplings by 2.
+            3 down-samplings.
         skip: how encoder features reach the decoder: ``concat`` (original), ``add``
             (1x1 projection where channel counts differ) or ``none``.
-        padding: ``same`` keeps sizes (input axes must be multiples of ``2**depth``);
+        padding: ``same`` keeps sizes (input axes must be multiples of :attr:`size_multiple`);
             ``valid`` is the paper's unpadded convolutions with centre-cropped ("copy and
             crop") skips: the output is smaller than the input by :attr:`margin` per side.
         upsample: ``transpose`` (learned) or ``interp`` (interpolation, no parameters).
         norm: ``batch``, ``instance`` or ``none``.
         dropout: dropout probability after each convolution block (0 disables it).
-        convs_per_level: 3^d convolutions per block.
+        convs_per_level: convolutions per block.
+        kernel_sizes: per level, the convolution kernel per axis (odd), e.g.
+            ``[[1, 3, 3], [3, 3, 3], ...]`` for thick-slice MRI; ``None`` = 3 everywhere. The
+            decoder block of a level uses that level's kernel.
+        strides: per level, the pooling factor per axis; ``strides[0]`` must be all 1, e.g.
+            ``[[1, 1, 1], [1, 2, 2], [2, 2, 2], ...]``; ``None`` = 2 on every axis.
 
     Shape:
         (N, in_channels, *S) -> (N, out_channels, *S) with ``same`` padding;
-        (N, in_channels, *S) -> (N, out_channels, *[s - 2 * margin for s in S]) with ``valid``.
+        (N, in_channels, *S) -> (N, out_channels, *[s - 2 * m for s, m in zip(S, margin)]) with ``valid``.
 
     Example:
         >>> net = UNet(2, 1, 3, features=(16, 32, 64))
         >>> net(torch.zeros(1, 1, 64, 64)).shape
         torch.Size([1, 3, 64, 64])
+        >>> thick = UNet(3, 1, 2, features=(8, 16, 32), kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+        ...              strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]])
+        >>> thick.size_multiple
+        (2, 4, 4)
     """
 
     def __init__(
@@ -54,6 +94,8 @@ class UNet(nn.Module):
         norm: Norm = "batch",
         dropout: float = 0.0,
         convs_per_level: int = 2,
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+        strides: Sequence[int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -64,13 +106,17 @@ class UNet(nn.Module):
         self.padding = padding
         self.convs_per_level = convs_per_level
         self.depth = len(features) - 1
+        self.kernel_sizes, self.strides = resolve_topology(spatial_dims, len(features), kernel_sizes, strides)
+        k, st = self.kernel_sizes, self.strides
         block = dict(convs=convs_per_level, norm=norm, padding=padding, dropout=dropout)
-        self.stem = ConvBlock(spatial_dims, in_channels, features[0], **block)
+        self.stem = ConvBlock(spatial_dims, in_channels, features[0], kernel_size=k[0], **block)
         self.downs = nn.ModuleList(
-            Down(spatial_dims, features[i], features[i + 1], **block) for i in range(self.depth)
+            Down(spatial_dims, features[i], features[i + 1], stride=st[i + 1], kernel_size=k[i + 1], **block)
+            for i in range(self.depth)
         )
         self.ups = nn.ModuleList(
-            Up(spatial_dims, features[i + 1], features[i], features[i], skip=skip, upsample=upsample, **block)
+            Up(spatial_dims, features[i + 1], features[i], features[i], skip=skip, upsample=upsample,
+               stride=st[i + 1], kernel_size=k[i], **block)
             for i in reversed(range(self.depth))
         )
         self.head = conv_nd(spatial_dims)(features[0], out_channels, kernel_size=1)
@@ -85,54 +131,60 @@ class UNet(nn.Module):
             x = up(x, skips.pop())
         return self.head(x)
 
-    # ------------------------------------------------------------------ size contract
+    # ------------------------------------------------------------------ size contract (per axis)
 
     @property
-    def size_multiple(self) -> int:
-        """Each spatial axis of a ``same``-padded input must be a multiple of this."""
-        return 2**self.depth
+    def size_multiple(self) -> Size:
+        """Each axis of a ``same``-padded input must be a multiple of the product of its strides."""
+        multiple = [1] * self.spatial_dims
+        for level in self.strides:
+            multiple = [m * s for m, s in zip(multiple, level)]
+        return tuple(multiple)
 
-    def _valid_output_size(self, size: int) -> int | None:
-        """Output length of one axis with valid padding, or None if the axis cannot be taken."""
-        shrink = 2 * self.convs_per_level
-        s = size - shrink
-        for _ in range(self.depth):
-            if s <= 0 or s % 2:
+    def _valid_output_size(self, size: int, axis: int) -> int | None:
+        """Output length of one axis with valid padding, or None if the axis cannot be taken.
+
+        Each convolution loses ``k - 1`` voxels; each pooling needs a length divisible by its stride.
+        """
+        def shrink(level: int) -> int:
+            return self.convs_per_level * (self.kernel_sizes[level][axis] - 1)
+
+        s = size - shrink(0)
+        for level in range(1, self.depth + 1):
+            step = self.strides[level][axis]
+            if s <= 0 or s % step:
                 return None
-            s = s // 2 - shrink
-        for _ in range(self.depth):
+            s = s // step - shrink(level)
+        for level in reversed(range(self.depth)):
             if s <= 0:
                 return None
-            s = s * 2 - shrink
+            s = s * self.strides[level + 1][axis] - shrink(level)
         return s if s > 0 else None
 
-    def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
-        """Spatial output shape for a spatial input shape (raises :class:`ModelError` if invalid)."""
+    def output_shape(self, input_shape: Sequence[int]) -> Size:
         self.check_input_shape(tuple(input_shape))
         if self.padding == "same":
             return tuple(input_shape)
-        return tuple(self._valid_output_size(s) for s in input_shape)  # type: ignore[misc]
+        return tuple(self._valid_output_size(s, a) for a, s in enumerate(input_shape))  # type: ignore[misc]
 
     @property
-    def margin(self) -> int:
-        """Voxels lost per side and axis with valid padding (0 with same padding)."""
+    def margin(self) -> Size:
         if self.padding == "same":
-            return 0
-        size = self.valid_input_size(1)
-        return (size - self._valid_output_size(size)) // 2  # type: ignore[operator]
+            return (0,) * self.spatial_dims
+        sizes = self.valid_input_size(1)
+        return tuple((s - self._valid_output_size(s, a)) // 2 for a, s in enumerate(sizes))  # type: ignore[operator]
 
-    def valid_input_size(self, min_size: int) -> int:
-        """The smallest axis length >= ``min_size`` that the network takes."""
+    def valid_input_size(self, min_size: int | Sequence[int]) -> Size:
+        wanted = per_axis(min_size, self.spatial_dims)
         if self.padding == "same":
-            return int(math.ceil(min_size / self.size_multiple) * self.size_multiple)
-        size = max(min_size, 1)
-        while self._valid_output_size(size) is None:
-            size += 1
-        return size
-
-    def input_size_for_output(self, out_size: int) -> int:
-        """Smallest valid input length whose output covers ``out_size`` voxels."""
-        return self.valid_input_size(out_size + 2 * self.margin)
+            return tuple(-(-max(w, 1) // m) * m for w, m in zip(wanted, self.size_multiple))
+        sizes = []
+        for axis, w in enumerate(wanted):
+            size = max(w, 1)
+            while self._valid_output_size(size, axis) is None:
+                size += 1
+            sizes.append(size)
+        return tuple(sizes)
 
     def check_input_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != self.spatial_dims:
@@ -140,21 +192,23 @@ class UNet(nn.Module):
                 f"the {self.spatial_dims}D network got an input with {len(shape)} spatial axes {shape}",
                 hint=f"give {self.spatial_dims}D inputs to this model",
             )
+        fixed = self.valid_input_size(shape)
+        if tuple(shape) == fixed:
+            return
+        multiple = _describe(self.size_multiple)
         if self.padding == "same":
-            bad = [s for s in shape if s % self.size_multiple]
-            if bad:
-                fixed = tuple(self.valid_input_size(s) for s in shape)
-                raise ModelError(
-                    f"input size {shape} is not a multiple of {self.size_multiple} on every axis "
-                    f"(the network halves each axis {self.depth} times)",
-                    hint=f"pad or crop to a multiple of {self.size_multiple}, e.g. {fixed}",
-                )
-        else:
-            bad = [s for s in shape if self._valid_output_size(s) is None]
-            if bad:
-                fixed = tuple(self.valid_input_size(s) for s in shape)
-                raise ModelError(
-                    f"input size {shape} cannot go through this valid-padding U-Net: every level needs "
-                    f"an even size after its convolutions",
-                    hint=f"use sizes of the form {self.valid_input_size(1)} + {self.size_multiple}*k, e.g. {fixed}",
-                )
+            raise ModelError(
+                f"input size {shape} is not a multiple of {multiple} on every axis "
+                f"(the network pools each axis {self.depth} times)",
+                hint=f"pad or crop to a multiple of {multiple}, e.g. {fixed}",
+            )
+        raise ModelError(
+            f"input size {shape} cannot go through this valid-padding U-Net: every level needs "
+            f"a size its pooling divides after its convolutions",
+            hint=f"use sizes of the form {_describe(self.valid_input_size(1))} + {multiple}*k, e.g. {fixed}",
+        )
+
+
+def _describe(size: Size) -> str:
+    """``16`` when every axis agrees, else ``(4, 16, 16)``."""
+    return str(size[0]) if len(set(size)) == 1 else str(tuple(size))

@@ -1,4 +1,6 @@
-"""``unet eval PRED_A PRED_B ... --truth TRUTH``: compare runs scored on the same cases.
+"""Comparing runs scored on the same cases: bootstrap CIs, paired tests, the comparison table, CSV and chart.
+
+Used by ``unet eval PRED_A PRED_B ... --truth TRUTH`` and by ``unet compare`` (the variants' seed averages).
 
 Statistics (all per metric, for the foreground and for every class):
 
@@ -35,7 +37,7 @@ from rich.table import Table
 
 from unetcli.atomic import atomic_write_text, atomic_write_with
 from unetcli.errors import DataError
-from unetcli.evaluation.report import DISTANCE_METRICS, EvalResult
+from unetcli.evaluation.summary import DISTANCE_METRICS, EvalResult
 
 FOREGROUND = "foreground"
 CHART_METRICS = ("dice", "hd95", "assd", "nsd")
@@ -234,7 +236,8 @@ def write_comparison(comp: Comparison, out_dir: Path) -> tuple[Path, Path]:
     return csv_path, write_comparison_chart(comp, out_dir / "comparison.png")
 
 
-def _p(p: float) -> str:
+def format_p_value(p: float) -> str:
+    """``0.012``, ``<0.001``, or ``–`` when there is no p-value."""
     if p is None or math.isnan(p):
         return "–"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
@@ -256,7 +259,7 @@ def comparison_table(comp: Comparison, metrics: Sequence[str] = TABLE_METRICS, c
             d = digits[m]
             text = "–" if e["n"] == 0 else f"{e['mean']:.{d}f}\n[{e['ci_low']:.{d}f}, {e['ci_high']:.{d}f}]"
             if "diff" in e and e["n"]:
-                text += f"\nΔ {e['diff']:+.{d}f}\np {_p(e['p_value'])}"
+                text += f"\nΔ {e['diff']:+.{d}f}\np {format_p_value(e['p_value'])}"
             cells.append(text)
         table.add_row(f"{run}{' (ref)' if run == comp.reference else ''}", *cells, end_section=True)
     return table

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from unetcli.config import RunConfig
 from unetcli.errors import DataError, OutputError
-from unetcli.evaluation.report import EvalResult, evaluate, write_reports
+from unetcli.evaluation.scoring import evaluate
+from unetcli.evaluation.summary import EvalResult, write_reports
 from unetcli.inference.predict import predict
 from unetcli.training.trainer import TrainResult, train
 
@@ -58,15 +59,23 @@ def demo_data_dir(kind: str = "2d") -> Path:
     return path
 
 
+def demo_label_names(kind: str = "2d") -> list[str] | None:
+    """The class names in the demo data's ``labels.json`` (``{"0": name, ...}``), in index order; None without one."""
+    path = demo_data_dir(kind) / "labels.json"
+    if not path.is_file():
+        return None
+    names = json.loads(path.read_text(encoding="utf-8"))
+    return [names[str(i)] for i in range(len(names))]
+
+
 def run_demo(cfg: RunConfig, out: Path, kind: str = "2d", overwrite: bool = False, progress: bool = True) -> DemoResult:
     """Train, predict the held-out images into ``out/predictions``, score them into ``out/eval``."""
     spec, data = DEMOS[kind], demo_data_dir(kind)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out}: demo folder already exists and is not empty", hint="pass --out NEW_FOLDER or --overwrite")
-    labels_json = data / "labels.json"
-    if labels_json.is_file():
-        names = json.loads(labels_json.read_text(encoding="utf-8"))
-        cfg.data.label_names = [names[str(i)] for i in range(len(names))]
+    names = demo_label_names(kind)
+    if names is not None:
+        cfg.data.label_names = names
     log.info("demo: %s (%s)", data, spec.description)
     trained = train(data / spec.train, cfg, out, overwrite=overwrite, progress=progress)
     predict(out, data / spec.test_images, out / "predictions", device_name=cfg.train.device,

@@ -1,0 +1,102 @@
+"""Data generators and CLI helpers shared by the tests (tiny, seeded, exact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from unetcli.cli import app
+
+
+def invoke(*args: object, quiet: bool = False) -> Any:
+    """Run ``unet ARGS`` in-process (``unet -q ARGS`` with ``quiet``). Torch's thread count is put
+    back here, not only by conftest, because module-scoped fixtures train runs too."""
+    threads = torch.get_num_threads()
+    try:
+        return CliRunner().invoke(app, (["-q"] if quiet else []) + [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def invoke_quiet(*args: object) -> Any:
+    return invoke(*args, quiet=True)
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def make_blobs(root: Path, n: int = 10, size: int = 32, seed: int = 0, binary_255: bool = False) -> Path:
+    """Images with a bright disc (class 1) and a dark square (class 2) on noise."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        cy, cx, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(4, 7))]
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+        if not binary_255:
+            y0, x0 = rng.integers(0, size - 8, 2)
+            mask[y0:y0 + 6, x0:x0 + 6] = np.where(mask[y0:y0 + 6, x0:x0 + 6] == 0, 2, mask[y0:y0 + 6, x0:x0 + 6])
+        image = 100 + rng.normal(0, 12, (size, size))
+        image[mask == 1] += 80
+        image[mask == 2] -= 70
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8) if binary_255 else mask).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def make_volume(rng: np.random.Generator, shape=(24, 24, 16)) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like blob (non-zero brain) holding a bright sphere (1) and a brighter box (2)."""
+    label = np.zeros(shape, np.uint8)
+    grid = np.indices(shape).astype(np.float32)
+    centre = np.asarray(shape, np.float32)[:, None, None, None] / 2
+    brain = (((grid - centre) / (np.asarray(shape)[:, None, None, None] * 0.45)) ** 2).sum(0) <= 1
+    c = rng.integers(7, np.asarray(shape) - 7)
+    label[(((grid - c[:, None, None, None]) ** 2).sum(0) <= 16) & brain] = 1
+    b = rng.integers(5, np.asarray(shape) - 9)
+    box = np.zeros(shape, bool)
+    box[b[0]:b[0] + 5, b[1]:b[1] + 5, b[2]:b[2] + 4] = True
+    label[box & brain & (label == 0)] = 2
+    image = np.where(brain, 100 + rng.normal(0, 8, shape), 0).astype(np.float32)
+    image[label == 1] += 60
+    image[label == 2] += 130
+    return image, label
+
+
+def lps_affine(spacing=(1.0, 1.0, 2.0)) -> np.ndarray:
+    return np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]) + np.array([[0, 0, 0, 20], [0, 0, 0, 30], [0, 0, 0, -10], [0, 0, 0, 0]])
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def make_nnunet(root: Path, n: int = 5, seed: int = 0, flip_first: bool = False) -> Path:
+    """An nnU-Net raw dataset of :func:`make_volume` cases at 1 x 1 x 2 mm."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    ras = np.diag([1.0, 1.0, 2.0, 1.0])
+    for i in range(n):
+        image, label = make_volume(rng)
+        affine = ras
+        if flip_first and i == 0:  # the same kind of data stored in LPS: the pipeline must not care
+            image, label, affine = image[::-1, ::-1].copy(), label[::-1, ::-1].copy(), lps_affine()
+        save_nifti(image, affine, root / "imagesTr" / f"case{i}_0000.nii.gz")
+        save_nifti(label, affine, root / "labelsTr" / f"case{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "sphere": 1, "box": 2},
+        "numTraining": n, "file_ending": ".nii.gz"}))
+    return root

@@ -1,0 +1,68 @@
+"""Class names for the reports: from a ``dataset.json`` next to the references, or from a run's checkpoint metadata.
+
+Reading the checkpoint itself needs torch (:mod:`unetcli.training.checkpoint`); that is left to
+the caller (:func:`unetcli.workflows.eval.checkpoint_label_names`), so that scoring never
+imports training code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from unetcli.errors import CheckpointError
+
+log = logging.getLogger("unetcli")
+
+
+def _names_from_mapping(labels: object) -> dict[int, str]:
+    """nnU-Net ``{"name": index}`` or Decathlon ``{"index": "name"}`` -> ``{index: name}``.
+
+    nnU-Net region entries (``"whole_tumour": [1, 2, 3]``) are skipped.
+    """
+    out: dict[int, str] = {}
+    if not isinstance(labels, dict):
+        return out
+    for key, value in labels.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            out[value] = str(key)
+        elif isinstance(value, str) and str(key).strip().lstrip("-").isdigit():
+            out[int(key)] = value
+    return out
+
+
+def dataset_label_names(truth: Path) -> dict[int, str] | None:
+    """Class names from a ``dataset.json`` in TRUTH (its folder for a file) or its parent folder."""
+    folder = truth if truth.is_dir() else truth.parent
+    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
+        if candidate.is_file():
+            try:
+                meta = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                log.warning("%s: ignored, not readable JSON (%s)", candidate, exc)
+                return None
+            names = _names_from_mapping(meta.get("labels") if isinstance(meta, dict) else None)
+            if names:
+                return names
+            log.warning("%s: no usable 'labels' entry; classes are named by their label values", candidate)
+            return None
+    return None
+
+
+def metadata_label_names(meta: Any, run: Path) -> dict[int, str]:
+    """Class names in a checkpoint's ``metadata["label_names"]`` (of run ``run``), keyed by the label
+    value written in prediction files (``label_values``) and by class index."""
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or not names:
+        raise CheckpointError(f"{run}: the checkpoint stores no class names", hint="pass --label-names instead")
+    out = {i: str(n) for i, n in enumerate(names)}
+    values = meta.get("label_values")
+    if isinstance(values, (list, tuple)) and len(values) == len(names):
+        for value, name in zip(values, names):
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[value] = str(name)
+    return out

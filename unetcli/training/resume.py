@@ -1,0 +1,79 @@
+"""Continuing a run from its ``last.pt``: after a crash, a kill or Ctrl-C, or to train a finished run longer."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from unetcli.config import RunConfig, apply_overrides, config_from_dict
+from unetcli.errors import CheckpointError, ConfigError, DataError
+from unetcli.runlock import RunLock
+from unetcli.training.checkpoint import load_checkpoint
+from unetcli.training.run_folder import remove_stale_temp_files
+from unetcli.training.state import ResumePoint
+from unetcli.training.trainer import EpochCallback, TrainResult, train
+
+RESUME_KEYS = ("train.epochs", "train.device", "train.precision", "train.num_threads", "train.num_workers",
+               "train.checkpoint_interval")
+"""Config keys a resumed run may change: none of them alters the model, the data or the optimisation
+(except --epochs, whose schedule change is re-planned; and --precision, which changes the arithmetic)."""
+
+
+def resume_training(run: Path, data_dir: Path | None = None, overrides: dict[str, Any] | None = None,
+                    progress: bool = True, on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Continue the run in ``run`` from ``checkpoints/last.pt`` (or train a finished run for more epochs).
+
+    The config comes from the checkpoint; only :data:`RESUME_KEYS` may be overridden. ``data_dir``
+    defaults to the folder the run was trained on; its cases must be those of the run's split.
+    """
+    run = Path(run)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    refused = sorted(set(overrides) - set(RESUME_KEYS))
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} cannot be changed when resuming {run}",
+                          hint="a resumed run keeps its config; only " + ", ".join(RESUME_KEYS) + " may change")
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: run folder not found", hint="pass the folder an earlier `unet train` wrote (its --out)")
+    with RunLock(run):
+        remove_stale_temp_files(run)
+        point = load_resume_point(run)
+        cfg = _resumed_config(point, run, overrides)
+        data = Path(data_dir) if data_dir is not None else point.data_dir
+        if data is None:
+            raise DataError(f"{point.path}: does not record its data folder", hint="pass it: unet train DATA --resume RUN")
+        if not data.is_dir():
+            raise DataError(f"{data}: the run's data folder is not there any more",
+                            hint=f"pass its new location: unet train DATA --resume {shlex.quote(str(run))}")
+        return train(data, cfg, run, progress=progress, on_epoch=on_epoch, resume=point)
+
+
+def load_resume_point(run: Path) -> ResumePoint:
+    """``run/checkpoints/last.pt`` as a :class:`ResumePoint`, refusing files that cannot be resumed."""
+    path = run / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; the run stopped before its first checkpoint",
+                              hint=f"start it again: unet train DATA --out {shlex.quote(str(run))} --overwrite")
+    state = load_checkpoint(path)
+    if not isinstance(state.get("resume"), dict) or "rng" not in state:
+        raise CheckpointError(f"{path}: holds no resume state (written by an older unetcli)",
+                              hint="predict with it, or start a new run")
+    return ResumePoint(path, state)
+
+
+def _resumed_config(point: ResumePoint, run: Path, overrides: dict[str, Any]) -> RunConfig:
+    try:
+        cfg = config_from_dict(point.checkpoint["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{point.path}: its config is not valid for unetcli here ({exc.message})",
+                              hint="use the unetcli version that wrote it") from exc
+    planned = cfg.train.epochs
+    cfg = apply_overrides(cfg, overrides)
+    done, partial = int(point.checkpoint["epoch"]), int(point.checkpoint["resume"]["epoch_iteration"])
+    if cfg.train.epochs <= done:
+        if cfg.train.epochs == planned == done and not partial:
+            raise ConfigError(f"{run}: training already finished all {done} epochs",
+                              hint=f"to train it longer, pass more epochs: unet train --resume {shlex.quote(str(run))} --epochs {2 * done}")
+        raise ConfigError(f"--epochs {cfg.train.epochs} is not more than the {done} epoch(s) {run} has already trained",
+                          hint=f"pass --epochs larger than {done}")
+    return cfg

@@ -1,0 +1,160 @@
+"""Everything a training run is built from, resolved before its first step: the model config
+completed from the data, the network, the patch and batch size, the split, the sampler, the loss,
+the optimiser, the learning-rate plan and the checkpoint metadata that ``predict`` needs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from unetcli.config import RunConfig
+from unetcli.data.dataset import split_cases
+from unetcli.data.sampling import PatchSampler
+from unetcli.data.types import Dataset
+from unetcli.errors import ConfigError
+from unetcli.models import SegmentationNetwork, build_model
+from unetcli.runtime import memory_format, resolve_channels_last
+from unetcli.training.losses import DiceCELoss
+from unetcli.training.schedule import LRPlan
+
+log = logging.getLogger("unetcli")
+
+PATCH_VOXEL_BUDGET = 96**3
+"""Default 3D patches hold at most this many voxels (memory and speed on CPUs and small GPUs)."""
+
+
+@dataclass
+class TrainComponents:
+    """The parts of one run; ``config`` is the resolved config saved with the run."""
+
+    config: RunConfig
+    model: SegmentationNetwork
+    memory_format: torch.memory_format
+    patch: list[int]
+    train_names: list[str]
+    val_names: list[str]
+    sampler: PatchSampler
+    loss_fn: DiceCELoss
+    optimizer: torch.optim.Optimizer
+    plan: LRPlan
+    scaler: torch.amp.GradScaler
+    metadata: dict[str, Any]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.train
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **fused)
+
+
+def resolve_model_config(cfg: RunConfig, dataset: Dataset) -> RunConfig:
+    """A copy of ``cfg`` with the model's dims, channels and classes (and the data's class names) taken from the data."""
+    cfg = copy.deepcopy(cfg)
+    m = cfg.model
+    for key, value in (("spatial_dims", dataset.spatial_dims), ("in_channels", dataset.in_channels),
+                       ("out_channels", dataset.num_classes)):
+        current = getattr(m, key)
+        if current is not None and current != value:
+            raise ConfigError(f"model.{key} is {current} but the data has {value}",
+                              hint=f"remove model.{key} from the config to take it from the data")
+        setattr(m, key, value)
+    cfg.data.num_classes = dataset.num_classes
+    cfg.data.label_names = dataset.label_names
+    return cfg
+
+
+def resolve_patch_size(cfg: RunConfig, dataset: Dataset, model: SegmentationNetwork) -> list[int]:
+    """The network input size: the configured patch, or the largest image (plus valid-padding
+    context), rounded up to a size the network takes."""
+    spatial = np.max([c.image.shape[1:] for c in dataset.cases], axis=0).tolist()
+    if cfg.train.patch_size is not None:
+        patch = list(cfg.train.patch_size)
+        if len(patch) != dataset.spatial_dims:
+            raise ConfigError(
+                f"train.patch_size {patch} has {len(patch)} axes but the data is {dataset.spatial_dims}D",
+                hint=f"give {dataset.spatial_dims} numbers",
+            )
+        if all(p > s for p, s in zip(patch, spatial)):
+            raise ConfigError(
+                f"train.patch_size {patch} is larger than every image (largest {spatial})",
+                hint="use a patch no larger than the images, or leave train.patch_size unset",
+            )
+        fixed = list(model.valid_input_size(patch))
+        if fixed != patch:
+            log.info("patch size %s rounded up to %s, a size the network takes", patch, fixed)
+        return fixed
+    if dataset.spatial_dims == 3:
+        return default_patch_3d([c.image.shape[1:] for c in dataset.cases], model)
+    return list(model.input_size_for_output(spatial))
+
+
+def default_patch_3d(shapes: list[tuple[int, ...]], model: SegmentationNetwork, budget: int = PATCH_VOXEL_BUDGET) -> list[int]:
+    """nnU-Net-like default: the median case shape, shrunk along its longest axis (in steps of
+    what that axis must be a multiple of) until it fits ``budget``."""
+    patch = [int(v) for v in np.median(np.asarray(shapes), axis=0)]
+    step = model.size_multiple
+    while int(np.prod(patch)) > budget:
+        axis = int(np.argmax(patch))
+        patch[axis] = max(step[axis], patch[axis] - step[axis])
+    return list(model.input_size_for_output(patch))
+
+
+def default_batch_size(cfg: RunConfig, spatial_dims: int) -> int:
+    return cfg.train.batch_size or (8 if spatial_dims == 2 else 2)
+
+
+def default_num_workers(cfg: RunConfig) -> int:
+    if cfg.train.num_workers is not None:
+        return cfg.train.num_workers
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torch.device, precision: str,
+                     split: tuple[list[str], list[str]] | None = None) -> TrainComponents:
+    """Build a run's parts from ``cfg`` (not modified) and the loaded data.
+
+    The order matters for reproducibility: the network's initial weights are the first draw from
+    torch's generator after seeding. ``split`` (a resumed run's own) replaces the seeded split.
+    """
+    cfg = resolve_model_config(cfg, dataset)
+    t = cfg.train
+    model = build_model(cfg.model)
+    patch = resolve_patch_size(cfg, dataset, model)
+    t.patch_size = patch
+    t.batch_size = default_batch_size(cfg, dataset.spatial_dims)
+    train_names, val_names = split or split_cases([c.name for c in dataset.cases], cfg.data.val_fraction,
+                                                  t.seed if cfg.data.split_seed is None else cfg.data.split_seed)
+    model.to(device)
+    fmt = memory_format(dataset.spatial_dims, resolve_channels_last(t.channels_last, device))
+    model.to(memory_format=fmt)
+    by_name = {c.name: c for c in dataset.cases}
+    sampler = PatchSampler(
+        [by_name[n] for n in train_names], patch, t.batch_size, num_classes=dataset.num_classes,
+        margin=model.margin, foreground_fraction=t.foreground_fraction, flips=t.flips, rotate90=t.rotate90,
+        rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter, gamma_prob=t.gamma_prob,
+        noise_prob=t.noise_prob, seed=t.seed,
+    )
+    metadata = {
+        "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
+        "label_values": dataset.label_values, "label_names": dataset.label_names, "channel_names": dataset.channel_names,
+        "normalization": cfg.data.normalization, "patch_size": patch, "layout": layout,
+        "file_format": dataset.file_format, "preprocessing": dataset.preprocessing,
+    }
+    return TrainComponents(
+        config=cfg, model=model, memory_format=fmt, patch=patch, train_names=train_names, val_names=val_names,
+        sampler=sampler,
+        loss_fn=DiceCELoss(include_background=t.dice_include_background, dice_weight=t.dice_weight, ce_weight=t.ce_weight),
+        optimizer=make_optimizer(model, cfg, device),
+        plan=LRPlan.new(t.schedule, t.epochs * t.iterations_per_epoch, t.warmup_iterations),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        metadata=metadata,
+    )

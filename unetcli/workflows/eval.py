@@ -1,0 +1,124 @@
+"""``unet eval``: pair predictions with references, score every case and class, write reports.
+
+One prediction folder: ``out/metrics.csv`` + ``out/summary.json`` (:mod:`unetcli.evaluation.summary`).
+Several (compare mode): the same per run in ``out/RUN/``, plus ``out/comparison.csv``,
+``out/comparison.png`` and ``out/summary.json`` (:mod:`unetcli.evaluation.stats`). Optionally
+overlays of the worst cases (:mod:`unetcli.evaluation.overlays`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unetcli.errors import ConfigError, DataError, OutputError
+from unetcli.evaluation.cases import unique_run_names
+from unetcli.evaluation.labels import dataset_label_names, metadata_label_names
+from unetcli.evaluation.overlays import write_overlays
+from unetcli.evaluation.scoring import evaluate_runs
+from unetcli.evaluation.stats import Comparison, compare_results, write_comparison
+from unetcli.evaluation.summary import EvalResult, write_json, write_reports
+
+
+@dataclass
+class EvalOutcome:
+    results: list[EvalResult]
+    comparison: Comparison | None = None  # in compare mode
+    written: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- class names
+
+
+def checkpoint_label_names(run: Path) -> dict[int, str]:
+    """Class names stored in the checkpoint of ``run`` (a run folder or a ``.pt`` file)."""
+    # Imported here, not at the top: it imports torch, which costs start-up time and makes the
+    # scoring pool use forkserver instead of fork (see unetcli.evaluation.scoring._start_method).
+    from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
+
+    return metadata_label_names(load_checkpoint(resolve_checkpoint(run))["metadata"], run)
+
+
+def resolve_label_names(label_names: Sequence[str] | None = None, run: Path | None = None,
+                        truth: Path | None = None) -> dict[int, str] | None:
+    """``--label-names`` (in label order) > ``--run``'s checkpoint > ``dataset.json`` > None."""
+    if label_names:
+        return {i: str(n).strip() for i, n in enumerate(label_names)}
+    if run is not None:
+        return checkpoint_label_names(run)
+    if truth is not None:
+        return dataset_label_names(truth)
+    return None
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _check_outputs(out: Path, inputs: Sequence[Path], names: Sequence[str], overlays: Path | None,
+                   overwrite: bool) -> None:
+    """Refuse, before scoring, outputs inside an input folder, and (without ``overwrite``) outputs that exist."""
+    for target in [out] + ([overlays] if overlays else []):
+        resolved = target.resolve()
+        for inp in inputs:
+            folder = inp.resolve() if inp.is_dir() else inp.resolve().parent
+            if resolved == folder or folder in resolved.parents:
+                raise OutputError(f"{target}: output folder is (inside) the input folder {inp}",
+                                  hint="write evaluation outputs to a separate folder (--out / --overlays)")
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a folder", hint="pass a folder")
+    if overwrite:
+        return
+    existing = [out / n for n in names if (out / n).exists()]
+    if existing:
+        raise OutputError(f"{out}: already holds {', '.join(p.name for p in existing[:4])}",
+                          hint="pass --overwrite or another --out")
+    if overlays is not None and overlays.is_dir() and any(overlays.rglob("*.png")):
+        raise OutputError(f"{overlays}: already holds PNG files", hint="pass --overwrite or another --overlays folder")
+
+
+def _write_comparison_reports(results: list[EvalResult], truth: Path, out: Path, outcome: EvalOutcome) -> None:
+    """Compare mode: every run's reports in ``out/RUN/``, the comparison and the overall ``summary.json``."""
+    for result in results:
+        outcome.written.extend(write_reports(result, out / result.name))
+    comparison = compare_results(results)
+    outcome.comparison = comparison
+    outcome.written.extend(write_comparison(comparison, out))
+    summary = {"reference": str(truth), "runs": {r.name: {"predictions": r.summary["run"], "reports": r.name}
+                                                 for r in results},
+               "cases": results[0].summary["cases"], "conventions": results[0].summary["conventions"],
+               "comparison": comparison.as_dict()}
+    outcome.written.append(write_json(out / "summary.json", summary))
+
+
+def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: Path | None = None,
+                   worst: int = 5, image_dir: Path | None = None, overwrite: bool = False,
+                   **options: Any) -> EvalOutcome:
+    """``unet eval``: score, write the reports (and in compare mode the comparison), draw overlays.
+
+    One prediction folder: ``out/metrics.csv`` + ``out/summary.json``. Several (compare mode):
+    ``out/RUN/metrics.csv`` + ``out/RUN/summary.json`` per run, ``out/comparison.csv``,
+    ``out/comparison.png`` and ``out/summary.json`` (runs, conventions, comparison). Overlays go to
+    ``overlays/CASE.png`` (compare mode: ``overlays/RUN/CASE.png``). ``options`` go to
+    :func:`~unetcli.evaluation.scoring.evaluate_runs`.
+    """
+    if worst < 1:
+        raise ConfigError(f"--worst {worst} must be at least 1")
+    if image_dir is not None and not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found", hint="--image-dir takes the folder of the cases' images")
+    compare = len(preds) > 1
+    run_names = unique_run_names(preds)
+    names = ["summary.json", "comparison.csv", "comparison.png", *run_names] if compare else ["metrics.csv", "summary.json"]
+    _check_outputs(out, [*preds, truth] + ([image_dir] if image_dir else []), names, overlays, overwrite)
+    results = evaluate_runs(preds, truth, **options)
+    outcome = EvalOutcome(results)
+    if compare:
+        _write_comparison_reports(results, truth, out, outcome)
+    else:
+        outcome.written.extend(write_reports(results[0], out))
+    if overlays is not None:
+        for result in results:
+            outcome.written.extend(write_overlays(result, overlays / result.name if compare else overlays,
+                                                  worst, image_dir))
+    return outcome
