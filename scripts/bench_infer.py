@@ -48,6 +48,18 @@ volume, the float32 probability output and the model size are printed for scale.
 
 Agreement: max |p_ours - p_monai| over all voxels and classes of the probability maps.
 
+On a GPU (``--device cuda``) the network, its prepared copies and every window batch live on the
+GPU: MONAI gets the volume as a CUDA tensor (``sw_device`` and ``device`` cuda: windows, weighting
+and accumulation on the GPU) and its output is copied back to the host inside the timed call, since
+``sliding_window_predict`` (``device=cuda``) returns its result on the host too; both therefore end
+with the same thing, probabilities in host memory. The device is synchronised before and after every
+timed call, and the network's forward time comes from CUDA events. The default methods are then
+``monai``, ``ours``, ``ours_bf16`` (where the GPU has bf16), ``ours_fp16``, ``ours_labels`` and
+``ours_plain``; ``monai_reuse`` and the allocator levers are left out (the heap-reuse setting is about
+host memory). Peak RSS is not measured on a GPU: the children measure host memory, which holds neither
+the activations nor the window batches there; the table shows the peak CUDA memory each method
+allocated on top of what was allocated before it (``torch.cuda.max_memory_allocated``) instead.
+
 How to read it: ``speed-up`` is MONAI's time / the method's time in the same process on the same
 work, so > 1 is faster than MONAI. Absolute seconds are context only. ``cpu-time`` is the same
 ratio with process CPU seconds, a cross-check when other processes share the cores (the load
@@ -58,6 +70,7 @@ Examples::
     python scripts/bench_infer.py                              # full size: ~2 min on 2 cores
     python scripts/bench_infer.py --size 96 96 64 --json out/infer.json
     python scripts/bench_infer.py --only ours                  # one method, peak RSS only (what the children run)
+    python scripts/bench_infer.py --device cuda --rounds 3 --json out/infer_cuda.json
 """
 
 from __future__ import annotations
@@ -102,6 +115,7 @@ METHODS = {
     "monai_reuse": Method("monai + heap reuse", impl="monai", fold=False, channels_last=False),
     "ours": Method("ours fp32 (unet predict)"),
     "ours_bf16": Method("ours bf16 (unet predict)", precision="bf16"),
+    "ours_fp16": Method("ours fp16 (unet predict)", precision="fp16"),  # CUDA only
     "ours_labels": Method("ours fp32, labels output", output="labels"),
     "ours_plain": Method("ours fp32, plain network", **PLAIN),
     "ours_nofold": Method("ours fp32, BN not folded", fold=False),
@@ -110,25 +124,44 @@ METHODS = {
 }
 LABELS = {name: m.label for name, m in METHODS.items()}
 DEFAULT_METHODS = ["monai", "monai_reuse", "ours", "ours_bf16", "ours_labels", "ours_plain"]
+CUDA_DEFAULT_METHODS = ["monai", "ours", "ours_bf16", "ours_fp16", "ours_labels", "ours_plain"]
 RESULT_TAG = "BENCH_INFER_RESULT "
+CPU = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- setup
 
 
 class TimedNet(nn.Module):
-    """Wraps the network and adds up the wall time spent inside its forward pass."""
+    """Wraps the network and adds up the time spent inside its forward pass: wall time on the CPU;
+    on CUDA the GPU time between two CUDA events per call, read once the device has been synchronised
+    (:attr:`seconds`), so that timing adds no synchronisation of its own."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.seconds = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.host_seconds = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.calls = 0
 
+    @property
+    def seconds(self) -> float:
+        return self.host_seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        y = self.net(x)
-        self.seconds += time.perf_counter() - start
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y = self.net(x)
+            end.record()
+            self.events.append((start, end))
+        else:
+            start_s = time.perf_counter()
+            y = self.net(x)
+            self.host_seconds += time.perf_counter() - start_s
         self.calls += 1
         return y
 
@@ -182,28 +215,33 @@ def precision_of(method: str) -> str:
     return METHODS[method].precision
 
 
-def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Namespace) -> torch.Tensor:
-    """(K, *S) float32 probabilities."""
+def run_method(method: str, net: TimedNet, volume: np.ndarray, args: argparse.Namespace,
+               device: torch.device = CPU) -> torch.Tensor:
+    """(K, *S) float32 probabilities (or labels), in host memory."""
     roi = [args.roi] * 3
     if METHODS[method].impl == "monai":
         x = torch.from_numpy(volume)[None]
+        on_gpu = {}
+        if device.type == "cuda":  # windows, weighting and accumulation on the GPU
+            x, on_gpu = x.to(device), {"sw_device": device, "device": device}
         with torch.no_grad():
             out = sliding_window_inference(x, roi, args.window_batch, lambda w: torch.softmax(net(w), 1),
-                                           overlap=args.overlap, mode="gaussian")
-        return out[0]
+                                           overlap=args.overlap, mode="gaussian", **on_gpu)
+        return out[0].cpu()  # a no-op on the CPU; on CUDA the copy to the host that ours makes too
     return sliding_window_predict(net, volume, roi, 3, overlap=args.overlap, window_batch_size=args.window_batch,
-                                  gaussian=True, device="cpu", precision=precision_of(method), output=METHODS[method].output)
+                                  gaussian=True, device=device, precision=precision_of(method), output=METHODS[method].output)
 
 
-def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str]) -> None:
-    """One window batch through the network per precision: oneDNN builds its kernels here."""
-    x = torch.zeros((args.window_batch, 1) + (args.roi,) * 3)
+def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str], device: torch.device = CPU) -> None:
+    """One window batch through the network per precision: oneDNN (cuDNN) builds its kernels here."""
+    x = torch.zeros((args.window_batch, 1) + (args.roi,) * 3, device=device)
     if next(net.parameters()).is_contiguous(memory_format=torch.channels_last_3d):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         for precision in precisions:
-            with autocast(torch.device("cpu"), precision):
+            with autocast(device, precision):
                 net(x)
+    bl.synchronize(device)
 
 
 # --------------------------------------------------------------------------- child: one method, peak RSS
@@ -224,7 +262,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     bl.release_memory()
     before = bl.current_rss_mib()
     can_reset = bl.reset_peak_rss()
-    net.seconds = 0.0
+    net.reset()
     start = time.perf_counter()
     out = run_method(args.only, net, volume, args)
     seconds = time.perf_counter() - start
@@ -260,12 +298,13 @@ def measure_rss_in_children(args: argparse.Namespace, methods: list[str]) -> dic
 
 
 def parent(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     info = bl.machine_info(device)
     bl.print_machine(info)
     size = tuple(args.size)
     volume = make_volume(size, args.seed)
-    net = TimedNet(make_net(args.features, volume, args.roi, args.seed))
+    net = TimedNet(make_net(args.features, volume, args.roi, args.seed).to(device))
     n_params = sum(p.numel() for p in net.parameters())
     in_mib = volume.nbytes / 2**20
     out_mib = 3 * volume[0].size * 4 / 2**20
@@ -277,31 +316,42 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     print(f"before: {load_before}")
     start = time.perf_counter()
     for method in args.methods:
-        warm_up(net_for(method, net), args, [precision_of(method)])
+        warm_up(net_for(method, net), args, [precision_of(method)], device)
 
     methods = [m for m in METHODS if m in args.methods]
     times: dict[str, list[float]] = {m: [] for m in methods}
     net_times: dict[str, list[float]] = {m: [] for m in methods}
     cpu_times: dict[str, list[float]] = {m: [] for m in methods}
+    cuda_mib: dict[str, float] = {m: 0.0 for m in methods}  # peak CUDA memory over what was allocated before
     calls: dict[str, int] = {}
     outputs: dict[str, torch.Tensor] = {}
     for rnd in range(args.rounds):
         for method in methods if rnd % 2 == 0 else methods[::-1]:
             timed_net = net_for(method, net)
-            timed_net.seconds, timed_net.calls = 0.0, 0
+            timed_net.reset()
             set_heap_reuse(METHODS[method].heap_reuse)
             bl.release_memory()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                allocated = torch.cuda.memory_allocated(device)
             def call(method: str = method, timed_net: TimedNet = timed_net) -> None:
-                outputs[method] = run_method(method, timed_net, volume, args)
+                outputs[method] = run_method(method, timed_net, volume, args, device)
 
             wall, cpu = bl.timed_wall_cpu(call, device)
+            if cuda:
+                cuda_mib[method] = max(cuda_mib[method], (torch.cuda.max_memory_allocated(device) - allocated) / 2**20)
             times[method].append(wall)
             cpu_times[method].append(cpu)
             net_times[method].append(timed_net.seconds)
             calls[method] = timed_net.calls
-            print(f"   round {rnd + 1}: {LABELS[method]:<24} {times[method][-1]:7.1f} s", flush=True)
+            print(f"   round {rnd + 1}: {LABELS[method]:<24} {times[method][-1]:7.{2 if cuda else 1}f} s", flush=True)
 
-    rss = measure_rss_in_children(args, [m for m in methods if m in args.rss]) if args.rss else {}
+    if cuda:
+        rss: dict[str, dict[str, Any]] = {}
+        print("   peak RSS not measured on CUDA: the child processes measure host memory, which holds neither the "
+              "activations nor the window batches on a GPU; see the peak CUDA column instead", flush=True)
+    else:
+        rss = measure_rss_in_children(args, [m for m in methods if m in args.rss]) if args.rss else {}
 
     ref = "monai" if "monai" in methods else methods[0]
     ref_time, ref_cpu = bl.median(times[ref]), bl.median(cpu_times[ref])
@@ -319,20 +369,23 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
                       "ratio_vs_monai": t / ref_time,
                       "cpu_seconds_rounds": cpu_times[m], "ratio_cpu_time_vs_monai": tc / ref_cpu, "cpu_use": cpu_use,
                       "forward_calls": calls[m], "max_abs_diff_vs_monai": diff,
-                      "rss": r or None}
-        rows.append([LABELS[m], f"{t:.1f}", f"{ref_time / t:.2f}x", f"{ref_cpu / tc:.2f}x", f"{cpu_use * 100:.0f}%",
-                     f"{tn:.1f}", f"{t - tn:.2f}", str(calls[m]),
-                     f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{r['forward_increment_mib']:+,.0f}" if r else "-",
+                      "rss": r or None, "peak_cuda_increment_mib": cuda_mib[m] if cuda else None}
+        memory = ([f"{cuda_mib[m]:+,.0f}"] if cuda else
+                  [f"{r['rss_increment_mib']:+,.0f}" if r else "-", f"{r['forward_increment_mib']:+,.0f}" if r else "-"])
+        rows.append([LABELS[m], f"{t:.2f}" if cuda else f"{t:.1f}", f"{ref_time / t:.2f}x", f"{ref_cpu / tc:.2f}x",
+                     f"{cpu_use * 100:.0f}%", f"{tn:.2f}" if cuda else f"{tn:.1f}", f"{t - tn:.2f}", str(calls[m]), *memory,
                      "-" if m == ref else f"{diff:.2e}" if METHODS[m].output != "labels" else f"{diff:.1e} labels"])
     print()
     bl.print_table(["method", "seconds", "speed-up", "cpu-time", "CPU use", "network s", "rest s", "forwards",
-                    "peak RSS incr MiB", "net alone MiB", "max|dp| vs monai"], rows)
+                    *(["peak CUDA incr MiB"] if cuda else ["peak RSS incr MiB", "net alone MiB"]), "max|dp| vs monai"], rows)
     print("speed-up = MONAI's time / the method's time, same process, same work (>1 is faster); cpu-time = the same\n"
           "with process CPU seconds (a cross-check on a shared machine); CPU use = CPU s / (wall s x threads), well\n"
           "below 100 % means other processes took the cores. 'rest' = total - network forward = the sliding-window\n"
           "machinery itself. 'net alone' = peak RSS increment of one window batch through the network by itself.\n"
           "For the labels output (what unet predict asks for) the last column is the fraction of voxels whose\n"
-          "label differs from argmax(MONAI).")
+          "label differs from argmax(MONAI)."
+          + ("\nOn CUDA: 'network' is GPU time (CUDA events), cpu-time and CPU use count host time only, and 'peak CUDA\n"
+             "incr' is the most device memory the method allocated on top of what was allocated before it." if cuda else ""))
     if "ours" in results and ref == "monai":
         ours = results["ours"]
         speedup = 1 / ours["ratio_vs_monai"]
@@ -350,7 +403,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     load_after = bl.load_note()
     print(f"after: {load_after}")
     print(f"total benchmark time {time.perf_counter() - start:.0f} s")
-    return {"script": "bench_infer", "machine": info, "args": vars(args), "load_before": load_before,
+    return {"script": "bench_infer", "machine": info, "args": vars(args), "device": str(device), "load_before": load_before,
             "load_after": load_after, "volume_mib": in_mib, "output_mib": out_mib,
             "parameters": n_params, "model_mib": model_mib(net.net), "results": results}
 
@@ -367,10 +420,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-batch", type=int, default=2, help="windows per forward pass (sw_batch_size; default 2, unetcli's 3D default)")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--rounds", type=int, default=1, help="timed rounds per method (median counts)")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
-                   help=f"default: {' '.join(DEFAULT_METHODS)}; also ours_nofold, ours_contig, ours_malloc")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the networks run (default cpu)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"default: {' '.join(DEFAULT_METHODS)} (CUDA: {' '.join(CUDA_DEFAULT_METHODS)}, ours_bf16 only where "
+                        "the GPU has bf16); also ours_nofold, ours_contig, ours_malloc, and ours_fp16 on CUDA")
     p.add_argument("--rss", nargs="*", default=["monai", "ours", "ours_bf16", "ours_labels"], choices=list(METHODS),
-                   help="methods whose peak RSS is measured in a child process (default: monai ours ours_bf16 ours_labels; none: skip)")
+                   help="methods whose peak RSS is measured in a child process (default: monai ours ours_bf16 ours_labels; "
+                        "none: skip; not measured with --device cuda)")
     p.add_argument("--only", choices=list(METHODS), help="child mode: run one method once and report its peak RSS")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -380,6 +436,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size = args.size * 3
     if len(args.size) != 3:
         p.error("--size takes 1 or 3 numbers")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"--device cuda: no CUDA GPU is visible to torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
+        if args.only:
+            p.error("--only measures the peak RSS of host memory: run it without --device cuda")
+        if args.methods is None:
+            args.methods = [m for m in CUDA_DEFAULT_METHODS if m != "ours_bf16" or torch.cuda.is_bf16_supported()]
+    else:
+        args.methods = args.methods or DEFAULT_METHODS
+        if "ours_fp16" in args.methods or args.only == "ours_fp16":
+            p.error("ours_fp16 needs --device cuda (fp16 autocast is for CUDA GPUs)")
     return args
 
 

@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from unetcli.errors import OutputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
@@ -75,8 +77,6 @@ def atomic_write_with(path: Path | str, writer: Callable[[Path], None]) -> None:
 
 def ensure_writable_folder(folder: Path, what: str, hint: str) -> None:
     """Create ``folder`` (and parents) and check it can be written, or raise :class:`OutputError`."""
-    from unetcli.errors import OutputError
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

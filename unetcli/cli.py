@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Optional
 
 import typer
@@ -42,7 +42,10 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except UnetCliError as exc:
             if _state["debug"]:
                 raise
+            rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
             for line in exc.message.splitlines() or [exc.message]:
+                if rank and not line.startswith("rank "):
+                    line = rank + line
                 err_console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True, markup=True)
             if exc.hint:
                 err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
@@ -137,6 +140,22 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")]
 
 
+ResumeOpt = Annotated[Optional[Path], typer.Option(
+    "--resume", metavar="RUN",
+    help="Continue the run in folder RUN from checkpoints/last.pt (after a crash, kill or Ctrl-C), with its own config; "
+         "with a larger --epochs, train a finished run longer. Only --epochs, --device, --precision, --num-threads and "
+         "--set train.checkpoint_interval / train.num_workers may change.")]
+InitOpt = Annotated[Optional[str], typer.Option("--init", metavar="RUN", help=(
+    "Fine-tune: start from this run folder's (best.pt) or checkpoint's weights; tensors that fit are loaded, the first "
+    "convolution is adapted to other input channels, the head re-initialised for other classes."))]
+FreezeEncoderOpt = Annotated[Optional[int], typer.Option("--freeze-encoder", metavar="EPOCHS", help=(
+    "With --init: keep the encoder (stem + down blocks) fixed for the first EPOCHS epochs."))]
+GpusOpt = Annotated[Optional[int], typer.Option(
+    help="Train one run on N GPUs of this machine: runs this same command under torchrun with N processes "
+         "(--batch-size stays the global batch). Several nodes or CPU processes: see the README's torchrun lines.",
+    show_default=False)]
+
+
 @app.command(epilog="Example: unet train data/ --epochs 20 --out runs/tissue --set model.features=[16,32,64,128]   "
              "Continue a stopped run: unet train --resume runs/tissue   Train a finished run longer: "
              "unet train --resume runs/tissue --epochs 40")
@@ -158,11 +177,10 @@ def train(
     num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
-    resume: Annotated[Optional[Path], typer.Option(
-        "--resume", metavar="RUN",
-        help="Continue the run in folder RUN from checkpoints/last.pt (after a crash, kill or Ctrl-C), with its own config; "
-             "with a larger --epochs, train a finished run longer. Only --epochs, --device, --precision, --num-threads and "
-             "--set train.checkpoint_interval / train.num_workers may change.")] = None,
+    resume: ResumeOpt = None,
+    init: InitOpt = None,
+    freeze_encoder: FreezeEncoderOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
     """Train a U-Net on a folder of images + masks; writes config, checkpoints, metrics and curves to a run folder.
 
@@ -171,21 +189,20 @@ def train(
     from unetcli.training.resume import RESUME_KEYS, resume_training
     from unetcli.training.trainer import train as run_training
 
+    if gpus is not None:
+        from unetcli.training.distributed import launch_on_gpus
+
+        raise typer.Exit(launch_on_gpus(gpus, _argv_without_option(sys.argv[1:], "--gpus")))
     if resume is not None:
-        sets = dict(parse_set_option(item) for item in set_ or [])
         fixed = [name for name, given in (
             ("--config", config is not None), ("--batch-size", batch_size is not None), ("--lr", lr is not None),
             ("--patch-size", patch_size is not None), ("--model-skip", model_skip is not None), ("--seed", seed is not None),
             ("--overwrite", overwrite), ("--out", out is not None and out.resolve() != resume.resolve()),
-        ) if given] + [f"--set {key}" for key in sets if key not in RESUME_KEYS]
-        if fixed:
-            raise ConfigError(
-                f"{', '.join(fixed)} cannot be used with --resume: a resumed run keeps the config stored in its checkpoint",
-                hint="with --resume only --epochs, --device, --precision, --num-threads and --set train.checkpoint_interval/"
-                     "num_workers/num_threads may change; to change anything else, start a new run (--out)",
-            )
-        overrides = {**sets, "train.epochs": epochs, "train.device": device, "train.precision": precision,
-                     "train.num_threads": num_threads}
+            ("--init", init is not None), ("--freeze-encoder", freeze_encoder is not None),
+        ) if given]
+        overrides = _resume_overrides(fixed, set_, RESUME_KEYS)
+        overrides.update({"train.epochs": epochs, "train.device": device, "train.precision": precision,
+                          "train.num_threads": num_threads})
         result = resume_training(resume, data, overrides, progress=_progress())
         out = resume
     else:
@@ -196,17 +213,46 @@ def train(
             "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
             "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
             "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
+            "train.init": init, "train.freeze_encoder_epochs": freeze_encoder,
         })
         out = out or Path("runs") / f"{data.resolve().name}_{time.strftime('%Y%m%d-%H%M%S')}"
         result = run_training(data, cfg, out, overwrite=overwrite, progress=_progress())
-    console.print(f"best validation Dice [bold]{result.best_dice:.4f}[/bold] at epoch {result.best_epoch}/{result.epochs} "
-                  f"({result.seconds:.0f} s, {result.parameters:,} parameters); run folder: {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+        console.print(f"best validation Dice [bold]{result.best_dice:.4f}[/bold] at epoch {result.best_epoch}/{result.epochs} "
+                      f"({result.seconds:.0f} s, {result.parameters:,} parameters); run folder: {out}")
 
 
-@app.command(epilog="Example: unet predict runs/tissue scans/ predictions/")
+def _resume_overrides(fixed: list[str], sets: Optional[list[str]], allowed: Sequence[str]) -> dict[str, Any]:
+    """The ``--set`` overrides of a resumed run, refusing every option that would change its config."""
+    parsed = dict(parse_set_option(item) for item in sets or [])
+    fixed = fixed + [f"--set {key}" for key in parsed if key not in allowed]
+    if fixed:
+        raise ConfigError(
+            f"{', '.join(fixed)} cannot be used with --resume: a resumed run keeps the config stored in its checkpoint",
+            hint="with --resume only --epochs, --device, --precision, --num-threads and --set train.checkpoint_interval/"
+                 "num_workers/num_threads may change; to change anything else, start a new run (--out)",
+        )
+    return parsed
+
+
+def _argv_without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option VALUE`` / ``option=VALUE`` (to re-run the same command under torchrun)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
+@app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")
 @handle_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt) or a .pt file.")],
+    run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a checkpoint .pt file, "
+                                             "or a file written by `unet export` (.onnx needs unetcli[onnx]; TorchScript .pt).")],
     input: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
     output: Annotated[Path, typer.Argument(help="Folder for the masks (same names as the inputs); never an input folder.")],
     device: DeviceOpt = None,
@@ -221,6 +267,24 @@ def predict(
     written = run_predict(run, input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress())
     console.print(f"wrote {len(written)} mask(s) to {output}")
+
+
+@app.command(epilog="Example: unet export runs/tissue --format onnx --out tissue.onnx   then: unet predict tissue.onnx scans/ predictions/")
+@handle_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt) or a checkpoint .pt file.")],
+    format_: Annotated[Optional[str], typer.Option("--format", help="onnx | torchscript (default: from --out's suffix, else onnx).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="File to write (default: RUN/model.onnx or RUN/model.pt).")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export a trained network (BatchNorm folded) as ONNX or TorchScript, with its preprocessing, patch size, sliding-window
+    settings and labels embedded, so that `unet predict FILE IN OUT` (or any ONNX / TorchScript runtime) can use it."""
+    from unetcli.inference.export import export_run
+
+    result = export_run(run, out, format_, overwrite=overwrite)
+    axes = "batch and spatial axes" if result.dynamic_spatial else "batch axis (spatial size fixed: valid padding)"
+    console.print(f"wrote {result.path} ({result.model_format}, {result.size_bytes / 2**20:.1f} MiB, dynamic {axes}) from "
+                  f"{result.checkpoint}; max |logit difference| to PyTorch {result.max_difference:.1e}")
 
 
 def _regions(items: Optional[list[str]]) -> Optional[dict[str, list[int]]]:

@@ -121,6 +121,12 @@ class TrainConfig:
     """CPU threads for torch; ``None`` keeps torch's default."""
     checkpoint_interval: int = 0
     """Also save ``checkpoints/last.pt`` every this many iterations (0: only at the end of each epoch)."""
+    init: str | None = None
+    """Fine-tuning: start from this run folder's (``best.pt``) or checkpoint file's weights. Tensors of
+    equal name and shape are loaded, the first convolution is adapted to another input channel count,
+    the rest (e.g. the head for other classes) is re-initialised (:mod:`unetcli.training.init_weights`)."""
+    freeze_encoder_epochs: int = 0
+    """With ``init``: keep the encoder (stem + down blocks) fixed for this many epochs."""
 
 
 @dataclass
@@ -311,6 +317,11 @@ def validate_config(cfg: RunConfig) -> None:
     for key in ("foreground_fraction", "rotate_scale_prob", "gamma_prob", "noise_prob"):
         if not 0.0 <= getattr(t, key) <= 1.0:
             raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")
+    if t.freeze_encoder_epochs < 0:
+        raise ConfigError(f"config key 'train.freeze_encoder_epochs' must be 0 or more, got {t.freeze_encoder_epochs}")
+    if t.freeze_encoder_epochs and not t.init:
+        raise ConfigError("train.freeze_encoder_epochs needs train.init: a randomly initialised encoder would stay random",
+                          hint="pass --init RUN with --freeze-encoder, or leave --freeze-encoder out")
     if t.checkpoint_interval < 0:
         raise ConfigError(f"config key 'train.checkpoint_interval' must be 0 or more, got {t.checkpoint_interval}")
     if t.lr <= 0:

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from unetcli import __version__
-from unetcli.atomic import atomic_path, atomic_write_text
+from unetcli.atomic import atomic_path, atomic_write_text, ensure_writable_folder
 from unetcli.config import DataConfig
 from unetcli.data.labels import label_values_from_masks, resolve_names
 from unetcli.data.types import Case, CaseFiles, Dataset, DatasetFiles
@@ -256,7 +256,8 @@ def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
         except UnetCliError as exc:
             problems.append(exc.message)
             continue
-        cache.mkdir(parents=True, exist_ok=True)
+        ensure_writable_folder(cache, "preprocessing cache",
+                               hint="set UNETCLI_CACHE or data.cache_dir (--set data.cache_dir=DIR) to a writable folder")
         _save_npy(cache / f"{key}_image.npy", image_pp)
         _save_npy(cache / f"{key}_label.npy", label_pp.astype(np.uint8 if label_pp.max(initial=0) < 256 else np.int16))  # type: ignore[union-attr]
         meta = {"case": case.name, "channels": int(image_pp.shape[0]), "shape": list(image_pp.shape[1:]),

@@ -19,7 +19,8 @@ from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.png_dataset import load_image_channels
 from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
 from unetcli.data.preprocessing import normalize_image
-from unetcli.errors import CheckpointError, DataError, OutputError, UnetCliError
+from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
+from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
@@ -32,7 +33,7 @@ _CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
 
 @dataclass
 class LoadedModel:
-    model: SegmentationNetwork
+    model: SegmentationNetwork | ExportedNetwork
     config: RunConfig
     metadata: dict[str, Any]
     checkpoint: Path
@@ -53,6 +54,25 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
     model = fold_batch_norm(model.eval())
     model.to(device, memory_format=memory_format(cfg.model.spatial_dims, resolve_channels_last(cfg.train.channels_last, device)))
     return LoadedModel(model, cfg, state["metadata"], path)
+
+
+def load_model(source: Path, device: torch.device, which: str = "best") -> LoadedModel:
+    """A run folder or checkpoint (PyTorch), or a file written by ``unet export`` (ONNX, TorchScript)."""
+    if is_exported_model(Path(source)):
+        exported = load_exported(Path(source), device)
+        return LoadedModel(exported.network, exported.config, exported.metadata, Path(source))
+    return load_trained_model(source, device, which)
+
+
+def resolve_model_precision(loaded: LoadedModel, requested: str | None, device: torch.device) -> str:
+    """The run's precision (or ``requested``); a backend that runs one precision only refuses any other."""
+    fixed = getattr(loaded.model, "fixed_precision", None)
+    if fixed is None:
+        return resolve_precision(requested or loaded.config.train.precision, device)
+    if requested not in (None, "auto", fixed):
+        raise ConfigError(f"{loaded.checkpoint}: this exported model runs in {fixed} only, not {requested}",
+                          hint=f"leave --precision out (or pass --precision {fixed}); predict from the run folder for {requested}")
+    return fixed
 
 
 def _input_files(input_path: Path, file_format: str) -> list[Path]:
@@ -113,7 +133,7 @@ def _check_channels(image: np.ndarray, path: Path, meta: dict[str, Any]) -> None
                         hint="give the same channels (modalities / colour mode) as the training data")
 
 
-def _window_kwargs(loaded: LoadedModel, device: torch.device, precision: str, mirror: bool | None) -> dict[str, Any]:
+def window_settings(loaded: LoadedModel, device: torch.device, precision: str, mirror: bool | None) -> dict[str, Any]:
     infer = loaded.config.infer
     return {"overlap": infer.overlap, "window_batch_size": infer.windows_per_batch(loaded.config.model.spatial_dims),
             "gaussian": infer.gaussian,
@@ -167,12 +187,16 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
 def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto", precision_name: str | None = None,
             probabilities: bool = False, overwrite: bool = False, mirror: bool | None = None,
             progress: bool = True) -> list[Path]:
-    """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths."""
+    """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
+
+    ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
+    (preprocessing, sliding window and geometry handling are the same for all of them).
+    """
     device = resolve_device(device_name)
     configure_cpu_allocator()
-    loaded = load_trained_model(run, device)
-    meta, cfg = loaded.metadata, loaded.config
-    precision = resolve_precision(precision_name or cfg.train.precision, device)
+    loaded = load_model(run, device)
+    meta = loaded.metadata
+    precision = resolve_model_precision(loaded, precision_name, device)
     check_output_folder(output, [input_path], overwrite)
     file_format = meta.get("file_format", "png")
     cases = _group_inputs(input_path, meta["in_channels"], file_format)
@@ -184,7 +208,7 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
     ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
-    window = _window_kwargs(loaded, device, precision, mirror)
+    window = window_settings(loaded, device, precision, mirror)
     predict_one = predict_volume if file_format == "nifti" else predict_png
     written = []
     for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -41,9 +42,11 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
 
 
 def _input_format(model: nn.Module, spatial_dims: int) -> torch.memory_format:
-    """Feed windows in the memory format the network's convolutions are stored in."""
+    """Feed windows in the memory format the network's convolutions are stored in (contiguous for
+    a network without parameters, such as an onnxruntime session behind a module)."""
     fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-    weight = next((p for p in model.parameters() if p.ndim == spatial_dims + 2), None)
+    parameters = model.parameters() if hasattr(model, "parameters") else ()
+    weight = next((p for p in parameters if p.ndim == spatial_dims + 2), None)
     if weight is not None and weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous():
         return fmt
     return torch.contiguous_format
@@ -129,23 +132,13 @@ def sliding_window_predict(
     """
     device = torch.device(device)
     spatial = image.shape[1:]
-    margins = (margin,) * len(spatial) if isinstance(margin, int) else tuple(margin)
-    out_roi = tuple(r - 2 * m for r, m in zip(roi_size, margins))
-    grid = tuple(max(s, r) for s, r in zip(spatial, out_roi))
-    padded = torch.from_numpy(np.ascontiguousarray(pad_to_cover(image, [g + 2 * m for g, m in zip(grid, margins)], margins)))
-    # pad_to_cover centres the extra padding; the output grid starts where the image starts.
-    offset = [(p - 2 * m - s) // 2 for p, m, s in zip(padded.shape[1:], margins, spatial)]
-    grid = tuple(p - 2 * m for p, m in zip(padded.shape[1:], margins))
-
+    padded, grid, offset, out_roi = _pad_for_windows(image, roi_size, margin)
     weight = gaussian_importance(out_roi) if gaussian else torch.ones(out_roi)
     result, band = _accumulator(output, num_classes, out_roi, grid)
     fmt = _input_format(model, len(spatial))
     starts = list(itertools.product(*(window_starts(g, r, overlap) for g, r in zip(grid, out_roi))))
-    flip_sets: list[tuple[int, ...]] = [()]
-    if mirror:
-        axes = range(2, 2 + len(spatial))
-        flip_sets = [c for n in range(len(spatial) + 1) for c in itertools.combinations(axes, n)]
-
+    axes = range(2, 2 + len(spatial))  # every combination of flipped spatial axes, or none
+    flip_sets = [c for n in range(len(spatial) + 1) for c in itertools.combinations(axes, n)] if mirror else [()]
     for i in range(0, len(starts), window_batch_size):
         chunk = starts[i : i + window_batch_size]
         batch = torch.stack(
@@ -160,6 +153,25 @@ def sliding_window_predict(
         return result[crop].contiguous()
     _normalise_in_place(result)
     return result[(slice(None),) + crop].contiguous()
+
+
+def _pad_for_windows(image: np.ndarray, roi_size: Sequence[int], margin: int | Sequence[int]
+                     ) -> tuple[torch.Tensor, tuple[int, ...], list[int], tuple[int, ...]]:
+    """The image mirror-padded to hold at least one window plus ``margin`` context per side, the
+    output grid it covers, where the image starts in that grid, and the output size of a window."""
+    spatial = image.shape[1:]
+    margins = (margin,) * len(spatial) if isinstance(margin, int) else tuple(margin)
+    out_roi = tuple(r - 2 * m for r, m in zip(roi_size, margins))
+    grid = tuple(max(s, r) for s, r in zip(spatial, out_roi))
+    padded_array = np.ascontiguousarray(pad_to_cover(image, [g + 2 * m for g, m in zip(grid, margins)], margins))
+    with warnings.catch_warnings():
+        # A memory-mapped cached volume is read-only; windows are only ever read from it, never written.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        padded = torch.from_numpy(padded_array)
+    # pad_to_cover centres the extra padding; the output grid starts where the image starts.
+    offset = [(p - 2 * m - s) // 2 for p, m, s in zip(padded.shape[1:], margins, spatial)]
+    grid = tuple(p - 2 * m for p, m in zip(padded.shape[1:], margins))
+    return padded, grid, offset, out_roi
 
 
 def _accumulator(output: str, num_classes: int, out_roi: tuple[int, ...], grid: tuple[int, ...]) -> tuple[torch.Tensor, _RowBand]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from unetcli.config import RunConfig, apply_overrides, config_from_dict
 from unetcli.errors import CheckpointError, ConfigError, DataError
 from unetcli.runlock import RunLock
 from unetcli.training.checkpoint import load_checkpoint
+from unetcli.training.distributed import join_world
 from unetcli.training.run_folder import remove_stale_temp_files
 from unetcli.training.state import ResumePoint
 from unetcli.training.trainer import EpochCallback, TrainResult, train
@@ -35,8 +37,11 @@ def resume_training(run: Path, data_dir: Path | None = None, overrides: dict[str
                           hint="a resumed run keeps its config; only " + ", ".join(RESUME_KEYS) + " may change")
     if not run.is_dir():
         raise CheckpointError(f"{run}: run folder not found", hint="pass the folder an earlier `unet train` wrote (its --out)")
-    with RunLock(run):
-        remove_stale_temp_files(run)
+    world = join_world(overrides.get("train.device", "auto"))
+    # Under torchrun rank 0 alone holds the lock and tidies the folder; every rank reads last.pt.
+    with RunLock(run) if world.is_main else contextlib.nullcontext():
+        if world.is_main:
+            remove_stale_temp_files(run)
         point = load_resume_point(run)
         cfg = _resumed_config(point, run, overrides)
         data = Path(data_dir) if data_dir is not None else point.data_dir

@@ -20,6 +20,8 @@ from unetcli.data.types import Dataset
 from unetcli.errors import ConfigError
 from unetcli.models import SegmentationNetwork, build_model
 from unetcli.runtime import memory_format, resolve_channels_last
+from unetcli.training.distributed import check_batch_divides, sync_batch_norm, wrap_for_training
+from unetcli.training.init_weights import initialise_from
 from unetcli.training.losses import DiceCELoss
 from unetcli.training.schedule import LRPlan
 
@@ -35,6 +37,9 @@ class TrainComponents:
 
     config: RunConfig
     model: SegmentationNetwork
+    """The network itself: what validation, checkpoints and prediction use."""
+    train_model: torch.nn.Module
+    """What the training step calls: ``model`` wrapped in DistributedDataParallel under torchrun."""
     memory_format: torch.memory_format
     patch: list[int]
     train_names: list[str]
@@ -128,14 +133,19 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     cfg = resolve_model_config(cfg, dataset)
     t = cfg.train
     model = build_model(cfg.model)
+    if t.init and split is None:  # a resumed run restores its own weights instead
+        initialise_from(model, t.init, cfg.model)
+    sync_batch_norm(model, device)
     patch = resolve_patch_size(cfg, dataset, model)
     t.patch_size = patch
     t.batch_size = default_batch_size(cfg, dataset.spatial_dims)
+    check_batch_divides(t.batch_size)
     train_names, val_names = split or split_cases([c.name for c in dataset.cases], cfg.data.val_fraction,
                                                   t.seed if cfg.data.split_seed is None else cfg.data.split_seed)
     model.to(device)
     fmt = memory_format(dataset.spatial_dims, resolve_channels_last(t.channels_last, device))
     model.to(memory_format=fmt)
+    train_model = wrap_for_training(model, device, frozen_parts=t.freeze_encoder_epochs > 0)
     by_name = {c.name: c for c in dataset.cases}
     sampler = PatchSampler(
         [by_name[n] for n in train_names], patch, t.batch_size, num_classes=dataset.num_classes,
@@ -150,7 +160,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         "file_format": dataset.file_format, "preprocessing": dataset.preprocessing,
     }
     return TrainComponents(
-        config=cfg, model=model, memory_format=fmt, patch=patch, train_names=train_names, val_names=val_names,
+        config=cfg, model=model, train_model=train_model, memory_format=fmt, patch=patch, train_names=train_names, val_names=val_names,
         sampler=sampler,
         loss_fn=DiceCELoss(include_background=t.dice_include_background, dice_weight=t.dice_weight, ce_weight=t.ce_weight),
         optimizer=make_optimizer(model, cfg, device),

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,10 +30,13 @@ from unetcli.config import RunConfig, config_to_dict, dump_config
 from unetcli.data.dataset import discover_dataset, load_dataset
 from unetcli.data.sampling import iterate_batches
 from unetcli.data.types import Dataset
-from unetcli.errors import DataError, OutputError
+from unetcli.errors import DataError, OutputError, TrainingError
 from unetcli.models import count_parameters
 from unetcli.runtime import autocast, configure_cpu_allocator, configure_threads, resolve_device, resolve_precision, seed_everything
 from unetcli.training.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from unetcli.training.distributed import (any_rank, collective_timeout, current_world, first_over_ranks, join_world, leave_world,
+                                          mean_over_ranks, rank_share, report_failure)
+from unetcli.training.init_weights import set_encoder_trainable
 from unetcli.training.interrupts import StopRequest, interrupted, numerical_fault
 from unetcli.training.run_folder import claim_run_dir, is_main_process, run_log_file, write_metrics
 from unetcli.training.setup import TrainComponents, build_components, default_num_workers
@@ -83,6 +87,24 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, pr
     holds the run's lock): the loop then continues from it instead of starting afresh.
     """
     start = time.perf_counter()
+    world = join_world(cfg.train.device)
+    try:
+        return _train(data_dir, cfg, out, overwrite, progress and world.is_main, on_epoch, resume, start)
+    except BaseException as exc:
+        # Under torchrun, the other ranks would otherwise wait in their next collective until it times out.
+        report_failure(exc)
+        if isinstance(exc, RuntimeError) and world.distributed:
+            raise (collective_timeout(exc) or TrainingError(
+                f"rank {world.rank}: a collective operation failed ({str(exc).splitlines()[0][:200]})",
+                hint="another process probably died; check its output")) from exc
+        raise
+    finally:
+        if world.distributed:
+            leave_world()
+
+
+def _train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool, progress: bool, on_epoch: EpochCallback | None,
+           resume: ResumePoint | None, start: float) -> TrainResult:
     configure_threads(cfg.train.num_threads)
     configure_cpu_allocator()
     seed_everything(cfg.train.seed)
@@ -94,7 +116,7 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, pr
     if resume is None:
         _check_enough_cases(dataset, cfg, data_dir)
     with contextlib.ExitStack() as stack:
-        if resume is None:
+        if resume is None and current_world().is_main:
             stack.enter_context(claim_run_dir(out, overwrite))
         stack.enter_context(run_log_file(out))
         try:
@@ -143,6 +165,8 @@ class Trainer:
             batches = self._batches()
             while s.epoch < t.epochs:
                 epoch_start = time.perf_counter()
+                if t.freeze_encoder_epochs:  # fine-tuning: the encoder learns only after the first epochs
+                    set_encoder_trainable(self.parts.model, s.epoch >= t.freeze_encoder_epochs)
                 self._train_epoch(batches)
                 self._stop_if_requested()  # before validation, which can take a while
                 record = self._end_epoch(epoch_start)
@@ -174,10 +198,11 @@ class Trainer:
                     raise
                 self._save_and_stop(self.stop.signum)  # a batch worker got the signal too; this iteration has not started
             p.sampler.position += 1
+            images, labels = rank_share(images, labels)
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=p.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             p.plan.apply(p.optimizer, t.lr, s.iteration)
-            loss = train_step(p.model, images, labels, p.loss_fn, p.optimizer, p.scaler, self.device, self.precision, t.grad_clip)
+            loss = train_step(p.train_model, images, labels, p.loss_fn, p.optimizer, p.scaler, self.device, self.precision, t.grad_clip)
             s.loss_sum += loss
             s.iteration += 1
             s.epoch_iteration += 1
@@ -190,7 +215,7 @@ class Trainer:
         """Validate, record, write metrics and curves, save ``last.pt`` (and ``best.pt``), log."""
         t, s = self.cfg.train, self.state
         self._check_finite()
-        train_loss = float(s.loss_sum) / t.iterations_per_epoch  # one host sync per epoch
+        train_loss = float(mean_over_ranks(s.loss_sum)) / t.iterations_per_epoch  # one host sync per epoch
         train_seconds = time.perf_counter() - epoch_start
         val = validate(self.parts.model, self.dataset, self.parts.val_names, self.cfg, self.parts.patch,
                        self.device, self.precision)
@@ -227,8 +252,9 @@ class Trainer:
         self.state.last_saved = (self.state.epoch, self.state.iteration)
 
     def _stop_if_requested(self) -> None:
-        if self.stop.signum is not None:
-            self._save_and_stop(self.stop.signum)
+        # Under torchrun every rank must stop at the same iteration, whichever of them got the signal.
+        if any_rank(self.stop.signum is not None):
+            self._save_and_stop(self.stop.signum or signal.SIGTERM)
 
     def _save_and_stop(self, signum: int) -> NoReturn:
         """The one way a signal ends a run: save ``last.pt`` unless it already holds this point, then raise."""
@@ -239,7 +265,7 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Raise TrainingError if a loss or weight went NaN/Inf (one host sync; at epoch ends and saves only)."""
-        bad = int(self.first_bad)
+        bad = int(first_over_ranks(self.first_bad))
         weights_ok = bad < 0 and bool(torch.stack([torch.isfinite(v).all() for v in self.parts.model.state_dict().values()
                                                    if v.is_floating_point()]).all())
         if bad < 0 and weights_ok:
@@ -258,7 +284,8 @@ class Trainer:
             **self.state.to_checkpoint(self._elapsed(), self.cfg.train.epochs),
         }
         checkpoint["resume"].update({"split": {"train": p.train_names, "val": p.val_names},
-                                     "data_dir": str(self.data_dir), "precision": self.precision})
+                                     "data_dir": str(self.data_dir), "precision": self.precision,
+                                     "world_size": current_world().world_size})
         return checkpoint
 
     # ------------------------------------------------------------------ run files and logs
@@ -276,10 +303,10 @@ class Trainer:
         m, d = self.cfg.model, self.dataset
         log.info(
             "training %dD U-Net (%s skips, %s padding, %s params) on %d cases (%d train / %d val), %d classes, "
-            "patch %s, device %s, precision %s%s",
+            "patch %s, device %s, precision %s%s%s",
             d.spatial_dims, m.skip, m.padding, f"{count_parameters(p.model):,}", len(d.cases), len(p.train_names),
             len(p.val_names), d.num_classes, p.patch, self.device, self.precision,
-            "" if p.memory_format == torch.contiguous_format else ", channels_last",
+            "" if p.memory_format == torch.contiguous_format else ", channels_last", _world_text(),
         )
 
     def _log_resumed(self) -> None:
@@ -288,4 +315,17 @@ class Trainer:
         if self.resume is not None and self.resume.precision not in (None, self.precision):
             log.warning("this run trained with %s precision and continues with %s: results will differ from an "
                         "uninterrupted run", self.resume.precision, self.precision)
+        saved_world = self.resume.checkpoint["resume"].get("world_size", 1) if self.resume else 1
+        if saved_world != current_world().world_size:
+            log.warning("this run trained with %d process(es) and continues with %d: the global batch is the same, "
+                        "but sums are reduced in another order, so results are no longer bit-identical",
+                        saved_world, current_world().world_size)
         log.info("resuming %s in epoch %d/%d after iteration %d", self.out, s.epoch + 1, t.epochs, s.iteration)
+
+
+def _world_text() -> str:
+    world = current_world()
+    if not world.distributed:
+        return ""
+    share = "each rank takes its share of the global batch"
+    return f", world size {world.world_size} ({share}; rank 0 writes the run folder)"

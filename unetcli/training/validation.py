@@ -10,6 +10,7 @@ from unetcli.data.types import Dataset
 from unetcli.evaluation.metrics import dice
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import SegmentationNetwork
+from unetcli.training.distributed import gather_rows, my_share
 
 
 def validate(model: SegmentationNetwork, dataset: Dataset, names: list[str], cfg: RunConfig, patch: list[int],
@@ -18,19 +19,19 @@ def validate(model: SegmentationNetwork, dataset: Dataset, names: list[str], cfg
     ``dice_mean`` (NaN where no case holds the class). Leaves the model in training mode."""
     model.eval()
     by_name = {c.name: c for c in dataset.cases}
-    scores = np.full((len(names), dataset.num_classes - 1), np.nan)
-    for i, name in enumerate(names):
+    rows = []
+    for name in my_share(names):  # under torchrun each rank predicts its share, then all rows are gathered
         case = by_name[name]
         pred = sliding_window_predict(
             model, case.image, patch, dataset.num_classes, overlap=cfg.infer.overlap,
             window_batch_size=cfg.infer.windows_per_batch(dataset.spatial_dims), gaussian=cfg.infer.gaussian,
             margin=model.margin, device=device, precision=precision, output="labels",
         ).numpy()
-        for k in range(1, dataset.num_classes):
-            scores[i, k - 1] = dice(pred == k, case.label == k)
+        rows.append([dice(pred == k, case.label == k) for k in range(1, dataset.num_classes)])
     model.train()
+    scores = np.asarray(gather_rows(rows), dtype=np.float64).reshape(-1, dataset.num_classes - 1)
     with np.errstate(all="ignore"):
-        per_class = np.nanmean(scores, axis=0) if len(names) else np.full(dataset.num_classes - 1, np.nan)
+        per_class = np.nanmean(scores, axis=0) if len(scores) else np.full(dataset.num_classes - 1, np.nan)
     result = {f"dice_{dataset.label_names[k]}": float(per_class[k - 1]) for k in range(1, dataset.num_classes)}
     result["dice_mean"] = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
     return result
