@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +104,25 @@ def make_nnunet(root: Path, n: int = 5, seed: int = 0, flip_first: bool = False)
         "channel_names": {"0": "T1"}, "labels": {"background": 0, "sphere": 1, "box": 2},
         "numTraining": n, "file_ending": ".nii.gz"}))
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args: list[str], cwd: Path, n: int = 2, env_of_rank: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
+    """``n`` processes of ``python -m unetcli ARGS`` joined like torchrun's workers (RANK, WORLD_SIZE, ... set)."""
+    port, procs = str(free_port()), []
+    for rank in range(n):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1", **(env_of_rank or {}).get(rank, {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "unetcli", *args], cwd=cwd, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
+    """Each process's exit code and standard error, in rank order."""
+    return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import invoke, make_blobs
+from helpers import finish, invoke, make_blobs, start_ranks
 
 from unetcli.data.sampling import PatchSampler, iterate_batches
 from unetcli.data.types import Case
@@ -156,29 +152,12 @@ def test_unet_train_and_predict_on_cuda(tmp_path: Path) -> None:
     assert len(list((tmp_path / "pred").glob("*.png"))) == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_ranks(args: list[str], cwd: Path, n: int) -> list[subprocess.Popen]:
-    """``n`` processes of ``python -m unetcli ARGS`` joined like torchrun's workers (one GPU each)."""
-    port, procs = str(_free_port()), []
-    for rank in range(n):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "unetcli", *args], cwd=cwd, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    return procs
-
-
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_gpus_with_nccl_train_one_run(tmp_path: Path) -> None:
     data = make_blobs(tmp_path / "blobs", n=6)
-    procs = _start_ranks(["-q", "train", str(data), "--out", "run", "--epochs", "2", "--device", "cuda", "--precision", "auto",
-                          "--set", "train.num_workers=0", *TINY], tmp_path, n=2)
-    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    procs = start_ranks(["-q", "train", str(data), "--out", "run", "--epochs", "2", "--device", "cuda", "--precision", "auto",
+                         "--set", "train.num_workers=0", *TINY], tmp_path, n=2)
+    results = finish(procs, timeout=300)
     assert all(code == 0 for code, _ in results), results
     run = tmp_path / "run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs", "run"]  # rank 0 alone writes

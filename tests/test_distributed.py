@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,34 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import invoke, make_nnunet
+from helpers import finish, invoke, make_nnunet, start_ranks
 
 from unetcli.training.checkpoint import load_checkpoint
 
 FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=6", "--set", "train.warmup_iterations=2",
          "--batch-size", "4", "--lr", "0.01", "--precision", "fp32", "--device", "cpu", "--num-threads", "1", "--seed", "3",
          "--set", "train.num_workers=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ranks(args: list[str], cwd: Path, n: int = 2, env_of_rank: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
-    """``n`` processes of ``python -m unetcli ARGS`` joined like torchrun's workers."""
-    port, procs = str(free_port()), []
-    for rank in range(n):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1", **(env_of_rank or {}).get(rank, {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "unetcli", *args], cwd=cwd, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    return procs
-
-
-def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
