@@ -17,7 +17,8 @@ from helpers import finish, invoke, make_nnunet, start_ranks
 
 from unetcli.training.checkpoint import load_checkpoint
 
-FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=6", "--set", "train.warmup_iterations=2",
+FLAGS = ["--set", "model.features=[4,8,16]", "--set", "model.norm=batch", "--set", "train.iterations_per_epoch=6",
+         "--set", "train.warmup_iterations=2",
          "--batch-size", "4", "--lr", "0.01", "--precision", "fp32", "--device", "cpu", "--num-threads", "1", "--seed", "3",
          "--set", "train.num_workers=0"]
 

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "unetcli"
-LAYERS = {"data": 1, "models": 1, "training": 2, "inference": 2, "evaluation": 2, "workflows": 3, "cli": 4, "__main__": 4}
+LAYERS = {"data": 1, "models": 1, "training": 2, "planning": 2, "inference": 2, "evaluation": 2, "workflows": 3, "cli": 4, "__main__": 4}
 """Rank of each top-level room; a module may import only modules of a lower or equal rank.
 Core modules (errors, config, atomic, runtime, runlock) rank 0."""
 

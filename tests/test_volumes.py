@@ -128,7 +128,7 @@ def test_short_3d_training_learns(trained_3d: tuple[Path, Path]) -> None:
     _, run = trained_3d
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train_loss"] < 0.7 * records[0]["train_loss"]
-    assert max(r["val_dice_mean"] for r in records) > records[0]["val_dice_mean"] + 0.15
+    assert max(r["val_dice_mean"] for r in records) > records[0]["val_dice_mean"] + 0.1
     assert max(r["val_dice_mean"] for r in records) > 0.5
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from unetcli import __version__
-from unetcli.config import RunConfig, apply_overrides, load_config, parse_set_option
+from unetcli.config import RunConfig, apply_overrides, config_file_values, load_config, parse_set_option
 from unetcli.errors import ConfigError, UnetCliError
 
 err_console = Console(stderr=True)
@@ -130,6 +130,15 @@ def _resolve_config(config: Optional[Path], sets: Optional[list[str]], flags: di
     return apply_overrides(cfg, overrides)
 
 
+def _explicit_keys(config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any]) -> set[str]:
+    """The config keys the user gave (config file, --set, flags): a plan never replaces them."""
+    from unetcli.planning.apply import flat_keys
+
+    keys = flat_keys(config_file_values(config)) if config is not None else set()
+    keys |= {parse_set_option(item)[0] for item in sets or []}
+    return keys | {k for k, v in flags.items() if v is not None}
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/png2d.yaml); flags override it.")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (each = train.iterations_per_epoch iterations + validation).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")]
@@ -156,20 +165,31 @@ GpusOpt = Annotated[Optional[int], typer.Option(
     show_default=False)]
 
 
-@app.command(epilog="Example: unet train data/ --epochs 20 --out runs/tissue --set model.features=[16,32,64,128]   "
-             "Continue a stopped run: unet train --resume runs/tissue   Train a finished run longer: "
-             "unet train --resume runs/tissue --epochs 40")
+PLAN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+TrainConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="A plan configuration (2d | 3d_fullres | 3d_lowres; default: 3d_fullres for volumes, 2d for "
+                           "images) or a YAML config file (see configs/png2d.yaml); flags override it.")]
+PlanOpt = Annotated[Optional[Path], typer.Option("--plan", help="Use this plans.yaml (from `unet plan`, possibly edited) instead of "
+                                                                "planning the data now.")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Network preset to plan for: plain | resenc-m | resenc-l (residual encoders).")]
+NoPlanOpt = Annotated[bool, typer.Option("--no-plan", help="Do not plan: fixed built-in defaults (32-256 features, 3x3(x3) "
+                                                           "kernels, 2x pooling, median-shape patch) plus your config.")]
+
+
+@app.command(epilog="Example: unet train data/ --epochs 20 --out runs/tissue   Thick-slice MRI, own plan: unet plan data/ --out "
+             "plans.yaml; unet train data/ --plan plans.yaml --config 3d_fullres   Continue a stopped run: unet train --resume "
+             "runs/tissue   Train a finished run longer: unet train --resume runs/tissue --epochs 40")
 @handle_errors
 def train(
     data: Annotated[Optional[Path], typer.Argument(help="Folder with images/ + masks/ (PNG), or imagesTr/ + labelsTr/ (nnU-Net layout). "
                                                         "With --resume: optional, default the run's own data folder.",
                                                    show_default=False)] = None,
-    config: ConfigOpt = None,
+    config: TrainConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/DATA-NAME_TIMESTAMP).")] = None,
     epochs: EpochsOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Patches per training step.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Patches per training step (default: the plan's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    patch_size: Annotated[Optional[str], typer.Option(help="Training patch per axis, e.g. 128,128 (default: whole images).")] = None,
+    patch_size: Annotated[Optional[str], typer.Option(help="Training patch per axis, e.g. 128,128 (default: the plan's).")] = None,
     model_skip: Annotated[Optional[str], typer.Option(help="Skip connections: concat | add | none.")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -181,24 +201,32 @@ def train(
     init: InitOpt = None,
     freeze_encoder: FreezeEncoderOpt = None,
     gpus: GpusOpt = None,
+    plan: PlanOpt = None,
+    preset: PresetOpt = None,
+    no_plan: NoPlanOpt = False,
 ) -> None:
-    """Train a U-Net on a folder of images + masks; writes config, checkpoints, metrics and curves to a run folder.
+    """Train a U-Net on a folder of images + masks; writes config, plan, checkpoints, metrics and curves to a run folder.
 
+    Without --plan the data is planned first (as `unet plan` does); keys you give in a config file, --set or flags win.
     Ctrl-C or SIGTERM saves a checkpoint and stops (exit 130/143); `unet train --resume RUN` continues exactly where it stopped.
     """
     from unetcli.training.resume import RESUME_KEYS, resume_training
-    from unetcli.training.trainer import train as run_training
 
     if gpus is not None:
         from unetcli.training.distributed import launch_on_gpus
 
         raise typer.Exit(launch_on_gpus(gpus, _argv_without_option(sys.argv[1:], "--gpus")))
+    flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+             "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
+             "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
+             "train.init": init, "train.freeze_encoder_epochs": freeze_encoder}
     if resume is not None:
         fixed = [name for name, given in (
             ("--config", config is not None), ("--batch-size", batch_size is not None), ("--lr", lr is not None),
             ("--patch-size", patch_size is not None), ("--model-skip", model_skip is not None), ("--seed", seed is not None),
             ("--overwrite", overwrite), ("--out", out is not None and out.resolve() != resume.resolve()),
-            ("--init", init is not None), ("--freeze-encoder", freeze_encoder is not None),
+            ("--init", init is not None), ("--freeze-encoder", freeze_encoder is not None), ("--plan", plan is not None),
+            ("--preset", preset is not None), ("--no-plan", no_plan),
         ) if given]
         overrides = _resume_overrides(fixed, set_, RESUME_KEYS)
         overrides.update({"train.epochs": epochs, "train.device": device, "train.precision": precision,
@@ -206,20 +234,40 @@ def train(
         result = resume_training(resume, data, overrides, progress=_progress())
         out = resume
     else:
-        if data is None:
-            raise ConfigError("missing the DATA folder to train on",
-                              hint="unet train DATA [--out RUN]; or continue a run: unet train --resume RUN")
-        cfg = _resolve_config(config, set_, {
-            "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
-            "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
-            "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
-            "train.init": init, "train.freeze_encoder_epochs": freeze_encoder,
-        })
-        out = out or Path("runs") / f"{data.resolve().name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        result = run_training(data, cfg, out, overwrite=overwrite, progress=_progress())
+        out = out or Path("runs") / f"{(data or Path('.')).resolve().name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        result = _train_new_run(data, config, set_, flags, out, overwrite, plan, preset, no_plan)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         console.print(f"best validation Dice [bold]{result.best_dice:.4f}[/bold] at epoch {result.best_epoch}/{result.epochs} "
                       f"({result.seconds:.0f} s, {result.parameters:,} parameters); run folder: {out}")
+
+
+def _train_new_run(data: Optional[Path], config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any], out: Path,
+                   overwrite: bool, plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> Any:
+    """Config (planned unless --no-plan) -> training. A --config that names a plan configuration picks it."""
+    from unetcli.planning.apply import planned_run_config
+    from unetcli.planning.plan_file import plan_to_dict
+    from unetcli.training.trainer import train as run_training
+
+    if data is None:
+        raise ConfigError("missing the DATA folder to train on",
+                          hint="unet train DATA [--out RUN]; or continue a run: unet train --resume RUN")
+    configuration = str(config) if config is not None and str(config) in PLAN_CONFIGURATIONS else None
+    config_file = None if configuration else config
+    if no_plan and (plan_file or configuration or preset):
+        raise ConfigError("--no-plan cannot be combined with --plan, --preset or a plan configuration (--config 2d/3d_*)")
+    cfg = _resolve_config(config_file, sets, flags)
+    run_files: dict[str, str] = {}
+    if not no_plan:
+        import yaml
+
+        explicit = _explicit_keys(config_file, sets, flags)
+        cfg, saved, fresh, name = planned_run_config(data, cfg, explicit, plan_file, configuration, preset or "plain")
+        log.info("plan: configuration %s from %s: %s", name, saved.source, saved.config_values(name))
+        values = plan_to_dict(fresh) if fresh is not None else {"default": saved.default, "configurations": {
+            n: {"config": c} for n, c in saved.configurations.items()}}
+        run_files["plans.yaml"] = yaml.safe_dump({"used": name, "source": saved.source, **values}, sort_keys=False,
+                                                 default_flow_style=None, width=120)
+    return run_training(data, cfg, out, overwrite=overwrite, progress=_progress(), run_files=run_files)
 
 
 def _resume_overrides(fixed: list[str], sets: Optional[list[str]], allowed: Sequence[str]) -> dict[str, Any]:
@@ -246,6 +294,40 @@ def _argv_without_option(argv: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             kept.append(arg)
     return kept
+
+
+@app.command("plan", epilog="Example: unet plan data/ --out plans.yaml   then: unet train data/ --plan plans.yaml --config 3d_fullres")
+@handle_errors
+def plan_(
+    data: Annotated[Path, typer.Argument(help="Dataset folder, as for `unet train`.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write the plan to this YAML file (e.g. plans.yaml); without it, only print it.")] = None,
+    memory: Annotated[Optional[float], typer.Option("--memory", metavar="GB", help=(
+        "Memory budget of a training step in GB (default: 85 % of the GPU's memory on CUDA; on a CPU, a step of about "
+        "--step-seconds on this machine)."))] = None,
+    step_seconds: Annotated[Optional[float], typer.Option(help="CPU budget without --memory: seconds per training step.")] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Plan training from the data, as nnU-Net does: fingerprint the dataset (spacing, shapes, intensities, classes), then
+    per configuration (2d, 3d_fullres, 3d_lowres) the target spacing, network topology (per-axis kernels and pooling),
+    patch and batch size for the budget, and normalisation. Prints the plan; --out writes plans.yaml for `unet train --plan`."""
+    from unetcli.planning.apply import plan_dataset
+    from unetcli.planning.plan_file import check_plan_output, write_plan
+    from unetcli.planning.report import fingerprint_table, plan_table
+
+    cfg = _resolve_config(config, set_, {"train.device": device, "train.precision": precision})
+    if out is not None:
+        check_plan_output(out, overwrite)
+    plan = plan_dataset(data, cfg, memory_gb=memory, step_seconds=step_seconds, preset=preset or "plain")
+    console.print(fingerprint_table(plan))
+    console.print(plan_table(plan))
+    if out is not None:
+        write_plan(plan, out, f"unet plan {data} (budget: {plan.budget})")
+        console.print(f"wrote {out}; train with: unet train {data} --plan {out} [--config {' | '.join(plan.configurations)}]")
 
 
 @app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")

@@ -72,6 +72,14 @@ class ModelConfig:
     strides: list[int | list[int]] | None = None
     """Per level, the pooling factor per axis; the first level's is all 1, e.g.
     ``[[1,1,1],[1,2,2],[2,2,2],[2,2,2]]``. ``None``: 2 on every axis."""
+    encoder: Literal["plain", "residual"] = "plain"
+    """``plain``: ``convs_per_level`` convolutions per level. ``residual``: nnU-Net's residual encoder
+    (ResEnc U-Net): residual blocks per level, same sizes; needs ``padding: same``."""
+    blocks_per_level: list[int] | None = None
+    """Residual encoder only: residual blocks per level, e.g. ``[1, 3, 4, 6]``; ``None`` = ResEnc-M's
+    ``[1, 3, 4, 6, 6, 6, ...]`` cut to the number of levels."""
+    decoder_convs: int | None = None
+    """Convolutions per decoder block; ``None`` = ``convs_per_level`` (plain encoder) or 1 (residual)."""
 
 
 @dataclass
@@ -246,10 +254,8 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: Path | None) -> RunConfig:
-    """Read a YAML config (safe loader). ``None`` gives the defaults."""
-    if path is None:
-        return config_from_dict({})
+def config_file_values(path: Path) -> dict[str, Any]:
+    """The raw mapping in a YAML config file (safe loader), unvalidated: :func:`load_config` checks it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -263,6 +269,16 @@ def load_config(path: Path | None) -> RunConfig:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from exc
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, infer)")
+    if isinstance(values, dict) and "configurations" in values and "unetcli_plan" in values:
+        raise ConfigError(f"{path} is a plan, not a config", hint=f"pass it with --plan {path} (and --config 2d|3d_fullres|3d_lowres)")
+    return values or {}
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """Read a YAML config (safe loader). ``None`` gives the defaults."""
+    if path is None:
+        return config_from_dict({})
+    values = config_file_values(path)
     try:
         return config_from_dict(values)
     except ConfigError as exc:
@@ -339,6 +355,16 @@ def validate_config(cfg: RunConfig) -> None:
             f"config key 'model.features' must list at least 2 positive channel counts, got {m.features}",
             hint="e.g. --set model.features=[32,64,128,256]",
         )
+    if m.blocks_per_level is not None and (not m.blocks_per_level or any(b < 1 for b in m.blocks_per_level)):
+        raise ConfigError(f"config key 'model.blocks_per_level' must list block counts of at least 1, got {m.blocks_per_level}",
+                          hint="e.g. --set model.blocks_per_level=[1,3,4,6] (one per level of model.features)")
+    if m.encoder == "residual" and m.blocks_per_level is not None and len(m.blocks_per_level) != len(m.features):
+        raise ConfigError(f"config key 'model.blocks_per_level' lists {len(m.blocks_per_level)} levels but model.features has "
+                          f"{len(m.features)}", hint="give one residual block count per level of model.features")
+    if m.encoder == "residual" and m.padding != "same":
+        raise ConfigError("model.encoder=residual needs model.padding=same", hint="set model.padding=same, or model.encoder=plain")
+    if m.decoder_convs is not None and m.decoder_convs < 1:
+        raise ConfigError(f"config key 'model.decoder_convs' must be at least 1, got {m.decoder_convs}")
     if d.num_classes is not None and d.num_classes < 2:
         raise ConfigError(f"config key 'data.num_classes' must be at least 2, got {d.num_classes}")
     if t.patch_size is not None and any(p < 1 for p in t.patch_size):

@@ -123,7 +123,9 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
             raise DataError(f"{path}: damaged gzip data ({type(exc).__name__}: {exc})", hint=hint) from exc
     image_class = _image_class(raw)
     if image_class is None:
-        raise DataError(f"{path}: not a NIfTI file (no NIfTI-1/NIfTI-2 header)", hint=hint)
+        named_gz = path.name.lower().endswith(".gz") and raw[:2] != _GZIP_MAGIC
+        raise DataError(f"{path}: not a NIfTI file ({'named .gz but not a gzip file, and ' if named_gz else ''}"
+                        "no NIfTI-1/NIfTI-2 header)", hint=hint)
     try:
         img = image_class.from_bytes(raw)
         needed = int(img.header.get_data_offset()) + math.prod(img.shape) * img.header.get_data_dtype().itemsize

@@ -30,6 +30,9 @@ def _build_unet(cfg: ModelConfig) -> SegmentationNetwork:
         convs_per_level=cfg.convs_per_level,
         kernel_sizes=cfg.kernel_sizes,
         strides=cfg.strides,
+        encoder=cfg.encoder,
+        blocks_per_level=cfg.blocks_per_level,
+        decoder_convs=cfg.decoder_convs,
     )
 
 

@@ -77,6 +77,59 @@ class Down(nn.Sequential):
         super().__init__(pool, ConvBlock(spatial_dims, in_channels, out_channels, **block_kwargs))
 
 
+class ResidualBlock(nn.Module):
+    """A residual basic block (He et al., 2016), as in nnU-Net's residual encoders:
+    ``act(branch(x) + shortcut(x))`` with ``branch`` = conv -> norm -> LeakyReLU -> conv -> norm.
+
+    The shortcut is the identity when the channel counts agree, else a 1x1 convolution and norm
+    (a projection). ``kernel_size`` is per axis (odd); padding is always ``same``.
+    Shape: (N, in_channels, *S) -> (N, out_channels, *S).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: Norm = "batch",
+                 kernel_size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        kernel = tuple(kernel_size) if kernel_size is not None else (3,) * spatial_dims
+        conv, pad, bias = conv_nd(spatial_dims), tuple(k // 2 for k in kernel), norm == "none"
+        self.branch = nn.Sequential(
+            conv(in_channels, out_channels, kernel_size=kernel, padding=pad, bias=bias),
+            norm_layer(norm, spatial_dims, out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+            conv(out_channels, out_channels, kernel_size=kernel, padding=pad, bias=bias),
+            norm_layer(norm, spatial_dims, out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if in_channels != out_channels:
+            self.shortcut = nn.Sequential(conv(in_channels, out_channels, kernel_size=1, bias=bias),
+                                          norm_layer(norm, spatial_dims, out_channels))
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.branch(x) + self.shortcut(x))
+
+
+def residual_blocks(spatial_dims: int, in_channels: int, out_channels: int, blocks: int, norm: Norm = "batch",
+                    kernel_size: Sequence[int] | None = None, dropout: float = 0.0) -> list[nn.Module]:
+    """``blocks`` :class:`ResidualBlock` s (the first one changes the channel count), then dropout if > 0."""
+    layers: list[nn.Module] = [
+        ResidualBlock(spatial_dims, in_channels if i == 0 else out_channels, out_channels, norm=norm, kernel_size=kernel_size)
+        for i in range(blocks)
+    ]
+    return layers + ([nn.Dropout(dropout)] if dropout > 0 else [])
+
+
+class ResidualDown(nn.Sequential):
+    """A residual encoder stage: max-pooling by ``stride`` (per axis, as :class:`Down`, so sizes are
+    unchanged) then ``blocks`` :class:`ResidualBlock` s, optionally followed by dropout.
+    Shape: (N, in_channels, *S) -> (N, out_channels, *[s // t for s, t in zip(S, stride)])."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: Sequence[int] | None = None,
+                 blocks: int = 1, norm: Norm = "batch", kernel_size: Sequence[int] | None = None, dropout: float = 0.0) -> None:
+        stride = tuple(stride) if stride is not None else (2,) * spatial_dims
+        pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims](stride)
+        super().__init__(pool, *residual_blocks(spatial_dims, in_channels, out_channels, blocks, norm, kernel_size, dropout))
+
+
 def upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: Literal["transpose", "interp"],
               stride: Sequence[int] | None = None) -> nn.Module:
     """Multiplies each spatial axis by ``stride`` (per axis, default 2), undoing a :class:`Down`.

@@ -1,5 +1,5 @@
-"""One U-Net for 2D and 3D with configurable skips, padding, upsampling, normalisation and
-per-axis kernel sizes and strides."""
+"""One U-Net for 2D and 3D with configurable skips, padding, upsampling, normalisation, per-axis
+kernel sizes and strides, and a plain or residual (nnU-Net ResEnc-style) encoder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from unetcli.errors import ModelError
-from unetcli.models.blocks import ConvBlock, Down, Norm, SkipMode, Up, conv_nd
+from unetcli.models.blocks import ConvBlock, Down, Norm, ResidualDown, SkipMode, Up, conv_nd, residual_blocks
 from unetcli.models.network import SegmentationNetwork, Size, per_axis
 
 
@@ -44,6 +44,24 @@ def resolve_topology(spatial_dims: int, levels: int, kernel_sizes: Sequence[int 
     return kernels, steps
 
 
+Encoder = Literal["plain", "residual"]
+RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6)
+"""Residual blocks per encoder level of nnU-Net's ResEnc-M/L/XL presets; deeper levels get 6 as well."""
+
+
+def resolve_blocks(levels: int, blocks_per_level: Sequence[int] | None) -> list[int]:
+    """Residual blocks per encoder level; ``None`` gives :data:`RESENC_M_BLOCKS`, truncated (or extended by 6)."""
+    if blocks_per_level is None:
+        return [RESENC_M_BLOCKS[min(i, len(RESENC_M_BLOCKS) - 1)] for i in range(levels)]
+    blocks = [int(b) for b in blocks_per_level]
+    if len(blocks) != levels:
+        raise ModelError(f"model.blocks_per_level lists {len(blocks)} levels but model.features has {levels}",
+                         hint=f"give one block count per level, e.g. {resolve_blocks(levels, None)}")
+    if any(b < 1 for b in blocks):
+        raise ModelError(f"model.blocks_per_level must be at least 1 on every level, got {blocks}")
+    return blocks
+
+
 class UNet(SegmentationNetwork):
     """U-Net (Ronneberger et al., 2015) for ``spatial_dims`` 2 or 3.
 
@@ -61,12 +79,20 @@ class UNet(SegmentationNetwork):
         upsample: ``transpose`` (learned) or ``interp`` (interpolation, no parameters).
         norm: ``batch``, ``instance`` or ``none``.
         dropout: dropout probability after each convolution block (0 disables it).
-        convs_per_level: convolutions per block.
+        convs_per_level: convolutions per block of the plain encoder (and, by default, of the decoder).
         kernel_sizes: per level, the convolution kernel per axis (odd), e.g.
             ``[[1, 3, 3], [3, 3, 3], ...]`` for thick-slice MRI; ``None`` = 3 everywhere. The
             decoder block of a level uses that level's kernel.
         strides: per level, the pooling factor per axis; ``strides[0]`` must be all 1, e.g.
             ``[[1, 1, 1], [1, 2, 2], [2, 2, 2], ...]``; ``None`` = 2 on every axis.
+        encoder: ``plain`` (a :class:`ConvBlock` per level) or ``residual``, nnU-Net's residual
+            encoder (ResEnc U-Net, Isensee et al., 2024): the stem is conv -> norm -> LeakyReLU then
+            ``blocks_per_level[0]`` :class:`ResidualBlock` s; each deeper level max-pools as the plain
+            encoder does (same sizes) then runs ``blocks_per_level[i]`` residual blocks. Needs ``same`` padding.
+        blocks_per_level: residual encoder only: residual blocks per level; ``None`` = ResEnc-M's
+            ``(1, 3, 4, 6, 6, 6, ...)`` truncated to the number of levels. Ignored by the plain encoder.
+        decoder_convs: convolutions per decoder block; ``None`` = ``convs_per_level`` with the plain
+            encoder, 1 with the residual one (as in nnU-Net's ResEnc presets).
 
     Shape:
         (N, in_channels, *S) -> (N, out_channels, *S) with ``same`` padding;
@@ -80,6 +106,9 @@ class UNet(SegmentationNetwork):
         ...              strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]])
         >>> thick.size_multiple
         (2, 4, 4)
+        >>> resenc = UNet(2, 1, 3, features=(16, 32, 64), encoder="residual", blocks_per_level=(1, 2, 2))
+        >>> resenc(torch.zeros(1, 1, 64, 64)).shape
+        torch.Size([1, 3, 64, 64])
     """
 
     def __init__(
@@ -96,30 +125,62 @@ class UNet(SegmentationNetwork):
         convs_per_level: int = 2,
         kernel_sizes: Sequence[int | Sequence[int]] | None = None,
         strides: Sequence[int | Sequence[int]] | None = None,
+        encoder: Encoder = "plain",
+        blocks_per_level: Sequence[int] | None = None,
+        decoder_convs: int | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ModelError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(features) < 2:
             raise ModelError(f"features must list at least 2 levels, got {list(features)}")
+        if encoder not in ("plain", "residual"):
+            raise ModelError(f"model.encoder must be 'plain' or 'residual', got {encoder!r}")
+        if encoder == "residual" and padding != "same":
+            raise ModelError("model.encoder=residual needs model.padding=same (a residual block adds its input to its "
+                             "output, so both must keep the same size)",
+                             hint="set model.padding=same, or model.encoder=plain for valid padding")
+        if decoder_convs is not None and decoder_convs < 1:
+            raise ModelError(f"model.decoder_convs must be at least 1, got {decoder_convs}")
         self.spatial_dims = spatial_dims
         self.padding = padding
+        self.encoder = encoder
         self.convs_per_level = convs_per_level
+        self.decoder_convs = decoder_convs if decoder_convs is not None else (convs_per_level if encoder == "plain" else 1)
         self.depth = len(features) - 1
         self.kernel_sizes, self.strides = resolve_topology(spatial_dims, len(features), kernel_sizes, strides)
+        self.blocks_per_level = resolve_blocks(len(features), blocks_per_level) if encoder == "residual" else None
+        if self.blocks_per_level is None:
+            self._plain_encoder(in_channels, features, dict(convs=convs_per_level, norm=norm, padding=padding, dropout=dropout))
+        else:
+            self._residual_encoder(in_channels, features, self.blocks_per_level, norm, dropout)
         k, st = self.kernel_sizes, self.strides
-        block = dict(convs=convs_per_level, norm=norm, padding=padding, dropout=dropout)
-        self.stem = ConvBlock(spatial_dims, in_channels, features[0], kernel_size=k[0], **block)
-        self.downs = nn.ModuleList(
-            Down(spatial_dims, features[i], features[i + 1], stride=st[i + 1], kernel_size=k[i + 1], **block)
-            for i in range(self.depth)
-        )
+        decoder = dict(convs=self.decoder_convs, norm=norm, padding=padding, dropout=dropout)
         self.ups = nn.ModuleList(
             Up(spatial_dims, features[i + 1], features[i], features[i], skip=skip, upsample=upsample,
-               stride=st[i + 1], kernel_size=k[i], **block)
+               stride=st[i + 1], kernel_size=k[i], **decoder)
             for i in reversed(range(self.depth))
         )
         self.head = conv_nd(spatial_dims)(features[0], out_channels, kernel_size=1)
+
+    def _plain_encoder(self, in_channels: int, features: Sequence[int], block: dict) -> None:
+        k, st, dims = self.kernel_sizes, self.strides, self.spatial_dims
+        self.stem: nn.Module = ConvBlock(dims, in_channels, features[0], kernel_size=k[0], **block)
+        self.downs = nn.ModuleList(
+            Down(dims, features[i], features[i + 1], stride=st[i + 1], kernel_size=k[i + 1], **block) for i in range(self.depth)
+        )
+
+    def _residual_encoder(self, in_channels: int, features: Sequence[int], blocks: list[int], norm: Norm, dropout: float) -> None:
+        k, st, dims = self.kernel_sizes, self.strides, self.spatial_dims
+        self.stem = nn.Sequential(
+            ConvBlock(dims, in_channels, features[0], convs=1, norm=norm, kernel_size=k[0]),
+            *residual_blocks(dims, features[0], features[0], blocks[0], norm=norm, kernel_size=k[0], dropout=dropout),
+        )
+        self.downs = nn.ModuleList(
+            ResidualDown(dims, features[i], features[i + 1], stride=st[i + 1], blocks=blocks[i + 1], norm=norm,
+                         kernel_size=k[i + 1], dropout=dropout)
+            for i in range(self.depth)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_shape(tuple(x.shape[2:]))
@@ -145,20 +206,22 @@ class UNet(SegmentationNetwork):
         """Output length of one axis with valid padding, or None if the axis cannot be taken.
 
         Each convolution loses ``k - 1`` voxels; each pooling needs a length divisible by its stride.
+        (Only the plain encoder takes valid padding: ``convs_per_level`` convolutions per encoder
+        block, ``decoder_convs`` per decoder block.)
         """
-        def shrink(level: int) -> int:
-            return self.convs_per_level * (self.kernel_sizes[level][axis] - 1)
+        def shrink(level: int, convs: int) -> int:
+            return convs * (self.kernel_sizes[level][axis] - 1)
 
-        s = size - shrink(0)
+        s = size - shrink(0, self.convs_per_level)
         for level in range(1, self.depth + 1):
             step = self.strides[level][axis]
             if s <= 0 or s % step:
                 return None
-            s = s // step - shrink(level)
+            s = s // step - shrink(level, self.convs_per_level)
         for level in reversed(range(self.depth)):
             if s <= 0:
                 return None
-            s = s * self.strides[level + 1][axis] - shrink(level)
+            s = s * self.strides[level + 1][axis] - shrink(level, self.decoder_convs)
         return s if s > 0 else None
 
     def output_shape(self, input_shape: Sequence[int]) -> Size:

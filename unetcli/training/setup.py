@@ -87,7 +87,9 @@ def resolve_patch_size(cfg: RunConfig, dataset: Dataset, model: SegmentationNetw
                 f"train.patch_size {patch} has {len(patch)} axes but the data is {dataset.spatial_dims}D",
                 hint=f"give {dataset.spatial_dims} numbers",
             )
-        if all(p > s for p, s in zip(patch, spatial)):
+        # Up to one pooling step above the largest image is fine (images are padded to the patch, and
+        # a planned patch is the median image padded to what the network takes); more is a mistake.
+        if all(p > s for p, s in zip(patch, model.valid_input_size(spatial))):
             raise ConfigError(
                 f"train.patch_size {patch} is larger than every image (largest {spatial})",
                 hint="use a patch no larger than the images, or leave train.patch_size unset",

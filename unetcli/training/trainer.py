@@ -79,17 +79,19 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, los
 
 
 def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, progress: bool = True,
-          on_epoch: EpochCallback | None = None, resume: ResumePoint | None = None) -> TrainResult:
+          on_epoch: EpochCallback | None = None, resume: ResumePoint | None = None,
+          run_files: dict[str, str] | None = None) -> TrainResult:
     """Train a U-Net on ``data_dir`` and write the run folder ``out``. Returns the best epoch's
     figures and the resolved config; ``cfg`` itself is not modified.
 
     ``resume`` is a checkpoint loaded by :func:`~unetcli.training.resume.resume_training` (which
     holds the run's lock): the loop then continues from it instead of starting afresh.
+    ``run_files`` (name -> text, e.g. the plan as ``plans.yaml``) are written into the run folder.
     """
     start = time.perf_counter()
     world = join_world(cfg.train.device)
     try:
-        return _train(data_dir, cfg, out, overwrite, progress and world.is_main, on_epoch, resume, start)
+        return _train(data_dir, cfg, out, overwrite, progress and world.is_main, on_epoch, resume, start, run_files or {})
     except BaseException as exc:
         # Under torchrun, the other ranks would otherwise wait in their next collective until it times out.
         report_failure(exc)
@@ -104,7 +106,7 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, pr
 
 
 def _train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool, progress: bool, on_epoch: EpochCallback | None,
-           resume: ResumePoint | None, start: float) -> TrainResult:
+           resume: ResumePoint | None, start: float, run_files: dict[str, str]) -> TrainResult:
     configure_threads(cfg.train.num_threads)
     configure_cpu_allocator()
     seed_everything(cfg.train.seed)
@@ -122,7 +124,7 @@ def _train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool, progress:
         try:
             split = resume.split_for([c.name for c in dataset.cases], Path(data_dir).resolve()) if resume else None
             parts = build_components(cfg, dataset, files.layout, device, precision, split)
-            trainer = Trainer(parts, dataset, out, device, precision, Path(data_dir).resolve(), start, resume)
+            trainer = Trainer(parts, dataset, out, device, precision, Path(data_dir).resolve(), start, resume, run_files)
             return trainer.run(progress, on_epoch)
         except OSError as exc:  # e.g. a full disk: files already written are intact (atomic writes)
             raise OutputError(f"{exc.filename or out}: {exc.strerror or exc}",
@@ -142,11 +144,11 @@ class Trainer:
     """One run's loop over its :class:`TrainComponents`, keeping its :class:`TrainState`."""
 
     def __init__(self, parts: TrainComponents, dataset: Dataset, out: Path, device: torch.device, precision: str,
-                 data_dir: Path, start: float, resume: ResumePoint | None = None) -> None:
+                 data_dir: Path, start: float, resume: ResumePoint | None = None, run_files: dict[str, str] | None = None) -> None:
         self.parts, self.cfg, self.dataset, self.out = parts, parts.config, dataset, out
         self.device, self.precision, self.data_dir, self.start = device, precision, data_dir, start
         self.resume = resume
-        self._write_run_files()
+        self._write_run_files(run_files or {})
         self.state = resume.restore(parts, device) if resume else TrainState.fresh(device)
         if resume:
             self._log_resumed()
@@ -293,13 +295,15 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.state.elapsed_before + time.perf_counter() - self.start
 
-    def _write_run_files(self) -> None:
+    def _write_run_files(self, extra: dict[str, str]) -> None:
         p = self.parts
         if p.train_names == p.val_names:
             log.warning("validating on the training case(s) themselves (data.val_fraction is 0 or there is one case)")
         if is_main_process():
             atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
             atomic_write_text(self.out / "split.json", json.dumps({"train": p.train_names, "val": p.val_names}, indent=2))
+            for name, text in extra.items():
+                atomic_write_text(self.out / name, text)
         m, d = self.cfg.model, self.dataset
         log.info(
             "training %dD U-Net (%s skips, %s padding, %s params) on %d cases (%d train / %d val), %d classes, "

@@ -1,0 +1,99 @@
+"""Plan a dataset and apply a plan's configuration to a run's config.
+
+Precedence, lowest first: built-in defaults < the plan < ``--config`` file < ``--set`` < flags.
+A key the user gave (in a config file, ``--set`` or a flag) is never replaced by the plan. The
+network's shape (``features``, ``kernel_sizes``, ``strides``) is one unit: when the user gives any
+of them the plan's are all left out, and so is the plan's patch (made for the plan's pooling).
+Fine-tuning (``train.init``) keeps the configured network: the plan's ``model`` keys are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from unetcli.config import RunConfig, apply_overrides
+from unetcli.data.dataset import discover_dataset
+from unetcli.errors import ConfigError
+from unetcli.planning.budget import default_budget
+from unetcli.planning.fingerprint import compute_fingerprint
+from unetcli.planning.plan_file import SavedPlan, read_plan, saved_plan
+from unetcli.planning.planner import PRESETS, Plan, make_plan
+from unetcli.runtime import resolve_device, resolve_precision
+
+log = logging.getLogger("unetcli")
+
+TOPOLOGY_KEYS = ("model.features", "model.kernel_sizes", "model.strides")
+ENCODER_KEYS = ("model.encoder", "model.blocks_per_level", "model.decoder_convs")
+
+
+def flat_keys(values: dict[str, Any] | None, prefix: str = "") -> set[str]:
+    """Dotted keys of a nested mapping: ``{"train": {"lr": 1}}`` -> ``{"train.lr"}``."""
+    keys: set[str] = set()
+    for key, value in (values or {}).items():
+        dotted = f"{prefix}{key}"
+        keys |= flat_keys(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def plan_dataset(data: Path, cfg: RunConfig, memory_gb: float | None = None, step_seconds: float | None = None,
+                 preset: str = "plain") -> Plan:
+    """Fingerprint ``data`` (cached) and plan it for the device and precision ``cfg`` trains with."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'", hint=f"use one of {', '.join(PRESETS)}")
+    if memory_gb is not None and memory_gb <= 0:
+        raise ConfigError(f"--memory must be a positive number of GB, got {memory_gb}")
+    files = discover_dataset(data)
+    fingerprint = compute_fingerprint(files, cfg.data)
+    device = resolve_device(cfg.train.device)
+    bytes_per_element = 4 if resolve_precision(cfg.train.precision, device) == "fp32" else 2
+    budget = default_budget(device, memory_gb, step_seconds, bytes_per_element)
+    num_classes = max(int(k) for k in fingerprint.class_fractions) + 1 if fingerprint.class_fractions else 2
+    return make_plan(fingerprint, budget, max(num_classes, 2), preset)
+
+
+def choose_configuration(plan: SavedPlan, configuration: str | None, explicit: Iterable[str]) -> str:
+    """The named configuration; else ``2d`` when the user asked for slices (``data.slice_axis``); else the default."""
+    if configuration:
+        return configuration
+    if "data.slice_axis" in set(explicit) and "2d" in plan.configurations:
+        return "2d"
+    return plan.default
+
+
+def apply_plan(cfg: RunConfig, plan: SavedPlan, configuration: str | None, explicit: Iterable[str]) -> tuple[RunConfig, str]:
+    """``cfg`` with the chosen configuration's keys, except those the user gave."""
+    explicit = set(explicit)
+    name = choose_configuration(plan, configuration, explicit)
+    values = plan.config_values(name)
+    planned = {f"{section}.{key}": value for section, keys in values.items() for key, value in keys.items()}
+    dropped = [k for k in planned if k in explicit]
+    if explicit & set(TOPOLOGY_KEYS):  # the plan's patch is a multiple of the plan's pooling: it goes too
+        dropped += [k for k in (*TOPOLOGY_KEYS, "train.patch_size") if k in planned and k not in explicit]
+    if explicit & set(ENCODER_KEYS):
+        dropped += [k for k in ENCODER_KEYS if k in planned and k not in explicit]
+    if "train.init" in explicit:  # fine-tuning: the network is the pretrained one's, as configured
+        dropped += [k for k in planned if k.startswith("model.") and k != "model.spatial_dims"]
+    kept = {k: v for k, v in planned.items() if k not in dropped}
+    if dropped:
+        log.info("plan: keeping your %s", ", ".join(sorted(set(dropped))))
+    try:
+        return apply_overrides(cfg, kept), name
+    except ConfigError as exc:
+        raise ConfigError(f"{plan.source}: configuration '{name}': {exc.message}", exc.hint) from exc
+
+
+def planned_run_config(data: Path, cfg: RunConfig, explicit: Iterable[str], plan_file: Path | None,
+                       configuration: str | None, preset: str = "plain") -> tuple[RunConfig, SavedPlan, Plan | None, str]:
+    """The config ``unet train`` runs with: ``plan_file``'s configuration, or a fresh plan of ``data``."""
+    if plan_file is not None:
+        saved, plan = read_plan(plan_file), None
+    else:
+        plan = plan_dataset(data, cfg, preset=preset)
+        saved = saved_plan(plan, f"plan of {data}")
+    if configuration and configuration not in saved.configurations:
+        saved.config_values(configuration)  # raises, naming the configurations there are
+    out, name = apply_plan(cfg, saved, configuration, explicit)
+    return out, saved, plan, name

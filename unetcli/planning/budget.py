@@ -1,0 +1,126 @@
+"""What a training step may cost: a memory budget (GPU memory or ``--memory``) or, on a CPU, a
+step time measured against this machine's convolution throughput."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unetcli.planning.rules import Network, training_flops, training_memory_bytes
+
+CPU_STEP_SECONDS = 2.0
+"""Default CPU budget: a training step of about this many seconds on the machine that plans."""
+NETWORK_EFFICIENCY = 0.5
+"""A whole U-Net step (first convolution with few channels, norms, activations, pooling,
+concatenations) runs at about half the throughput of the 32-channel 3x3x3 convolution we time."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Either ``memory_bytes`` (GPU memory or ``--memory``) or ``step_seconds`` at ``flops_per_second``."""
+
+    bytes_per_element: int
+    """2 for bf16/fp16 training, 4 for fp32."""
+    memory_bytes: float | None = None
+    step_seconds: float | None = None
+    flops_per_second: float | None = None
+    description: str = ""
+
+    def seconds(self, net: Network, patch: list[int], batch: int) -> float | None:
+        if not self.flops_per_second:
+            return None
+        return training_flops(net, patch, batch) / (self.flops_per_second * NETWORK_EFFICIENCY)
+
+    def memory(self, net: Network, patch: list[int], batch: int) -> float:
+        return training_memory_bytes(net, patch, batch, self.bytes_per_element)
+
+    def fits(self, net: Network, patch: list[int], batch: int) -> bool:
+        if self.memory_bytes is not None:
+            return self.memory(net, patch, batch) <= self.memory_bytes
+        seconds = self.seconds(net, patch, batch)
+        return seconds is None or self.step_seconds is None or seconds <= self.step_seconds
+
+    def largest_batch(self, net: Network, patch: list[int], limit: int = 1024) -> int:
+        """The largest batch this budget fits (1 when even that does not fit)."""
+        if self.memory_bytes is not None:
+            per_sample = self.memory(net, patch, 2) - self.memory(net, patch, 1)
+            fixed = self.memory(net, patch, 1) - per_sample
+            return max(1, min(limit, int((self.memory_bytes - fixed) // max(per_sample, 1.0))))
+        seconds = self.seconds(net, patch, 1)
+        if not seconds or self.step_seconds is None:
+            return limit
+        return max(1, min(limit, int(self.step_seconds // seconds)))
+
+
+def memory_budget(gigabytes: float, bytes_per_element: int, where: str) -> Budget:
+    return Budget(bytes_per_element, memory_bytes=gigabytes * 1e9, description=f"{gigabytes:g} GB ({where})")
+
+
+def cpu_budget(step_seconds: float = CPU_STEP_SECONDS, bytes_per_element: int = 4) -> Budget:
+    rate = cpu_convolution_rate()
+    return Budget(bytes_per_element, step_seconds=step_seconds, flops_per_second=rate,
+                  description=f"{step_seconds:g} s per step on this CPU ({rate / 1e9:.0f} GFLOP/s measured, {torch.get_num_threads()} threads)")
+
+
+def default_budget(device: torch.device, memory_gb: float | None, step_seconds: float | None,
+                   bytes_per_element: int) -> Budget:
+    """``--memory`` wins; else the GPU's memory on CUDA (85 % of it, the rest is the CUDA context and
+    the allocator's slack); else a CPU step time. The CPU throughput is still measured with a
+    memory budget so the table can show seconds per step."""
+    if memory_gb is not None:
+        budget = memory_budget(memory_gb, bytes_per_element, "--memory")
+    elif device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 1e9
+        budget = memory_budget(round(0.85 * total, 1), bytes_per_element, f"85 % of {torch.cuda.get_device_name(device)}")
+    else:
+        return cpu_budget(step_seconds or CPU_STEP_SECONDS, bytes_per_element)
+    rate = cpu_convolution_rate() if device.type == "cpu" else None
+    return Budget(budget.bytes_per_element, memory_bytes=budget.memory_bytes, flops_per_second=rate,
+                  description=budget.description)
+
+
+def _rate_cache() -> Path:
+    base = os.environ.get("UNETCLI_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "unetcli") / "cpu_rate.json"
+
+
+def cpu_convolution_rate() -> float:
+    """FLOP/s of a 32-channel 3x3x3 convolution's forward + backward on this CPU with torch's
+    current threads: the best of a few short runs (about 0.3 s), cached per machine, thread count
+    and torch version so every run (and every process of a multi-process run) plans alike."""
+    key = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    path = _rate_cache()
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return float(cached["flops_per_second"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    rate = _measure_rate()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "flops_per_second": rate}))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return rate
+
+
+def _measure_rate() -> float:
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False)
+    x = torch.randn(1, 32, 24, 24, 24, requires_grad=True)
+    flops = 3 * 2 * 27 * 32 * 32 * math.prod(x.shape[2:])
+    best = math.inf
+    for _ in range(4):
+        start = time.perf_counter()
+        conv(x).sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return flops / best
