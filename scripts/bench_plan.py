@@ -1,0 +1,137 @@
+"""Planning benchmark: does `unet plan` help on thick-slice MRI, and how does it compare with nnU-Net v2?
+
+On a thick-slice dataset made by ``scripts/prepare_thick_slice_data.py`` (the MNI ICBM 2009a
+template cut into octants, re-gridded to e.g. 2 x 2 x 8 mm; two octants held out, also stored in
+another orientation), this trains for the same number of iterations, one after the other on the
+same CPU threads:
+
+* unetcli with today's fixed defaults (``--no-plan``),
+* unetcli with its plan (``unet train`` as a user runs it; optionally ``--preset resenc-m``),
+* nnU-Net v2 ``3d_fullres`` (``scripts/nnunet_reference.py`` in its own virtualenv),
+
+then predicts the held-out octants (as stored, and reoriented) with each final model, scores every
+prediction with the same scorer (``unet eval``), and prints both plans and a table of held-out Dice
+and seconds per training iteration.
+
+    python scripts/prepare_thick_slice_data.py /tmp/mni_thick_228 --spacing 2,2,8 --overlap-mm 0
+    python scripts/bench_plan.py /tmp/mni_thick_228 --iterations 250 --out /tmp/bench_plan \\
+        --nnunet-python /path/to/nnunet-venv/bin/python
+
+Every model trains on all six training octants (unetcli: ``data.val_fraction=0``; nnU-Net: fold
+``all``) and predicts with its last checkpoint, without test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TEST_SETS = {"as stored": ("imagesTs", "labelsTs"), "reoriented": ("imagesTs_reoriented", "labelsTs_reoriented")}
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Run a command (output to the terminal); its wall time, or exit on failure."""
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}")
+    return time.perf_counter() - start
+
+
+def unet(*args: object) -> list[str]:
+    return [sys.executable, "-m", "unetcli", "-q", *[str(a) for a in args]]
+
+
+def score(pred: Path, truth: Path, out: Path) -> dict[str, float]:
+    run(unet("eval", pred, truth, "--out", out, "--overwrite"))
+    summary = json.loads((out / "summary.json").read_text())
+    dice = {name: entry["dice"]["mean"] for name, entry in summary["classes"].items()}
+    dice["mean"] = summary["foreground_mean"]["dice"]
+    return dice
+
+
+def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: int, extra: list[str]) -> dict[str, Any]:
+    run_dir = out / "runs" / name
+    epochs = iterations // per_epoch
+    wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", 0, "--num-threads",
+                    args.threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0", *extra))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    config = (run_dir / "config.yaml").read_text()
+    result: dict[str, Any] = {"train_wall_s": round(wall, 1),
+                              "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
+                              "config": config}
+    for label, (images, labels) in TEST_SETS.items():
+        pred = out / "pred" / name / images
+        run(unet("predict", run_dir / "checkpoints" / "last.pt", data / images, pred, "--overwrite"))
+        result[label] = score(pred, data / labels, out / "eval" / name / images)
+    return result
+
+
+def train_nnunet(data: Path, out: Path, iterations: int, python: str) -> dict[str, Any]:
+    work = out / "nnunet"
+    wall = run([python, str(HERE / "nnunet_reference.py"), str(data), "--work-dir", str(work),
+                "--train-iterations", str(iterations), "--threads", str(args.threads)])
+    summary = json.loads((work / "nnunet_reference_summary.json").read_text())
+    result: dict[str, Any] = {"train_wall_s": summary["train"]["train_command_wall_s"],
+                              "s_per_iteration": summary["train"]["iteration_s_median_incl_data"],
+                              "plans": summary["plans"], "script_wall_s": round(wall, 1)}
+    for label, (images, labels) in TEST_SETS.items():
+        pred = Path(summary["predictions"][images]["output"])
+        result[label] = score(pred, data / labels, out / "eval" / "nnunet" / images)
+    return result
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | s / iteration | GM / WM Dice, held-out as stored | GM / WM Dice, held-out reoriented | mean |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = []
+        for label in TEST_SETS:
+            d = r[label]
+            classes = [v for k, v in d.items() if k != "mean"]
+            cells.append(" / ".join(f"{v:.3f}" for v in classes))
+        mean = (r["as stored"]["mean"] + r["reoriented"]["mean"]) / 2
+        lines.append(f"| {name} | {r['s_per_iteration']:.2f} | {cells[0]} | {cells[1]} | **{mean:.3f}** |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    run(unet("plan", args.data, "--out", out / "plans.yaml", "--overwrite"))
+    results: dict[str, dict[str, Any]] = {}
+    per_epoch = min(args.iterations, 25)
+    results["unetcli, fixed defaults (--no-plan)"] = train_unetcli("fixed", args.data, out, args.iterations, per_epoch, ["--no-plan"])
+    results["unetcli, planned"] = train_unetcli("planned", args.data, out, args.iterations, per_epoch, [])
+    if args.resenc:
+        results["unetcli, planned, --preset resenc-m"] = train_unetcli("resenc", args.data, out, args.iterations, per_epoch,
+                                                                       ["--preset", "resenc-m"])
+    if args.nnunet_python:
+        results["nnU-Net v2 3d_fullres"] = train_nnunet(args.data, out, args.iterations, args.nnunet_python)
+        plans = results["nnU-Net v2 3d_fullres"]["plans"]
+        print("\nnnU-Net's plan (array axes z, y, x for RAS files):")
+        print(json.dumps(plans, indent=1)[:4000])
+    print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}\n")
+    print(table(results))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwritten: {out / 'results.json'}, {out / 'plans.yaml'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("bench_plan_out"))
+    parser.add_argument("--iterations", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
+    parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
+    args = parser.parse_args()
+    main()
