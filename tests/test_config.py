@@ -94,6 +94,10 @@ def test_wrong_types_are_refused(values, key):
         ({"model": {"features": [16]}}, "model.features"),
         ({"model": {"spatial_dims": 4}}, "model.spatial_dims"),
         ({"data": {"num_classes": 1}}, "data.num_classes"),
+        ({"train": {"lr": float("nan")}}, "train.lr"),
+        ({"train": {"grad_clip": float("inf")}}, "train.grad_clip"),
+        ({"data": {"target_spacing": [1.0, float("nan"), 1.0]}}, "data.target_spacing"),
+        ({"infer": {"overlap": "nan"}}, "infer.overlap"),
     ],
 )
 def test_out_of_range_values_are_refused(values, key):
@@ -208,3 +212,13 @@ def test_shipped_png2d_config_loads():
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.model.spatial_dims in (None, 2)
+
+
+@pytest.mark.parametrize("flag", [["--lr", "nan"], ["--lr", "inf"], ["--set", "train.weight_decay=.nan"]])
+def test_non_finite_float_options_are_clear_errors(flag, tmp_path):
+    from helpers import error_lines, invoke, make_blobs
+
+    result = invoke("train", make_blobs(tmp_path / "d", n=2), "--out", tmp_path / "run", *flag)
+    assert result.exit_code == 2 and "internal error" not in result.output
+    assert "must be a finite number" in error_lines(result.output)[0]
+    assert not (tmp_path / "run").exists()

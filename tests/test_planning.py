@@ -261,3 +261,16 @@ def test_plan_errors_are_clear(data: Path, tmp_path: Path) -> None:
     assert "--memory must be a positive" in error_lines(result.output)[0]
     assert not (tmp_path / "r").exists()
     assert json.loads(json.dumps(yaml.safe_load(plan.read_text())))["default"] == "2d"
+
+
+def test_null_config_keys_leave_the_plan_in_charge(tmp_path: Path) -> None:
+    from unetcli.planning.apply import flat_keys
+
+    assert flat_keys({"train": {"patch_size": None, "lr": 0.01}, "model": {"features": [8, 16]}}) == {
+        "train.lr", "model.features"}
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "nifti3d.yaml"
+    values = yaml.safe_load(shipped.read_text())
+    explicit = flat_keys(values)
+    # The shipped 3D config leaves the planned keys to the plan.
+    assert not explicit & {"model.features", "model.kernel_sizes", "model.strides", "train.patch_size",
+                           "train.batch_size", "data.normalization", "model.encoder"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,8 +317,20 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return config_from_dict(values)
 
 
+def _check_finite(section: Any, prefix: str) -> None:
+    """NaN or infinity in any float option (``--lr nan``) is refused by name, never passed to torch."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"config key '{prefix}.{f.name}' must be a finite number, got {value}",
+                              hint=f"set a real number, e.g. --set {prefix}.{f.name}=...")
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
+    for name in ("data", "model", "train", "infer"):
+        _check_finite(getattr(cfg, name), name)
     t, m, d = cfg.train, cfg.model, cfg.data
     positive = {
         "train.epochs": t.epochs,

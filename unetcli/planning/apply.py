@@ -30,11 +30,15 @@ ENCODER_KEYS = ("model.encoder", "model.blocks_per_level", "model.decoder_convs"
 
 
 def flat_keys(values: dict[str, Any] | None, prefix: str = "") -> set[str]:
-    """Dotted keys of a nested mapping: ``{"train": {"lr": 1}}`` -> ``{"train.lr"}``."""
+    """Dotted keys of a nested mapping: ``{"train": {"lr": 1}}`` -> ``{"train.lr"}``. A key set to
+    null is left out: null means "the default", which the plan may fill."""
     keys: set[str] = set()
     for key, value in (values or {}).items():
         dotted = f"{prefix}{key}"
-        keys |= flat_keys(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{dotted}.")
+        elif value is not None:
+            keys.add(dotted)
     return keys
 
 
