@@ -241,32 +241,39 @@ def train(
                       f"({result.seconds:.0f} s, {result.parameters:,} parameters); run folder: {out}")
 
 
-def _train_new_run(data: Optional[Path], config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any], out: Path,
-                   overwrite: bool, plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> Any:
-    """Config (planned unless --no-plan) -> training. A --config that names a plan configuration picks it."""
+def _planned_config(data: Path, config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any],
+                    plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> tuple[RunConfig, dict[str, str], set[str]]:
+    """The run config (planned unless --no-plan), the plan as a run file, and the keys the user gave.
+    A --config that names a plan configuration (2d, 3d_fullres, 3d_lowres) picks it."""
+    import yaml
+
     from unetcli.planning.apply import planned_run_config
     from unetcli.planning.plan_file import plan_to_dict
-    from unetcli.training.trainer import train as run_training
 
-    if data is None:
-        raise ConfigError("missing the DATA folder to train on",
-                          hint="unet train DATA [--out RUN]; or continue a run: unet train --resume RUN")
     configuration = str(config) if config is not None and str(config) in PLAN_CONFIGURATIONS else None
     config_file = None if configuration else config
     if no_plan and (plan_file or configuration or preset):
         raise ConfigError("--no-plan cannot be combined with --plan, --preset or a plan configuration (--config 2d/3d_*)")
     cfg = _resolve_config(config_file, sets, flags)
-    run_files: dict[str, str] = {}
-    if not no_plan:
-        import yaml
+    explicit = _explicit_keys(config_file, sets, flags)
+    if no_plan:
+        return cfg, {}, explicit
+    cfg, saved, fresh, name = planned_run_config(data, cfg, explicit, plan_file, configuration, preset or "plain")
+    log.info("plan: configuration %s from %s: %s", name, saved.source, saved.config_values(name))
+    values = plan_to_dict(fresh) if fresh is not None else {"default": saved.default, "configurations": {
+        n: {"config": c} for n, c in saved.configurations.items()}}
+    text = yaml.safe_dump({"used": name, "source": saved.source, **values}, sort_keys=False, default_flow_style=None, width=120)
+    return cfg, {"plans.yaml": text}, explicit
 
-        explicit = _explicit_keys(config_file, sets, flags)
-        cfg, saved, fresh, name = planned_run_config(data, cfg, explicit, plan_file, configuration, preset or "plain")
-        log.info("plan: configuration %s from %s: %s", name, saved.source, saved.config_values(name))
-        values = plan_to_dict(fresh) if fresh is not None else {"default": saved.default, "configurations": {
-            n: {"config": c} for n, c in saved.configurations.items()}}
-        run_files["plans.yaml"] = yaml.safe_dump({"used": name, "source": saved.source, **values}, sort_keys=False,
-                                                 default_flow_style=None, width=120)
+
+def _train_new_run(data: Optional[Path], config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any], out: Path,
+                   overwrite: bool, plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> Any:
+    from unetcli.training.trainer import train as run_training
+
+    if data is None:
+        raise ConfigError("missing the DATA folder to train on",
+                          hint="unet train DATA [--out RUN]; or continue a run: unet train --resume RUN")
+    cfg, run_files, _ = _planned_config(data, config, sets, flags, plan_file, preset, no_plan)
     return run_training(data, cfg, out, overwrite=overwrite, progress=_progress(), run_files=run_files)
 
 
@@ -328,6 +335,50 @@ def plan_(
     if out is not None:
         write_plan(plan, out, f"unet plan {data} (budget: {plan.budget})")
         console.print(f"wrote {out}; train with: unet train {data} --plan {out} [--config {' | '.join(plan.configurations)}]")
+
+
+@app.command(epilog="Example: unet cv data/ --folds 5 --out cv/   then: unet predict cv/ scans/ predictions/   "
+             "Patients with several scans: unet cv data/ --group-by '^(sub-[0-9]+)'   One fold per machine: unet cv data/ --fold 2")
+@handle_errors
+def cv(
+    data: Annotated[Path, typer.Argument(help="Dataset folder, as for `unet train`.")],
+    out: Annotated[Path, typer.Option(help="Cross-validation folder; rerun the same command to continue an interrupted one.")],
+    folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
+    fold: Annotated[Optional[int], typer.Option(help="Train and predict only this fold (0-based); scoring runs once every fold is done.")] = None,
+    group_by: Annotated[Optional[str], typer.Option(help="Regular expression; cases with the same match (first group) stay in one fold.")] = None,
+    splits: Annotated[Optional[Path], typer.Option(help="Your own folds: splits.json ({\"folds\": [{\"train\": [...], \"val\": [...]}]}) "
+                                                        "or nnU-Net's splits_final.json.")] = None,
+    config: TrainConfigOpt = None,
+    plan: PlanOpt = None,
+    preset: PresetOpt = None,
+    no_plan: NoPlanOpt = False,
+    epochs: EpochsOpt = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the folds and of every fold's training.")] = None,
+    num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again: replace an earlier cross-validation in --out.")] = False,
+) -> None:
+    """K-fold cross-validation: train every fold (normal run folders, resumable), predict each fold's held-out cases,
+    score all out-of-fold predictions together (per class mean with 95 % bootstrap CIs, per fold), and choose the
+    postprocessing (largest connected component) on them. `unet predict CV IN OUT` then predicts with the folds' ensemble."""
+    from unetcli.workflows.cv.report import cv_table
+    from unetcli.workflows.cv.runner import CVOptions, run_cv
+
+    flags = {"train.epochs": epochs, "train.lr": lr, "train.device": device, "train.precision": precision,
+             "train.seed": seed, "train.num_threads": num_threads}
+    cfg, run_files, explicit = _planned_config(data, config, set_, flags, plan, preset, no_plan)
+    options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold)
+    result = run_cv(data, cfg, out, options, explicit, overwrite=overwrite, progress=_progress(), run_files=run_files)
+    if result.oof is None:
+        console.print(f"trained fold(s) {result.trained or '-'} (done earlier: {result.skipped or '-'}); scoring runs once "
+                      f"every fold is done; folder: {out}")
+        return
+    console.print(cv_table(result))
+    console.print(f"out-of-fold scores: {out}/summary.json, {out}/metrics.csv; postprocessing: {result.postprocessing['choice']}; "
+                  f"predict with the ensemble: unet predict {out} IN OUT")
 
 
 @app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")

@@ -66,3 +66,14 @@ def metadata_label_names(meta: Any, run: Path) -> dict[int, str]:
             if isinstance(value, int) and not isinstance(value, bool):
                 out[value] = str(name)
     return out
+
+
+def eval_label_values(meta: dict[str, Any]) -> list[int] | None:
+    """The label values predictions are scored on (as ``unet eval`` reads them: 0/255 PNG masks as 0/1)."""
+    values = meta.get("label_values")
+    if not isinstance(values, list):
+        return None
+    labels = [int(v) for v in values if int(v) != 0]
+    if meta.get("file_format", "png") == "png" and labels == [255]:
+        labels = [1]
+    return labels or None

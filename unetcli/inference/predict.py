@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from unetcli.data.png_dataset import load_image_channels
 from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
+from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs
 from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
+from unetcli.inference.postprocessing import Postprocessing, apply_postprocessing
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
@@ -33,10 +36,11 @@ _CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
 
 @dataclass
 class LoadedModel:
-    model: SegmentationNetwork | ExportedNetwork
+    model: SegmentationNetwork | ExportedNetwork | EnsembleNetwork
     config: RunConfig
     metadata: dict[str, Any]
     checkpoint: Path
+    postprocessing: Postprocessing | None = None
 
 
 def load_trained_model(run: Path, device: torch.device, which: str = "best") -> LoadedModel:
@@ -56,8 +60,35 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
     return LoadedModel(model, cfg, state["metadata"], path)
 
 
+ENSEMBLE_KEYS = ("spatial_dims", "in_channels", "num_classes", "label_values", "normalization", "patch_size",
+                 "file_format", "preprocessing")
+"""What every member of an ensemble must share: they see the same windows of the same preprocessed input."""
+
+
+def load_ensemble(folder: Path, runs: list[Path], device: torch.device, which: str = "best") -> LoadedModel:
+    """The runs of a cross-validation folder as one model (see :class:`EnsembleNetwork`), with the
+    postprocessing ``unet cv`` chose (``postprocessing.json``)."""
+    members = [load_trained_model(run, device, which) for run in runs]
+    first = members[0]
+    for run, member in zip(runs[1:], members[1:]):
+        differs = [k for k in ENSEMBLE_KEYS if member.metadata.get(k) != first.metadata.get(k)]
+        if differs:
+            raise CheckpointError(f"{run}: cannot be ensembled with {runs[0]} (they differ in {', '.join(differs)})",
+                                  hint="ensemble runs trained with the same configuration on the same data")
+    choice = folder / "postprocessing.json"
+    post = Postprocessing.from_dict(json.loads(choice.read_text())) if choice.is_file() else None
+    ensemble = EnsembleNetwork([m.model for m in members])  # type: ignore[misc]
+    log.info("ensemble of %d models from %s%s", len(members), folder,
+             f"; postprocessing {post.to_dict()}" if post and post.active else "")
+    return LoadedModel(ensemble, first.config, first.metadata, folder, post)
+
+
 def load_model(source: Path, device: torch.device, which: str = "best") -> LoadedModel:
-    """A run folder or checkpoint (PyTorch), or a file written by ``unet export`` (ONNX, TorchScript)."""
+    """A run folder or checkpoint (PyTorch), a cross-validation folder written by ``unet cv`` (the
+    ensemble of its folds), or a file written by ``unet export`` (ONNX, TorchScript)."""
+    folds = cv_fold_runs(Path(source))
+    if folds is not None:
+        return load_ensemble(Path(source), folds, device, which)
     if is_exported_model(Path(source)):
         exported = load_exported(Path(source), device)
         return LoadedModel(exported.network, exported.config, exported.metadata, Path(source))
@@ -149,7 +180,8 @@ def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: di
     _check_channels(image, paths[0], meta)
     image = normalize_image(image, meta["normalization"])
     probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
-    write_png_mask(np.asarray(meta["label_values"])[probs.argmax(0).numpy()], target)
+    labels = apply_postprocessing(probs.argmax(0).numpy(), loaded.postprocessing)
+    write_png_mask(np.asarray(meta["label_values"])[labels], target)
     return probs.numpy() if keep_probabilities else None
 
 
@@ -180,6 +212,7 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
         slices = [run(np.ascontiguousarray(np.take(image_pp, z, axis=axis + 1))) for z in range(image_pp.shape[axis + 1])]
         pred = np.stack(slices, axis=axis + 1 if keep_probabilities else axis)
     labels = restore_labels(pred, props, geometry) if keep_probabilities else restore_label_map(pred, props, geometry)
+    labels = apply_postprocessing(labels, loaded.postprocessing)
     write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
     return pred if keep_probabilities else None
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shlex
 from pathlib import Path
 from typing import Any
 
 from unetcli.config import RunConfig, apply_overrides, config_from_dict
-from unetcli.errors import CheckpointError, ConfigError, DataError
+from unetcli.errors import CheckpointError, ConfigError, DataError, UnetCliError
 from unetcli.runlock import RunLock
 from unetcli.training.checkpoint import load_checkpoint
 from unetcli.training.distributed import join_world
 from unetcli.training.run_folder import remove_stale_temp_files
 from unetcli.training.state import ResumePoint
 from unetcli.training.trainer import EpochCallback, TrainResult, train
+
+log = logging.getLogger("unetcli")
 
 RESUME_KEYS = ("train.epochs", "train.device", "train.precision", "train.num_threads", "train.num_workers",
                "train.checkpoint_interval")
@@ -82,3 +85,18 @@ def _resumed_config(point: ResumePoint, run: Path, overrides: dict[str, Any]) ->
         raise ConfigError(f"--epochs {cfg.train.epochs} is not more than the {done} epoch(s) {run} has already trained",
                           hint=f"pass --epochs larger than {done}")
     return cfg
+
+
+def run_progress(run_dir: Path) -> str:
+    """``"finished"``, ``"partial"`` (a resumable ``last.pt``) or ``"none"`` (nothing usable)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return "none"
+    try:
+        resume = load_checkpoint(last).get("resume")
+    except UnetCliError as exc:
+        log.warning("%s: %s; training that run again", last, exc.message)
+        return "none"
+    if not isinstance(resume, dict):
+        return "none"
+    return "finished" if resume.get("finished") else "partial"

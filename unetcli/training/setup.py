@@ -126,16 +126,17 @@ def default_num_workers(cfg: RunConfig) -> int:
 
 
 def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torch.device, precision: str,
-                     split: tuple[list[str], list[str]] | None = None) -> TrainComponents:
+                     split: tuple[list[str], list[str]] | None = None, resumed: bool = False) -> TrainComponents:
     """Build a run's parts from ``cfg`` (not modified) and the loaded data.
 
     The order matters for reproducibility: the network's initial weights are the first draw from
-    torch's generator after seeding. ``split`` (a resumed run's own) replaces the seeded split.
+    torch's generator after seeding. ``split`` (a resumed run's own, or a cross-validation fold)
+    replaces the seeded split; a ``resumed`` run restores its weights instead of ``train.init``.
     """
     cfg = resolve_model_config(cfg, dataset)
     t = cfg.train
     model = build_model(cfg.model)
-    if t.init and split is None:  # a resumed run restores its own weights instead
+    if t.init and not resumed:
         initialise_from(model, t.init, cfg.model)
     sync_batch_norm(model, device)
     patch = resolve_patch_size(cfg, dataset, model)

@@ -80,18 +80,19 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, los
 
 def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, progress: bool = True,
           on_epoch: EpochCallback | None = None, resume: ResumePoint | None = None,
-          run_files: dict[str, str] | None = None) -> TrainResult:
+          run_files: dict[str, str] | None = None, split: tuple[list[str], list[str]] | None = None) -> TrainResult:
     """Train a U-Net on ``data_dir`` and write the run folder ``out``. Returns the best epoch's
     figures and the resolved config; ``cfg`` itself is not modified.
 
     ``resume`` is a checkpoint loaded by :func:`~unetcli.training.resume.resume_training` (which
     holds the run's lock): the loop then continues from it instead of starting afresh.
     ``run_files`` (name -> text, e.g. the plan as ``plans.yaml``) are written into the run folder.
+    ``split`` (train names, validation names) replaces the seeded split (cross-validation folds).
     """
     start = time.perf_counter()
     world = join_world(cfg.train.device)
     try:
-        return _train(data_dir, cfg, out, overwrite, progress and world.is_main, on_epoch, resume, start, run_files or {})
+        return _train(data_dir, cfg, out, overwrite, progress and world.is_main, on_epoch, resume, start, run_files or {}, split)
     except BaseException as exc:
         # Under torchrun, the other ranks would otherwise wait in their next collective until it times out.
         report_failure(exc)
@@ -106,7 +107,8 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, pr
 
 
 def _train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool, progress: bool, on_epoch: EpochCallback | None,
-           resume: ResumePoint | None, start: float, run_files: dict[str, str]) -> TrainResult:
+           resume: ResumePoint | None, start: float, run_files: dict[str, str],
+           split: tuple[list[str], list[str]] | None = None) -> TrainResult:
     configure_threads(cfg.train.num_threads)
     configure_cpu_allocator()
     seed_everything(cfg.train.seed)
@@ -122,8 +124,9 @@ def _train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool, progress:
             stack.enter_context(claim_run_dir(out, overwrite))
         stack.enter_context(run_log_file(out))
         try:
-            split = resume.split_for([c.name for c in dataset.cases], Path(data_dir).resolve()) if resume else None
-            parts = build_components(cfg, dataset, files.layout, device, precision, split)
+            if resume:
+                split = resume.split_for([c.name for c in dataset.cases], Path(data_dir).resolve())
+            parts = build_components(cfg, dataset, files.layout, device, precision, split, resumed=resume is not None)
             trainer = Trainer(parts, dataset, out, device, precision, Path(data_dir).resolve(), start, resume, run_files)
             return trainer.run(progress, on_epoch)
         except OSError as exc:  # e.g. a full disk: files already written are intact (atomic writes)

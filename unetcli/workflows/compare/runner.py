@@ -31,14 +31,14 @@ import torch
 from unetcli.atomic import atomic_write_text
 from unetcli.config import RunConfig, config_from_dict
 from unetcli.errors import Interrupted, OutputError, TrainingError, UnetCliError
-from unetcli.evaluation.labels import metadata_label_names
+from unetcli.evaluation.labels import eval_label_values, metadata_label_names
 from unetcli.evaluation.scoring import evaluate
 from unetcli.evaluation.stats import Comparison, comparison_csv_text, write_comparison_chart
 from unetcli.evaluation.summary import write_json, write_reports
 from unetcli.inference.predict import predict
 from unetcli.models import build_model, count_parameters
 from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
-from unetcli.training.resume import resume_training
+from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.compare.figures import write_case_grids, write_curves
 from unetcli.workflows.compare.plan import RunSpec, StudyData, StudyPlan
@@ -89,38 +89,12 @@ def _load_state(out: Path, plan: StudyPlan, overwrite: bool) -> dict[str, Any]:
     return fresh
 
 
-def _eval_labels(meta: dict[str, Any]) -> list[int] | None:
-    """The label values predictions are scored on (as ``unet eval`` reads them: 0/255 PNG masks as 0/1)."""
-    values = meta.get("label_values")
-    if not isinstance(values, list):
-        return None
-    labels = [int(v) for v in values if int(v) != 0]
-    if meta.get("file_format", "png") == "png" and labels == [255]:
-        labels = [1]
-    return labels or None
-
-
-def _trained_state(run_dir: Path) -> str:
-    """``"finished"``, ``"partial"`` (a resumable ``last.pt``) or ``"none"``."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return "none"
-    try:
-        resume = load_checkpoint(last).get("resume")
-    except UnetCliError as exc:
-        log.warning("%s: %s; training that run again", last, exc.message)
-        return "none"
-    if not isinstance(resume, dict):
-        return "none"
-    return "finished" if resume.get("finished") else "partial"
-
-
 def execute_run(spec: RunSpec, cfg: RunConfig, data: StudyData, run_dir: Path, fresh_start: bool,
                 progress: bool) -> None:
     """Train one run (from scratch, or on from its checkpoint unless ``fresh_start``), predict the
     held-out cases, score them."""
     (run_dir / "eval" / "summary.json").unlink(missing_ok=True)  # the finished-marker goes last
-    trained = "none" if fresh_start else _trained_state(run_dir)
+    trained = "none" if fresh_start else run_progress(run_dir)
     if trained == "partial":
         log.info("%s: continuing the half-trained run from checkpoints/last.pt", spec.name)
         try:
@@ -137,7 +111,7 @@ def execute_run(spec: RunSpec, cfg: RunConfig, data: StudyData, run_dir: Path, f
     predict(run_dir, data.test_images, run_dir / "predictions", device_name=cfg.train.device, overwrite=True,
             progress=progress)
     meta = load_checkpoint(resolve_checkpoint(run_dir))["metadata"]
-    result = evaluate(run_dir / "predictions", data.test_labels, labels=_eval_labels(meta),
+    result = evaluate(run_dir / "predictions", data.test_labels, labels=eval_label_values(meta),
                       label_names=metadata_label_names(meta, run_dir))
     write_reports(result, run_dir / "eval")
 

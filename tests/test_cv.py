@@ -1,0 +1,144 @@
+"""`unet cv`: folds (seeded, grouped, user-given), a resumable run of every fold, out-of-fold
+scoring, the postprocessing choice, and `unet predict CV` with the folds' ensemble."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import error_lines, invoke, make_blobs
+from PIL import Image
+
+from unetcli.errors import ConfigError
+from unetcli.inference.ensemble import EnsembleNetwork
+from unetcli.inference.postprocessing import keep_largest
+from unetcli.models.unet import UNet
+from unetcli.workflows.cv.splits import kfold_splits, read_splits
+
+TINY = ["--set", "model.features=[8,16]", "--set", "train.iterations_per_epoch=6", "--set", "train.warmup_iterations=2",
+        "--lr", "0.01", "--precision", "fp32", "--set", "train.num_workers=0"]
+
+
+def test_kfold_validates_every_case_once_and_is_seeded() -> None:
+    names = [f"c{i}" for i in range(11)]
+    folds = kfold_splits(names, 5, seed=0)
+    assert sorted(n for f in folds for n in f["val"]) == sorted(names)
+    assert all(set(f["train"]) | set(f["val"]) == set(names) and not set(f["train"]) & set(f["val"]) for f in folds)
+    assert sorted(len(f["val"]) for f in folds) == [2, 2, 2, 2, 3]
+    assert kfold_splits(names, 5, seed=0) == folds and kfold_splits(names, 5, seed=1) != folds
+
+
+def test_group_by_keeps_each_group_in_one_fold() -> None:
+    names = [f"sub-{s:02d}_ses-{t}" for s in range(7) for t in range(1 + s % 3)]
+    folds = kfold_splits(names, 3, seed=4, group_by=r"^(sub-\d+)")
+    for fold in folds:
+        val_subjects = {n.split("_")[0] for n in fold["val"]}
+        train_subjects = {n.split("_")[0] for n in fold["train"]}
+        assert not val_subjects & train_subjects
+    assert sorted(n for f in folds for n in f["val"]) == sorted(names)
+    with pytest.raises(ConfigError, match="at least 9 groups"):
+        kfold_splits(names, 9, seed=0, group_by=r"^(sub-\d+)")
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        kfold_splits(names, 3, seed=0, group_by="(")
+
+
+def test_user_splits_in_both_formats(tmp_path: Path) -> None:
+    names = ["a", "b", "c", "d"]
+    nnunet = tmp_path / "splits_final.json"
+    nnunet.write_text(json.dumps([{"train": ["a", "b"], "val": ["c", "d"]}, {"train": ["c", "d"], "val": ["a", "b"]}]))
+    assert read_splits(nnunet, names)[1] == {"train": ["c", "d"], "val": ["a", "b"]}
+    ours = tmp_path / "splits.json"
+    ours.write_text(json.dumps({"folds": [{"train": ["a"], "val": ["a", "b"]}]}))
+    with pytest.raises(ConfigError, match="both train and val"):
+        read_splits(ours, names)
+    ours.write_text(json.dumps({"folds": [{"train": ["a"], "val": ["zz"]}]}))
+    with pytest.raises(ConfigError, match="not in the data: zz"):
+        read_splits(ours, names)
+
+
+def test_largest_component_postprocessing() -> None:
+    labels = np.zeros((10, 10), np.uint8)
+    labels[1:4, 1:4] = 1  # 9 voxels of class 1
+    labels[7, 7] = 1  # a stray voxel of class 1
+    labels[1:3, 6:9] = 2  # class 2, separate
+    fg = keep_largest(labels, foreground=True)
+    assert fg[7, 7] == 0 and (fg[1:3, 6:9] == 0).all() and (fg[1:4, 1:4] == 1).all()
+    per_class = keep_largest(labels, classes=[1])
+    assert per_class[7, 7] == 0 and (per_class[1:3, 6:9] == 2).all()
+
+
+def test_ensemble_averages_the_members_probabilities() -> None:
+    torch.manual_seed(0)
+    a, b = UNet(2, 1, 3, features=(4, 8)).eval(), UNet(2, 1, 3, features=(4, 8)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        got = torch.softmax(EnsembleNetwork([a, b])(x), 1)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cv")
+    data = make_blobs(root / "data", n=6)
+    out = root / "cv"
+    result = invoke("-q", "cv", data, "--folds", "3", "--out", out, "--epochs", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    return data, out
+
+
+def test_cv_trains_every_fold_and_scores_out_of_fold_predictions(cv_run: tuple[Path, Path]) -> None:
+    data, out = cv_run
+    splits = json.loads((out / "splits.json").read_text())["folds"]
+    assert len(splits) == 3 and sorted(n for f in splits for n in f["val"]) == [f"case{i:02d}" for i in range(6)]
+    for k, fold in enumerate(splits):
+        assert json.loads((out / f"fold_{k}" / "split.json").read_text()) == {"train": fold["train"], "val": fold["val"]}
+        assert sorted(p.stem for p in (out / f"fold_{k}" / "oof").glob("*.png")) == fold["val"]
+    assert sorted(p.name for p in (out / "oof").glob("*.png")) == sorted(p.name for p in (data / "masks").glob("*.png"))
+    summary = json.loads((out / "summary.json").read_text())
+    cvs = summary["cross_validation"]
+    assert len(cvs["folds"]) == 3 and cvs["dice_with_95ci"]["mean"]["cases"] == 6
+    assert cvs["dice_with_95ci"]["mean"]["ci_low"] <= cvs["dice_with_95ci"]["mean"]["mean"] <= cvs["dice_with_95ci"]["mean"]["ci_high"]
+    assert set(json.loads((out / "postprocessing.json").read_text())) == {"foreground", "classes"}
+    assert (out / "metrics.csv").read_text().startswith("case,")
+
+
+def test_rerun_skips_finished_folds_and_continues_a_killed_one(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, out = cv_run
+    copy = tmp_path / "cv"
+    shutil.copytree(out, copy)
+    (copy / "fold_1" / "oof" / ".complete").unlink()  # as if killed after training, before predicting
+    shutil.rmtree(copy / "fold_2")  # as if killed before fold 2 started
+    result = invoke("cv", data, "--folds", "3", "--out", copy, "--epochs", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "fold 2: training" in result.output and "fold 0: training" not in result.output
+    assert (copy / "fold_2" / "oof" / ".complete").is_file()
+    changed = invoke("cv", data, "--folds", "3", "--out", copy, "--epochs", "3", *TINY)
+    assert changed.exit_code != 0 and "differs in: train.epochs" in error_lines(changed.output)[0]
+
+
+def test_predict_with_the_folds_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, out = cv_run
+    scan = tmp_path / "scan.png"
+    shutil.copy(data / "images" / "case00.png", scan)
+    result = invoke("predict", out, scan, tmp_path / "pred")
+    assert result.exit_code == 0, result.output
+    assert "ensemble of 3 models" in result.output
+    mask = np.asarray(Image.open(tmp_path / "pred" / "scan.png"))
+    assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 1, 2}
+
+
+def test_cv_errors_are_clear(data: Path, tmp_path: Path) -> None:
+    result = invoke("cv", data, "--folds", "9", "--out", tmp_path / "cv")
+    assert "9 folds need at least 9 cases" in error_lines(result.output)[0]
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "keep.txt").write_text("mine")
+    result = invoke("cv", data, "--folds", "2", "--out", tmp_path / "cv", "--overwrite")
+    assert "not a cross-validation folder" in error_lines(result.output)[0]
+    assert (tmp_path / "cv" / "keep.txt").read_text() == "mine"
+    result = invoke("cv", data, "--folds", "2", "--fold", "4", "--out", tmp_path / "cv2")
+    assert "--fold 4 is not a fold" in error_lines(result.output)[0]

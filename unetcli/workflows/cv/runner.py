@@ -1,0 +1,197 @@
+"""``unet cv``: train every fold, predict its held-out cases, score all out-of-fold predictions
+together, choose the postprocessing on them.
+
+The folder ``CV`` holds ``cv.json`` (data, folds, the resolved config every fold trains with),
+``splits.json``, ``fold_k/`` (a normal run folder plus ``oof/``, the predictions of its validation
+cases), ``oof/`` (all out-of-fold predictions), ``metrics.csv`` + ``summary.json`` (their scores),
+``folds.json`` (per fold), ``postprocessing.json`` (the choice ``unet predict CV`` applies).
+Rerunning the same command continues: finished folds are skipped, a half-trained fold continues
+from its ``last.pt``. Out-of-fold predictions and the ensemble use each fold's last checkpoint (the
+best-by-validation one was chosen on those very cases).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unetcli.atomic import atomic_write_text
+from unetcli.config import RunConfig, config_from_dict, config_to_dict
+from unetcli.data.dataset import discover_dataset
+from unetcli.data.types import DatasetFiles
+from unetcli.errors import ConfigError, OutputError
+from unetcli.evaluation.labels import eval_label_values, metadata_label_names
+from unetcli.evaluation.scoring import evaluate
+from unetcli.evaluation.summary import EvalResult, write_json, write_reports
+from unetcli.inference.ensemble import CV_FILE
+from unetcli.inference.predict import predict
+from unetcli.training.checkpoint import load_checkpoint
+from unetcli.training.resume import resume_training, run_progress
+from unetcli.training.trainer import train
+from unetcli.workflows.cv.selection import choose_postprocessing, fold_summaries, pooled_with_ci
+from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
+
+log = logging.getLogger("unetcli")
+
+CV_VERSION = 1
+
+
+@dataclass
+class CVOptions:
+    folds: int = 5
+    seed: int = 0
+    group_by: str | None = None
+    splits_file: Path | None = None
+    only_fold: int | None = None
+
+
+@dataclass
+class CVResult:
+    out: Path
+    trained: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    oof: EvalResult | None = None
+    """Scores of all out-of-fold predictions (None until every fold is done)."""
+    folds: list[dict[str, Any]] = field(default_factory=list)
+    postprocessing: dict[str, Any] | None = None
+    pooled: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per class and ``mean``: out-of-fold mean Dice with a 95 % bootstrap CI."""
+
+
+def _load_or_start(out: Path, data: Path, cfg: RunConfig, explicit: set[str], splits: list[Fold],
+                   overwrite: bool) -> tuple[RunConfig, dict[str, Any]]:
+    """The cross-validation's record: a new one, or the existing one when this command continues it."""
+    path = out / CV_FILE
+    fresh = {"version": CV_VERSION, "data": str(data.resolve()), "folds": len(splits), "config": config_to_dict(cfg)}
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
+    if path.is_file() and not overwrite:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        stored = config_from_dict(state["config"])
+        old, new = config_to_dict(stored), config_to_dict(cfg)
+        differs = [k for k in sorted(explicit) if _get(old, k) != _get(new, k)]
+        if state.get("data") != fresh["data"] or state.get("folds") != len(splits):
+            differs = ["data folder or number of folds", *differs]
+        if differs:
+            raise OutputError(f"{out}: holds a cross-validation with other settings (differs in: {', '.join(differs)})",
+                              hint="rerun with the same options to continue it, choose another --out, or pass --overwrite")
+        _check_same_splits(out, splits)
+        return stored, state
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{out}: folder is not empty and holds no {CV_FILE}", hint="choose another --out or pass --overwrite")
+        if path.is_file():  # only ever remove what an earlier `unet cv` wrote
+            shutil.rmtree(out)
+        else:
+            raise OutputError(f"{out}: is not a cross-validation folder; not replacing it", hint="choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(fresh, indent=1))
+    return cfg, fresh
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part, {}) if isinstance(values, dict) else {}
+    return values
+
+
+def _check_same_splits(out: Path, splits: list[Fold]) -> None:
+    path = out / "splits.json"
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("folds") != splits:
+        raise OutputError(f"{path}: the folds differ from this command's (another --seed, --group-by or --splits?)",
+                          hint="rerun with the options that made this folder, or pass --overwrite")
+
+
+def make_splits(files: DatasetFiles, options: CVOptions) -> list[Fold]:
+    names = [c.name for c in files.cases]
+    if options.splits_file is not None:
+        return read_splits(options.splits_file, names)
+    return kfold_splits(names, options.folds, options.seed, options.group_by)
+
+
+def _link_inputs(files: DatasetFiles, names: list[str], folder: Path) -> Path:
+    """A folder of links to the image files of ``names`` (the input of one fold's prediction)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    wanted = set(names)
+    for case in files.cases:
+        if case.name in wanted:
+            for image in case.images:
+                (folder / image.name).symlink_to(image.resolve())
+    return folder
+
+
+def run_fold(k: int, fold: Fold, data: Path, files: DatasetFiles, cfg: RunConfig, out: Path, progress: bool,
+             run_files: dict[str, str]) -> bool:
+    """Train fold ``k`` (or continue it) and predict its validation cases; False when it was done."""
+    run_dir = out / f"fold_{k}"
+    done = run_dir / "oof" / ".complete"
+    state = run_progress(run_dir)
+    if state == "finished" and done.is_file():
+        return False
+    if state == "partial":
+        log.info("fold %d: continuing from checkpoints/last.pt", k)
+        resume_training(run_dir, data, {"train.device": cfg.train.device, "train.num_threads": cfg.train.num_threads},
+                        progress=progress)
+    elif state == "none":
+        log.info("fold %d: training on %d cases, validating on %d", k, len(fold["train"]), len(fold["val"]))
+        train(data, copy.deepcopy(cfg), run_dir, overwrite=True, progress=progress, run_files=run_files,
+              split=(fold["train"], fold["val"]))
+    inputs = _link_inputs(files, fold["val"], run_dir / "oof_inputs")
+    predict(run_dir / "checkpoints" / "last.pt", inputs, run_dir / "oof", device_name=cfg.train.device, overwrite=True,
+            progress=progress)
+    shutil.rmtree(inputs)
+    done.write_text("")
+    return True
+
+
+def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: set[str] | None = None,
+           overwrite: bool = False, progress: bool = True, run_files: dict[str, str] | None = None) -> CVResult:
+    files = discover_dataset(data)
+    splits = make_splits(files, options)
+    if options.only_fold is not None and not 0 <= options.only_fold < len(splits):
+        raise ConfigError(f"--fold {options.only_fold} is not a fold of this cross-validation (0..{len(splits) - 1})")
+    cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
+    write_json(out / "splits.json", {"folds": splits, "seed": options.seed, "group_by": options.group_by,
+                                     "source": str(options.splits_file) if options.splits_file else "k-fold"})
+    result = CVResult(out)
+    for k, fold in enumerate(splits):
+        if options.only_fold is not None and k != options.only_fold:
+            continue
+        ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
+        (result.trained if ran else result.skipped).append(k)
+    if all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
+        _score(out, files, splits, result)
+    return result
+
+
+def _score(out: Path, files: DatasetFiles, splits: list[Fold], result: CVResult) -> None:
+    """All out-of-fold predictions together, per fold, and the postprocessing choice."""
+    oof = out / "oof"
+    if oof.exists():
+        shutil.rmtree(oof)
+    oof.mkdir()
+    for k in range(len(splits)):
+        for path in sorted((out / f"fold_{k}" / "oof").iterdir()):
+            if not path.name.startswith("."):
+                shutil.copy2(path, oof / path.name)
+    truth = files.cases[0].label.parent  # type: ignore[union-attr]
+    meta = load_checkpoint(out / "fold_0" / "checkpoints" / "last.pt")["metadata"]
+    options = {"labels": eval_label_values(meta), "label_names": metadata_label_names(meta, out / "fold_0")}
+    result.oof = evaluate(oof, truth, **options)
+    write_reports(result.oof, out)
+    result.folds = fold_summaries(result.oof, splits)
+    write_json(out / "folds.json", result.folds)
+    result.postprocessing = choose_postprocessing(oof, truth, out / "postprocessing", result.oof, meta, options)
+    write_json(out / "postprocessing.json", result.postprocessing["choice"])
+    result.pooled = pooled_with_ci(result.oof)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    summary["cross_validation"] = {"folds": result.folds, "dice_with_95ci": result.pooled,
+                                   "postprocessing": result.postprocessing}
+    write_json(out / "summary.json", summary)
