@@ -25,6 +25,9 @@ roi), ``--window-batch`` windows per forward pass (default 2, unetcli's 3D defau
   ``monai_reuse``  MONAI with our heap-reuse allocator setting: how much of the ratio is the
                    allocator;
   ``ours_labels``  ``ours`` returning labels (uint8, band by band), as ``unet predict`` asks;
+  ``ours_ensemble5`` ``ours_labels`` with an ensemble of 5 networks (``unet predict CV``: each
+                   window's softmax averaged over the models): peak RSS should stay within ~10 %
+                   of ``ours_labels`` and the time be ~5x (only with ``--methods`` / ``--rss``);
   ``ours_nofold``, ``ours_contig``, ``ours_malloc`` (only with ``--methods``): ``ours`` without
                    BatchNorm folding / without channels_last_3d / with the default allocator.
 
@@ -94,6 +97,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchlib as bl  # noqa: E402
 
+from unetcli.inference.ensemble import EnsembleNetwork  # noqa: E402
 from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
 from unetcli.models import UNet, fold_batch_norm  # noqa: E402
 from unetcli.runtime import autocast, set_heap_reuse  # noqa: E402
@@ -107,6 +111,7 @@ class Method:
     channels_last: bool = True  # weights and windows in channels_last_3d
     heap_reuse: bool = True  # unetcli.runtime.set_heap_reuse(True)
     output: str = "probabilities"  # or "labels": what unet predict asks for
+    models: int = 1  # > 1: an EnsembleNetwork of this many networks (unet predict CV), seeds seed, seed+1, ...
 
 
 PLAIN = dict(fold=False, channels_last=False, heap_reuse=False)
@@ -117,6 +122,7 @@ METHODS = {
     "ours_bf16": Method("ours bf16 (unet predict)", precision="bf16"),
     "ours_fp16": Method("ours fp16 (unet predict)", precision="fp16"),  # CUDA only
     "ours_labels": Method("ours fp32, labels output", output="labels"),
+    "ours_ensemble5": Method("ours fp32, labels, 5-model ensemble", output="labels", models=5),
     "ours_plain": Method("ours fp32, plain network", **PLAIN),
     "ours_nofold": Method("ours fp32, BN not folded", fold=False),
     "ours_contig": Method("ours fp32, contiguous", channels_last=False),
@@ -198,13 +204,16 @@ def model_mib(net: nn.Module) -> float:
 def net_for(method: str, net: TimedNet) -> TimedNet:
     """The network a method runs, prepared once per (fold, channels_last) combination."""
     m = METHODS[method]
-    key = (m.fold, m.channels_last)
-    if key == (False, False):
+    key = (m.fold, m.channels_last, m.models)
+    if key == (False, False, 1):
         return net
     prepared = getattr(net, "prepared", {})
     net.prepared = prepared
     if key not in prepared:
         model = fold_batch_norm(net.net) if m.fold else copy.deepcopy(net.net)
+        if m.models > 1:  # the other members: same architecture, other seeds (as k folds would be)
+            others = [net.make_member(i) for i in range(1, m.models)]
+            model = EnsembleNetwork([model] + [fold_batch_norm(o) if m.fold else o for o in others])
         if m.channels_last:
             model.to(memory_format=torch.channels_last_3d)
         prepared[key] = TimedNet(model)
@@ -250,7 +259,9 @@ def warm_up(net: nn.Module, args: argparse.Namespace, precisions: list[str], dev
 def child(args: argparse.Namespace) -> dict[str, Any]:
     size = tuple(args.size)
     volume = make_volume(size, args.seed)
-    net = net_for(args.only, TimedNet(make_net(args.features, volume, args.roi, args.seed)))
+    base = TimedNet(make_net(args.features, volume, args.roi, args.seed))
+    base.make_member = lambda i: make_net(args.features, volume, args.roi, args.seed + i)
+    net = net_for(args.only, base)
     set_heap_reuse(METHODS[args.only].heap_reuse)
     warm_up(net, args, [precision_of(args.only)])
     # The network's own working memory: one window batch through it, nothing else.
@@ -305,6 +316,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     size = tuple(args.size)
     volume = make_volume(size, args.seed)
     net = TimedNet(make_net(args.features, volume, args.roi, args.seed).to(device))
+    net.make_member = lambda i: make_net(args.features, volume, args.roi, args.seed + i).to(device)
     n_params = sum(p.numel() for p in net.parameters())
     in_mib = volume.nbytes / 2**20
     out_mib = 3 * volume[0].size * 4 / 2**20

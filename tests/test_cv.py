@@ -142,3 +142,38 @@ def test_cv_errors_are_clear(data: Path, tmp_path: Path) -> None:
     assert (tmp_path / "cv" / "keep.txt").read_text() == "mine"
     result = invoke("cv", data, "--folds", "2", "--fold", "4", "--out", tmp_path / "cv2")
     assert "--fold 4 is not a fold" in error_lines(result.output)[0]
+
+
+def test_configurations_compared_on_the_same_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import make_nnunet
+
+    monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / "cache"))
+    data = make_nnunet(tmp_path / "vol", n=4)
+    out = tmp_path / "cv"
+    result = invoke("-q", "cv", data, "--configs", "2d,3d_fullres", "--folds", "2", "--out", out, "--epochs", "1", *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "2d" / "splits.json").read_text())["folds"] == json.loads((out / "3d_fullres" / "splits.json").read_text())["folds"]
+    assert yaml_model(out / "2d" / "fold_0") == 2 and yaml_model(out / "3d_fullres" / "fold_0") == 3
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["winner"] in ("2d", "3d_fullres") and set(comparison["runs"]) == {"2d", "3d_fullres"}
+    loser = next(r for r in comparison["runs"] if r != comparison["winner"])
+    assert "p_value" in comparison["stats"][loser]["foreground"]["dice"]
+    assert "winner:" in result.output
+    pred = invoke("predict", out / comparison["winner"], data / "imagesTr" / "case0_0000.nii.gz", tmp_path / "pred")
+    assert pred.exit_code == 0, pred.output
+
+
+def yaml_model(run: Path) -> int:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]["spatial_dims"]
+
+
+def test_slices_of_one_volume_stay_on_one_side_of_a_split() -> None:
+    from unetcli.data.dataset import expand_to_cases, split_cases
+
+    names = [f"{v}@{z}" for v in "abcde" for z in range(4)]
+    train, val = split_cases(names, 0.4, seed=0)
+    assert {n.split("@")[0] for n in train}.isdisjoint({n.split("@")[0] for n in val})
+    assert sorted(train + val) == sorted(names) and len(val) == 8
+    assert expand_to_cases(["b"], names) == ["b@0", "b@1", "b@2", "b@3"]

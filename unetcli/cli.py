@@ -349,6 +349,8 @@ def cv(
     splits: Annotated[Optional[Path], typer.Option(help="Your own folds: splits.json ({\"folds\": [{\"train\": [...], \"val\": [...]}]}) "
                                                         "or nnU-Net's splits_final.json.")] = None,
     config: TrainConfigOpt = None,
+    configs: Annotated[Optional[str], typer.Option(help="Compare plan configurations on the same folds, e.g. 2d,3d_fullres: each "
+                                                        "into CV/NAME/, then CV/comparison.json names the winner.")] = None,
     plan: PlanOpt = None,
     preset: PresetOpt = None,
     no_plan: NoPlanOpt = False,
@@ -369,6 +371,9 @@ def cv(
 
     flags = {"train.epochs": epochs, "train.lr": lr, "train.device": device, "train.precision": precision,
              "train.seed": seed, "train.num_threads": num_threads}
+    if configs:
+        return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
+                                  dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
     cfg, run_files, explicit = _planned_config(data, config, set_, flags, plan, preset, no_plan)
     options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold)
     result = run_cv(data, cfg, out, options, explicit, overwrite=overwrite, progress=_progress(), run_files=run_files)
@@ -379,6 +384,30 @@ def cv(
     console.print(cv_table(result))
     console.print(f"out-of-fold scores: {out}/summary.json, {out}/metrics.csv; postprocessing: {result.postprocessing['choice']}; "
                   f"predict with the ensemble: unet predict {out} IN OUT")
+
+
+def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Path], sets: Optional[list[str]],
+                       flags: dict[str, Any], plan: Optional[Path], preset: Optional[str], no_plan: bool,
+                       options: dict[str, Any], overwrite: bool) -> None:
+    from unetcli.evaluation.stats import comparison_table
+    from unetcli.workflows.cv.runner import CVOptions, run_cv_configurations
+
+    names = [n.strip() for n in configs.split(",") if n.strip()]
+    if config is not None or no_plan or len(names) < 2 or len(set(names)) < len(names):
+        raise ConfigError(f"--configs '{configs}' needs two or more different plan configurations, without --config or --no-plan",
+                          hint="e.g. --configs 2d,3d_fullres")
+    planned = {}
+    for name in names:
+        cfg, run_files, explicit = _planned_config(data, Path(name), sets, flags, plan, preset, False)
+        planned[name] = (cfg, run_files)
+    seed = next(iter(planned.values()))[0].train.seed
+    result = run_cv_configurations(data, planned, out, CVOptions(seed=seed, **options), explicit, overwrite, _progress())
+    if result.comparison is None:
+        console.print(f"scoring and comparison run once every fold of every configuration is done; folder: {out}")
+        return
+    console.print(comparison_table(result.comparison, metrics=("dice",)))
+    console.print(f"winner: [bold]{result.winner}[/bold] (highest out-of-fold mean Dice); {out}/comparison.json; "
+                  f"predict with it: unet predict {out}/{result.winner} IN OUT")
 
 
 @app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")

@@ -160,7 +160,13 @@ def load_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
 
 
 def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded train/validation split by case name. With a single case, it validates on itself."""
+    """Seeded train/validation split by case name. With a single case, it validates on itself.
+    Slices of a volume (``NAME@z``, 2D-on-3D) are split by volume: none validates on a training
+    volume's neighbouring slices."""
+    volumes = sorted({n.split("@", 1)[0] for n in names})
+    if len(volumes) < len(names):
+        train, val = split_cases(volumes, val_fraction, seed)
+        return expand_to_cases(train, names), expand_to_cases(val, names)
     if len(names) < 2 or val_fraction == 0:
         return list(names), list(names)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -168,3 +174,11 @@ def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[
     val = sorted(names[i] for i in order[:n_val])
     train = sorted(names[i] for i in order[n_val:])
     return train, val
+
+
+def expand_to_cases(names: list[str], case_names: list[str]) -> list[str]:
+    """The loaded cases that ``names`` (files' case names) stand for: the case itself, or, for a
+    volume served as 2D slices (``NAME@z``), all of its slices, so that a volume's slices always
+    stay on one side of a split."""
+    wanted = set(names)
+    return [c for c in case_names if c in wanted or c.split("@", 1)[0] in wanted]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from unetcli.config import RunConfig
-from unetcli.data.dataset import split_cases
+from unetcli.data.dataset import expand_to_cases, split_cases
 from unetcli.data.sampling import PatchSampler
 from unetcli.data.types import Dataset
 from unetcli.errors import ConfigError
@@ -143,8 +143,12 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     t.patch_size = patch
     t.batch_size = default_batch_size(cfg, dataset.spatial_dims)
     check_batch_divides(t.batch_size)
-    train_names, val_names = split or split_cases([c.name for c in dataset.cases], cfg.data.val_fraction,
-                                                  t.seed if cfg.data.split_seed is None else cfg.data.split_seed)
+    case_names = [c.name for c in dataset.cases]
+    if split is not None:
+        train_names, val_names = (expand_to_cases(names, case_names) for names in split)
+    else:
+        train_names, val_names = split_cases(case_names, cfg.data.val_fraction,
+                                             t.seed if cfg.data.split_seed is None else cfg.data.split_seed)
     model.to(device)
     fmt = memory_format(dataset.spatial_dims, resolve_channels_last(t.channels_last, device))
     model.to(memory_format=fmt)

@@ -27,6 +27,7 @@ from unetcli.data.types import DatasetFiles
 from unetcli.errors import ConfigError, OutputError
 from unetcli.evaluation.labels import eval_label_values, metadata_label_names
 from unetcli.evaluation.scoring import evaluate
+from unetcli.evaluation.stats import Comparison, compare_results, comparison_csv_text
 from unetcli.evaluation.summary import EvalResult, write_json, write_reports
 from unetcli.inference.ensemble import CV_FILE
 from unetcli.inference.predict import predict
@@ -195,3 +196,32 @@ def _score(out: Path, files: DatasetFiles, splits: list[Fold], result: CVResult)
     summary["cross_validation"] = {"folds": result.folds, "dice_with_95ci": result.pooled,
                                    "postprocessing": result.postprocessing}
     write_json(out / "summary.json", summary)
+
+
+@dataclass
+class ConfigurationsResult:
+    results: dict[str, CVResult]
+    comparison: Comparison | None = None
+    winner: str | None = None
+
+
+def run_cv_configurations(data: Path, configs: dict[str, tuple[RunConfig, dict[str, str]]], out: Path, options: CVOptions,
+                          explicit: set[str] | None = None, overwrite: bool = False,
+                          progress: bool = True) -> ConfigurationsResult:
+    """Cross-validate each configuration on the same folds (``out/NAME/``), then compare them on their
+    out-of-fold predictions: the winner is the highest pooled mean foreground Dice, each other one's
+    difference to it comes with a bootstrap CI and a paired Wilcoxon test over cases."""
+    results = {name: run_cv(data, cfg, out / name, options, explicit, overwrite, progress, files)
+               for name, (cfg, files) in configs.items()}
+    done = {name: r for name, r in results.items() if r.oof is not None}
+    if len(done) < len(results) or len(done) < 2:
+        return ConfigurationsResult(results)
+    winner = max(done, key=lambda n: done[n].pooled["mean"]["mean"])
+    ordered = [winner] + [n for n in done if n != winner]
+    for name in ordered:
+        done[name].oof.name = name  # type: ignore[union-attr]
+    comparison = compare_results([done[n].oof for n in ordered])  # type: ignore[misc]
+    write_json(out / "comparison.json", {"winner": winner, "how": "highest out-of-fold mean foreground Dice; the "
+                                         "others' differences are paired over cases against it", **comparison.as_dict()})
+    atomic_write_text(out / "comparison.csv", comparison_csv_text(comparison))
+    return ConfigurationsResult(results, comparison, winner)
