@@ -177,3 +177,14 @@ def test_slices_of_one_volume_stay_on_one_side_of_a_split() -> None:
     assert {n.split("@")[0] for n in train}.isdisjoint({n.split("@")[0] for n in val})
     assert sorted(train + val) == sorted(names) and len(val) == 8
     assert expand_to_cases(["b"], names) == ["b@0", "b@1", "b@2", "b@3"]
+
+
+def test_parallel_folds_run_as_separate_processes(tmp_path: Path) -> None:
+    data = make_blobs(tmp_path / "data", n=4)
+    out = tmp_path / "cv"
+    result = invoke("cv", data, "--folds", "2", "--parallel", "2", "--out", out, "--epochs", "1", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "fold 0: started" in result.output and "fold 1: started" in result.output
+    assert json.loads((out / "summary.json").read_text())["cross_validation"]["dice_with_95ci"]["mean"]["cases"] == 4
+    for k in (0, 1):
+        assert (out / f"fold_{k}" / "oof" / ".complete").is_file()

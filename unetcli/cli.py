@@ -345,6 +345,8 @@ def cv(
     out: Annotated[Path, typer.Option(help="Cross-validation folder; rerun the same command to continue an interrupted one.")],
     folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
     fold: Annotated[Optional[int], typer.Option(help="Train and predict only this fold (0-based); scoring runs once every fold is done.")] = None,
+    parallel: Annotated[Optional[int], typer.Option(help="Run N folds at once (N processes; one GPU each where there are GPUs, "
+                                                         "else the CPU cores shared out).")] = None,
     group_by: Annotated[Optional[str], typer.Option(help="Regular expression; cases with the same match (first group) stay in one fold.")] = None,
     splits: Annotated[Optional[Path], typer.Option(help="Your own folds: splits.json ({\"folds\": [{\"train\": [...], \"val\": [...]}]}) "
                                                         "or nnU-Net's splits_final.json.")] = None,
@@ -376,6 +378,13 @@ def cv(
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
     cfg, run_files, explicit = _planned_config(data, config, set_, flags, plan, preset, no_plan)
     options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold)
+    if parallel is not None and fold is None:
+        from unetcli.workflows.cv.parallel import run_folds_in_parallel
+        from unetcli.workflows.cv.runner import prepare_cv
+
+        todo = prepare_cv(data, cfg, out, options, explicit, overwrite)
+        run_folds_in_parallel(data, out, options, todo, parallel, num_threads)
+        overwrite = False  # the folds are the ones just trained
     result = run_cv(data, cfg, out, options, explicit, overwrite=overwrite, progress=_progress(), run_files=run_files)
     if result.oof is None:
         console.print(f"trained fold(s) {result.trained or '-'} (done earlier: {result.skipped or '-'}); scoring runs once "
@@ -413,7 +422,8 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
 @app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")
 @handle_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a checkpoint .pt file, "
+    run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a `unet cv` folder (the "
+                                             "ensemble of its folds' last checkpoints), a checkpoint .pt file, "
                                              "or a file written by `unet export` (.onnx needs unetcli[onnx]; TorchScript .pt).")],
     input: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
     output: Annotated[Path, typer.Argument(help="Folder for the masks (same names as the inputs); never an input folder.")],
@@ -422,12 +432,15 @@ def predict(
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write NAME_probabilities.npz (float16, classes first).")] = False,
     mirror: Annotated[Optional[bool], typer.Option("--mirror/--no-mirror", help="Average over flipped inputs (slower, often better).")] = None,
     overwrite: OverwriteOpt = False,
+    postprocessing: Annotated[bool, typer.Option("--postprocessing/--no-postprocessing", help=(
+        "With a `unet cv` folder: apply the postprocessing it chose (default) or not."))] = True,
 ) -> None:
-    """Write a mask for every input image, at the input's size."""
+    """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
     from unetcli.inference.predict import predict as run_predict
 
     written = run_predict(run, input, output, device_name=device or "auto", precision_name=precision,
-                          probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress())
+                          probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
+                          postprocessing=postprocessing)
     console.print(f"wrote {len(written)} mask(s) to {output}")
 
 

@@ -55,7 +55,7 @@ def cv_fold_runs(folder: Path) -> list[Path] | None:
         raise CheckpointError(f"{marker}: not a readable cross-validation record ({exc})",
                               hint="rerun `unet cv` into this folder") from exc
     runs = [folder / f"fold_{k}" for k in range(folds)]
-    missing = [r.name for r in runs if not (r / "checkpoints" / "best.pt").is_file()]
+    missing = [r.name for r in runs if not (r / "checkpoints" / "last.pt").is_file()]
     if missing:
         raise CheckpointError(f"{folder}: fold(s) {', '.join(missing)} not trained yet",
                               hint=f"finish the cross-validation first: rerun `unet cv` with --out {folder}")

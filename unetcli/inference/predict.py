@@ -87,8 +87,8 @@ def load_model(source: Path, device: torch.device, which: str = "best") -> Loade
     """A run folder or checkpoint (PyTorch), a cross-validation folder written by ``unet cv`` (the
     ensemble of its folds), or a file written by ``unet export`` (ONNX, TorchScript)."""
     folds = cv_fold_runs(Path(source))
-    if folds is not None:
-        return load_ensemble(Path(source), folds, device, which)
+    if folds is not None:  # the last checkpoints: "best" was picked on the very cases the folds held out
+        return load_ensemble(Path(source), folds, device, "last")
     if is_exported_model(Path(source)):
         exported = load_exported(Path(source), device)
         return LoadedModel(exported.network, exported.config, exported.metadata, Path(source))
@@ -219,15 +219,18 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
 
 def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto", precision_name: str | None = None,
             probabilities: bool = False, overwrite: bool = False, mirror: bool | None = None,
-            progress: bool = True) -> list[Path]:
+            progress: bool = True, postprocessing: bool = True) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
-    (preprocessing, sliding window and geometry handling are the same for all of them).
+    (preprocessing, sliding window and geometry handling are the same for all of them), or a ``unet cv``
+    folder (the folds' ensemble; its chosen postprocessing is applied unless ``postprocessing`` is False).
     """
     device = resolve_device(device_name)
     configure_cpu_allocator()
     loaded = load_model(run, device)
+    if not postprocessing:
+        loaded.postprocessing = None
     meta = loaded.metadata
     precision = resolve_model_precision(loaded, precision_name, device)
     check_output_folder(output, [input_path], overwrite)

@@ -40,6 +40,8 @@ from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
 log = logging.getLogger("unetcli")
 
 CV_VERSION = 1
+RUNTIME_KEYS = ("train.num_threads", "train.device", "train.num_workers")
+"""May differ between the processes and reruns of one cross-validation."""
 
 
 @dataclass
@@ -75,7 +77,10 @@ def _load_or_start(out: Path, data: Path, cfg: RunConfig, explicit: set[str], sp
         state = json.loads(path.read_text(encoding="utf-8"))
         stored = config_from_dict(state["config"])
         old, new = config_to_dict(stored), config_to_dict(cfg)
-        differs = [k for k in sorted(explicit) if _get(old, k) != _get(new, k)]
+        differs = [k for k in sorted(explicit) if _get(old, k) != _get(new, k) and k not in RUNTIME_KEYS]
+        for key in RUNTIME_KEYS:  # where and how fast a fold runs is this process's business
+            section, name = key.split(".")
+            setattr(getattr(stored, section), name, getattr(getattr(cfg, section), name))
         if state.get("data") != fresh["data"] or state.get("folds") != len(splits):
             differs = ["data folder or number of folds", *differs]
         if differs:
@@ -152,6 +157,23 @@ def run_fold(k: int, fold: Fold, data: Path, files: DatasetFiles, cfg: RunConfig
     return True
 
 
+def prepare_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: set[str] | None = None,
+               overwrite: bool = False) -> list[int]:
+    """Write ``cv.json`` and ``splits.json`` (so that processes started for single folds continue
+    this cross-validation) and return the folds not finished yet."""
+    files = discover_dataset(data)
+    splits = make_splits(files, options)
+    _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
+    _write_splits(out, splits, options)
+    return [k for k in range(len(splits))
+            if not (run_progress(out / f"fold_{k}") == "finished" and (out / f"fold_{k}" / "oof" / ".complete").is_file())]
+
+
+def _write_splits(out: Path, splits: list[Fold], options: CVOptions) -> None:
+    write_json(out / "splits.json", {"folds": splits, "seed": options.seed, "group_by": options.group_by,
+                                     "source": str(options.splits_file) if options.splits_file else "k-fold"})
+
+
 def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: set[str] | None = None,
            overwrite: bool = False, progress: bool = True, run_files: dict[str, str] | None = None) -> CVResult:
     files = discover_dataset(data)
@@ -159,8 +181,7 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
     if options.only_fold is not None and not 0 <= options.only_fold < len(splits):
         raise ConfigError(f"--fold {options.only_fold} is not a fold of this cross-validation (0..{len(splits) - 1})")
     cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
-    write_json(out / "splits.json", {"folds": splits, "seed": options.seed, "group_by": options.group_by,
-                                     "source": str(options.splits_file) if options.splits_file else "k-fold"})
+    _write_splits(out, splits, options)
     result = CVResult(out)
     for k, fold in enumerate(splits):
         if options.only_fold is not None and k != options.only_fold:
