@@ -188,3 +188,15 @@ def test_parallel_folds_run_as_separate_processes(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["cross_validation"]["dice_with_95ci"]["mean"]["cases"] == 4
     for k in (0, 1):
         assert (out / f"fold_{k}" / "oof" / ".complete").is_file()
+
+
+def test_export_of_a_cv_folder_is_the_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, out = cv_run
+    exported = tmp_path / "ensemble.pt"
+    result = invoke("export", out, "--out", exported)
+    assert result.exit_code == 0, result.output
+    for name, model in (("cv", out), ("file", exported)):
+        assert invoke("predict", model, data / "images", tmp_path / name).exit_code == 0
+    for path in sorted((tmp_path / "cv").glob("*.png")):
+        a, b = np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "file" / path.name))
+        assert (a == b).mean() > 0.999

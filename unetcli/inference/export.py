@@ -21,7 +21,7 @@ from unetcli.config import config_to_dict
 from unetcli.errors import ConfigError, ModelError, OutputError
 from unetcli.inference.exported import (INPUT_NAME, INSTALL_HINT, METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_EXTRA,
                                         document_to_json, export_document, is_exported_model, load_exported)
-from unetcli.inference.predict import LoadedModel, load_trained_model
+from unetcli.inference.predict import LoadedModel, load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 """Export formats and the suffix of their default file name."""
@@ -125,17 +125,21 @@ def default_output(run: Path, fmt: str) -> Path:
 def export_run(run: Path, out: Path | None = None, model_format: str | None = None, overwrite: bool = False,
                which: str = "best") -> ExportResult:
     """Write ``run``'s network (a run folder's ``checkpoints/{which}.pt`` or a checkpoint file) to
-    ``out`` as ONNX or TorchScript, with the run's config and metadata embedded; returns what was written."""
+    ``out`` as ONNX or TorchScript, with the run's config and metadata embedded; returns what was written.
+    A ``unet cv`` folder is exported as the ensemble of its folds, with the postprocessing it chose."""
     run = Path(run)
     if is_exported_model(run):
         raise ConfigError(f"{run}: is already an exported model", hint="export from the run folder or its checkpoint")
     fmt = resolve_format(model_format, out)
-    loaded = load_trained_model(run, torch.device("cpu"), which)
+    loaded = load_model(run, torch.device("cpu"), which)  # a `unet cv` folder exports the ensemble of its folds
     out = Path(out) if out is not None else default_output(run, fmt)
     check_output(out, fmt, loaded.checkpoint, overwrite)
     model = loaded.model.to(memory_format=torch.contiguous_format)  # exporters trace plain layouts
     dynamic_spatial = not any(model.margin)
-    document = export_document(config_to_dict(loaded.config), loaded.metadata, model.margin, fmt, loaded.checkpoint.name)
+    metadata = dict(loaded.metadata)
+    if loaded.postprocessing is not None and loaded.postprocessing.active:
+        metadata["postprocessing"] = loaded.postprocessing.to_dict()
+    document = export_document(config_to_dict(loaded.config), metadata, model.margin, fmt, loaded.checkpoint.name)
     example = _example_input(loaded)
     writer = _write_onnx if fmt == "onnx" else _write_torchscript
     with atomic_path(out) as tmp:

@@ -91,7 +91,9 @@ def load_model(source: Path, device: torch.device, which: str = "best") -> Loade
         return load_ensemble(Path(source), folds, device, "last")
     if is_exported_model(Path(source)):
         exported = load_exported(Path(source), device)
-        return LoadedModel(exported.network, exported.config, exported.metadata, Path(source))
+        post = exported.metadata.get("postprocessing")
+        return LoadedModel(exported.network, exported.config, exported.metadata, Path(source),
+                           Postprocessing.from_dict(post) if post else None)
     return load_trained_model(source, device, which)
 
 
