@@ -126,3 +126,13 @@ def start_ranks(args: list[str], cwd: Path, n: int = 2, env_of_rank: dict[int, d
 def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
     """Each process's exit code and standard error, in rank order."""
     return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
+
+
+def with_batch_norm_statistics(net: torch.nn.Module, shape: tuple[int, ...], passes: int = 3) -> torch.nn.Module:
+    """``net`` in eval mode after a few training-mode passes over random inputs of ``shape``, so that
+    its BatchNorm running statistics are not the trivial 0 / 1 (folding tests would pass trivially)."""
+    net.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            net(torch.randn(shape) * 3 + 1)
+    return net.eval()

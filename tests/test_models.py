@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from helpers import with_batch_norm_statistics
 from torch import nn
 
 from unetcli.config import ModelConfig
@@ -223,12 +224,7 @@ def test_build_model_passes_config_through():
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 32, 32)), (3, (1, 1, 16, 16, 16))])
 def test_fold_batch_norm_keeps_outputs_and_removes_batch_norm(spatial_dims, shape):
     torch.manual_seed(0)
-    net = UNet(spatial_dims, 1, 3, features=(8, 16, 32))
-    net.train()
-    with torch.no_grad():  # give the running statistics non-trivial values
-        for _ in range(3):
-            net(torch.randn(shape) * 3 + 1)
-    net.eval()
+    net = with_batch_norm_statistics(UNet(spatial_dims, 1, 3, features=(8, 16, 32)), shape)
     x = torch.randn(shape)
     with torch.no_grad():
         expected = net(x)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import invoke_quiet, make_blobs
+from helpers import invoke_quiet, make_blobs, with_batch_norm_statistics
 from torch import nn
 
 from unetcli.config import ModelConfig, config_from_dict
@@ -180,12 +180,8 @@ def test_config_refuses_bad_residual_values(model, message):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_fold_batch_norm_and_tracing_keep_residual_outputs(spatial_dims):
     torch.manual_seed(0)
-    net = resenc(spatial_dims, norm="batch", skip="add")
     shape = (2, 2, *(8,) * spatial_dims)
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.randn(shape) * 3 + 1)
-    net.eval()
+    net = with_batch_norm_statistics(resenc(spatial_dims, norm="batch", skip="add"), shape)
     x = torch.randn(shape)
     with torch.no_grad():
         expected = net(x)

@@ -144,6 +144,8 @@ EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (each = train.ite
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16. auto uses bf16 only where the hardware runs it natively.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (split, sampling, initialisation).")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Any config key: --set section.key=value (repeatable), e.g. --set model.features=[16,32,64,128].")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")]
@@ -188,13 +190,13 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/DATA-NAME_TIMESTAMP).")] = None,
     epochs: EpochsOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Patches per training step (default: the plan's).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    lr: LrOpt = None,
     patch_size: Annotated[Optional[str], typer.Option(help="Training patch per axis, e.g. 128,128 (default: the plan's).")] = None,
     model_skip: Annotated[Optional[str], typer.Option(help="Skip connections: concat | add | none.")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = None,
-    num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    num_threads: ThreadsOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = None,
@@ -357,11 +359,11 @@ def cv(
     preset: PresetOpt = None,
     no_plan: NoPlanOpt = False,
     epochs: EpochsOpt = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    lr: LrOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the folds and of every fold's training.")] = None,
-    num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    num_threads: ThreadsOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again: replace an earlier cross-validation in --out.")] = False,
 ) -> None:
@@ -588,7 +590,7 @@ def compare(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="First seed (also the seed of the train/validation split).")] = None,
-    num_threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    num_threads: ThreadsOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Train every run again, even if the folder holds a finished or different study.")] = False,
