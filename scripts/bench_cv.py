@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("test_labels", type=Path)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_cv_out"))
-    parser.add_argument("cv_args", nargs="*", help="after --: options for unet cv")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    args.cv_args = rest[1:] if rest[:1] == ["--"] else rest  # everything after -- goes to unet cv
     cv = args.out / "cv"
     train_s = unet("cv", args.data, "--folds", args.folds, "--out", cv, "--seed", 0, *args.cv_args)
     summary = json.loads((cv / "summary.json").read_text())["cross_validation"]
