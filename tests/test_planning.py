@@ -13,6 +13,7 @@ import pytest
 import yaml
 from helpers import error_lines, invoke, invoke_quiet, save_nifti
 
+import unetcli
 from unetcli.config import config_from_dict
 from unetcli.planning import rules
 from unetcli.planning.apply import apply_plan
@@ -274,3 +275,21 @@ def test_null_config_keys_leave_the_plan_in_charge(tmp_path: Path) -> None:
     # The shipped 3D config leaves the planned keys to the plan.
     assert not explicit & {"model.features", "model.kernel_sizes", "model.strides", "train.patch_size",
                            "train.batch_size", "data.normalization", "model.encoder"}
+
+
+def test_shipped_thick_slice_data_gets_nnunets_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net v2.8's planner on the same files (scripts/nnunet_reference.py) gives, in its z, y, x order:
+    patch [10, 48, 40], batch 2, features 32-256, kernels [[1,3,3]] * 2 + [[3,3,3]] * 2,
+    strides [[1,1,1], [1,2,2], [1,2,2], [2,2,2]]; 2d patch [48, 40], batch 3."""
+    monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plans.yaml"
+    thick = Path(unetcli.__file__).parent / "demo_data" / "mni_thick_3d"
+    result = invoke("plan", thick, "--memory", "8", "--out", out)
+    assert result.exit_code == 0, result.output
+    plan = yaml.safe_load(out.read_text())["configurations"]
+    full = plan["3d_fullres"]["config"]
+    assert full["train"] == {"patch_size": [40, 48, 10], "batch_size": 2}
+    assert full["model"]["features"] == [32, 64, 128, 256]
+    assert full["model"]["kernel_sizes"] == [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]]
+    assert full["model"]["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]]
+    assert plan["2d"]["config"]["train"] == {"patch_size": [40, 48], "batch_size": 3}
