@@ -196,7 +196,6 @@ def test_export_of_a_cv_folder_is_the_ensemble(cv_run: tuple[Path, Path], tmp_pa
     result = invoke("export", out, "--out", exported)
     assert result.exit_code == 0, result.output
     for name, model in (("cv", out), ("file", exported)):
-        assert invoke("predict", model, data / "images", tmp_path / name).exit_code == 0
-    for path in sorted((tmp_path / "cv").glob("*.png")):
-        a, b = np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "file" / path.name))
-        assert (a == b).mean() > 0.999
+        assert invoke("predict", model, data / "images" / "case01.png", tmp_path / name).exit_code == 0
+    a, b = (np.asarray(Image.open(tmp_path / name / "case01.png")) for name in ("cv", "file"))
+    assert a.shape == (32, 32) and (a == b).mean() > 0.999
