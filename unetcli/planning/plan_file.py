@@ -69,7 +69,8 @@ def check_plan_output(path: Path, overwrite: bool) -> None:
     if not overwrite:
         raise OutputError(f"{path}: already exists", hint="pass --overwrite to replace it, or choose another --out")
     try:
-        is_plan = isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict) and "unetcli_plan" in path.read_text(encoding="utf-8")
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        is_plan = isinstance(values, dict) and "unetcli_plan" in values
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         is_plan = False
     if not is_plan:

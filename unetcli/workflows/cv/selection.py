@@ -25,7 +25,8 @@ TOLERANCE = 1e-4
 
 def class_dice(result: EvalResult, cases: list[str] | None = None) -> dict[str, float]:
     """Mean Dice per class (over ``cases``, default all), NaN-aware, plus ``mean`` over classes."""
-    keep = [i for i, c in enumerate(result.cases) if cases is None or c in set(cases)]
+    wanted = None if cases is None else set(cases)
+    keep = [i for i, c in enumerate(result.cases) if wanted is None or c in wanted]
     out = {cls: float(np.nanmean(result.values("dice", cls)[keep])) for cls in result.classes}
     out["mean"] = float(np.nanmean(list(out.values())))
     return out
@@ -44,8 +45,7 @@ def pooled_with_ci(result: EvalResult) -> dict[str, dict[str, float]]:
 
 
 def fold_summaries(result: EvalResult, splits: list[Fold]) -> list[dict[str, Any]]:
-    stems = {c: c for c in result.cases}
-    return [{"fold": k, "cases": len(fold["val"]), "dice": class_dice(result, [stems.get(n, n) for n in fold["val"]])}
+    return [{"fold": k, "cases": len(fold["val"]), "dice": class_dice(result, fold["val"])}
             for k, fold in enumerate(splits)]
 
 
