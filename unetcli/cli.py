@@ -495,7 +495,8 @@ def eval_(
     label_names: Annotated[Optional[str], typer.Option(help="Class names in label order, e.g. background,gm,wm (default: --run's "
                                                             "checkpoint, else dataset.json in/next to TRUTH).")] = None,
     region: Annotated[Optional[list[str]], typer.Option("--region", help="Score a union of labels as one class: NAME=1,2,3 (repeatable). "
-                                                                         "Without --labels only the regions are scored.")] = None,
+                                                                         "Without --labels only the regions are scored. "
+                                                                         "Default: the regions of dataset.json in/next to TRUTH.")] = None,
     spacing: Annotated[Optional[str], typer.Option(help="Voxel size in mm per array axis for distances: PNG ROW,COL (default 1); "
                                                         "NIfTI default: the reference's header.")] = None,
     tolerance: Annotated[float, typer.Option(help="Normalised surface Dice tolerance in mm.")] = 1.0,
@@ -508,6 +509,8 @@ def eval_(
     jobs: Annotated[Optional[int], typer.Option(help="Worker processes for scoring cases (default: CPU cores, at most 4).")] = None,
     keep_empty: Annotated[bool, typer.Option("--keep-empty", help="Score a class absent from both masks as perfect (Dice 1, distances 0) "
                                                                   "instead of NaN excluded from means.")] = False,
+    ignore_label: Annotated[Optional[int], typer.Option(help="Reference value of unlabelled voxels, never scored (default: the "
+                                                             "'ignore' label of dataset.json in/next to TRUTH).")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Score predictions against references: Dice, IoU, precision, recall, volume difference, HD, HD95, ASSD, NSD
@@ -533,7 +536,7 @@ def eval_(
         preds, truth, out, overlays=overlays, worst=worst, image_dir=image_dir, overwrite=overwrite,
         labels=_ints(labels, "--labels"), label_names=names, regions=_regions(region),
         spacing=_floats(spacing, "--spacing"), tolerance_mm=tolerance, keep_empty=keep_empty,
-        jobs=jobs or default_jobs(), progress=_progress(),
+        jobs=jobs or default_jobs(), progress=_progress(), ignore_label=ignore_label,
     )
     if outcome.comparison is None:
         console.print(summary_table(outcome.results[0]))

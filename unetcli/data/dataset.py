@@ -20,9 +20,10 @@ import numpy as np
 
 from unetcli.config import DataConfig
 from unetcli.data.nifti import is_nifti, nifti_stem
+from unetcli.data.labels import parse_region_labels
 from unetcli.data.png import PNG_SUFFIX
 from unetcli.data.png_dataset import load_png_dataset
-from unetcli.data.types import CaseFiles, Dataset, DatasetFiles
+from unetcli.data.types import CaseFiles, Dataset, DatasetFiles, Regions
 from unetcli.data.volumes import load_volume_dataset
 from unetcli.errors import DataError
 
@@ -58,16 +59,19 @@ def _suffix(file_format: str) -> str:
     return ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
 
 
-def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None]:
+def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None, Regions | None]:
+    """Class names (index -> name), channel names and regions from ``root/dataset.json``."""
     path = root / "dataset.json"
     if not path.exists():
-        return None, None
+        return None, None, None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         labels = meta.get("labels")
         channels = meta.get("channel_names") or meta.get("modality")
-        label_names = None
-        if isinstance(labels, dict) and labels:
+        label_names, regions = None, None
+        if isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values()):
+            label_names, regions = parse_region_labels(labels, meta.get("regions_class_order"))
+        elif isinstance(labels, dict) and labels:
             # nnU-Net v2 maps name -> index; the Decathlon maps "index" -> name.
             if all(isinstance(v, int) for v in labels.values()):
                 by_index = {int(v): str(k) for k, v in labels.items()}
@@ -79,7 +83,7 @@ def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None]:
         channel_names = [str(channels[k]) for k in sorted(channels, key=int)] if isinstance(channels, dict) else None
     except (ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: cannot read labels/channel_names ({exc})", hint="see the nnU-Net dataset.json format") from exc
-    return label_names, channel_names
+    return label_names, channel_names, regions
 
 
 def discover_dataset(root: Path) -> DatasetFiles:
@@ -104,23 +108,23 @@ def discover_dataset(root: Path) -> DatasetFiles:
     images, file_format = _image_files(image_dir)
     masks, _ = _image_files(mask_dir)
     _check_pairs(images, masks, image_dir, mask_dir, file_format)
-    label_names, channel_names = _read_dataset_json(root)
+    label_names, channel_names, regions = _read_dataset_json(root)
     cases = [CaseFiles(name, [images[name]], masks[name]) for name in sorted(images)]
-    return DatasetFiles(root, "images_masks", cases, label_names, channel_names, file_format)
+    return DatasetFiles(root, "images_masks", cases, label_names, channel_names, file_format, regions)
 
 
 def _discover_nnunet(root: Path) -> DatasetFiles:
     image_dir, label_dir = root / "imagesTr", root / "labelsTr"
     if not label_dir.is_dir():
         raise DataError(f"{root}: imagesTr/ found but no labelsTr/", hint="add labelsTr/NAME.ext for every case")
-    label_names, channel_names = _read_dataset_json(root)
+    label_names, channel_names, regions = _read_dataset_json(root)
     images, file_format = _image_files(image_dir)
     labels, _ = _image_files(label_dir)
     ext = _suffix(file_format)
     if file_format == "nifti" and images and set(images) == set(labels):
         # Decathlon layout: one (possibly 4D, channels-last) file per case, named like its label.
         cases = [CaseFiles(name, [images[name]], labels[name]) for name in sorted(images)]
-        return DatasetFiles(root, "decathlon", cases, label_names, channel_names, file_format)
+        return DatasetFiles(root, "decathlon", cases, label_names, channel_names, file_format, regions)
     problems: list[str] = []
     channels: dict[str, dict[int, Path]] = {}
     for stem, path in images.items():
@@ -138,7 +142,7 @@ def _discover_nnunet(root: Path) -> DatasetFiles:
         raise DataError.from_problems(problems)
     _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir, file_format)
     cases = [CaseFiles(c, [channels[c][i] for i in range(n_channels)], labels[c]) for c in sorted(channels)]
-    return DatasetFiles(root, "nnunet", cases, label_names, channel_names, file_format)
+    return DatasetFiles(root, "nnunet", cases, label_names, channel_names, file_format, regions)
 
 
 def _check_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path,

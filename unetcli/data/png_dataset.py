@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from unetcli.config import DataConfig
-from unetcli.data.labels import label_values_from_masks, resolve_names
+from unetcli.data.labels import dataset_label_layout, label_values_from_masks, resolve_names
 from unetcli.data.png import read_png_image, read_png_mask
 from unetcli.data.preprocessing import normalize_image
 from unetcli.data.types import Case, Dataset, DatasetFiles
@@ -68,8 +68,8 @@ def load_png_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
             mask = lut[mask]
         image = normalize_image(images[case.name], cfg.normalization)
         cases.append(Case(case.name, image, mask))
-    num_classes = len(label_values)
+    layout = dataset_label_layout(label_values, cfg, files)
     in_channels = next(iter(channel_counts.values()))
-    label_names = resolve_names(cfg.label_names or files.label_names, num_classes, "class", files.root)
     channel_names = resolve_names(files.channel_names, in_channels, "channel", files.root)
-    return Dataset(cases, num_classes, in_channels, 2, label_values, label_names, channel_names)
+    return Dataset(cases, layout.num_outputs, in_channels, 2, layout.label_values, layout.label_names, channel_names,
+                   regions=layout.regions, ignore_index=layout.ignore_index)

@@ -34,11 +34,13 @@ def pad_to_cover(array: np.ndarray, spatial_shape: Sequence[int], margin: int | 
     return np.pad(array, lead + pads, mode=mode)
 
 
-def _foreground_index(label: np.ndarray, num_classes: int, per_class: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Up to ``per_class`` voxel coordinates of each foreground class (empty arrays for absent classes)."""
+def _foreground_index(label: np.ndarray, targets: Sequence[Sequence[int]], per_class: int,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    """Up to ``per_class`` voxel coordinates of each foreground target (a set of class indices:
+    one class, or a region); empty arrays for absent ones."""
     index = []
-    for k in range(1, num_classes):
-        coords = np.argwhere(label == k)
+    for members in targets:
+        coords = np.argwhere(label == members[0] if len(members) == 1 else np.isin(label, members))
         if len(coords) > per_class:
             coords = coords[rng.choice(len(coords), per_class, replace=False)]
         index.append(coords.astype(np.int32))
@@ -53,6 +55,9 @@ class PatchSampler:
         patch_size: network input size per spatial axis.
         batch_size: patches per batch.
         num_classes: classes incl. background (for foreground oversampling).
+        foreground: what foreground oversampling centres patches on: sets of class indices (one
+            per region of a region model); default one set per class 1..num_classes-1, which
+            leaves an ``ignore`` label (index num_classes) out.
         margin: voxels a valid-padding network loses per side (per axis); images are mirror-padded by it.
         foreground_fraction: share of patches centred on a voxel of a random foreground class
             present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
@@ -80,6 +85,7 @@ class PatchSampler:
         gamma_prob: float = 0.0,
         noise_prob: float = 0.0,
         seed: int = 0,
+        foreground: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
@@ -96,7 +102,8 @@ class PatchSampler:
         self.images = [pad_to_cover(c.image, self.patch_size, margin) for c in cases]
         self.labels = [pad_to_cover(c.label, self.patch_size, margin) for c in cases]  # type: ignore[arg-type]
         index_rng = np.random.default_rng([seed, 2**31])
-        self.foreground = [_foreground_index(np.asarray(lab), num_classes, 5000, index_rng) for lab in self.labels]
+        targets = foreground if foreground is not None else [[k] for k in range(1, num_classes)]
+        self.foreground = [_foreground_index(np.asarray(lab), targets, 5000, index_rng) for lab in self.labels]
 
     # The position is the whole state: batch i is a pure function of (seed, i).
     def state_dict(self) -> dict[str, Any]:

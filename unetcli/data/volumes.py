@@ -26,7 +26,7 @@ import numpy as np
 from unetcli import __version__
 from unetcli.atomic import atomic_path, atomic_write_text, ensure_writable_folder
 from unetcli.config import DataConfig
-from unetcli.data.labels import label_values_from_masks, resolve_names
+from unetcli.data.labels import dataset_label_layout, label_values_from_masks, resolve_names
 from unetcli.data.types import Case, CaseFiles, Dataset, DatasetFiles
 from unetcli.data.nifti import (
     ImageProperties,
@@ -147,13 +147,20 @@ def preprocess(image: np.ndarray, props: ImageProperties, plan: dict[str, Any],
     return image, label, geometry
 
 
-def restore_labels(probs: np.ndarray, props: ImageProperties, geometry: VolumeGeometry) -> np.ndarray:
+def restore_labels(probs: np.ndarray, props: ImageProperties, geometry: VolumeGeometry,
+                   regions: bool = False) -> np.ndarray:
     """Class probabilities (K, X', Y', Z') on the network grid -> class indices on the file's grid.
 
     Resampling goes class by class with a running argmax, so memory holds two volumes, not K.
+    Region probabilities (``regions``) are painted instead: region k as k + 1 where > 0.5, in order.
     """
     target = tuple(geometry.cropped_shape)
-    if tuple(probs.shape[1:]) == target:
+    if regions:
+        labels = np.zeros(target, np.int64)
+        for k in range(probs.shape[0]):
+            pk = probs[k] if tuple(probs.shape[1:]) == target else resample_to_shape(probs[k], target, order=1)
+            labels[pk > 0.5] = k + 1
+    elif tuple(probs.shape[1:]) == target:
         labels = np.argmax(probs, axis=0)
     else:
         best = np.full(target, -np.inf, np.float32)
@@ -278,17 +285,17 @@ def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
         for name, e in entries.items()
     ]
     in_channels = next(iter(channel_counts.values()))
-    num_classes = len(label_values)
+    layout = dataset_label_layout(label_values, cfg, files)
     spatial_dims = 3
     if cfg.slice_axis is not None:
         cases = slice_cases(cases, cfg.slice_axis)
         spatial_dims = 2
     plan["slice_axis"] = cfg.slice_axis
-    log.info("3D dataset: %d cases, %d channel(s), %d classes, target spacing %s mm; cache %s",
-             len(cases), in_channels, num_classes, [round(s, 3) for s in plan["target_spacing"]], cache)
+    log.info("3D dataset: %d cases, %d channel(s), %d %s, target spacing %s mm; cache %s",
+             len(cases), in_channels, layout.num_outputs, "regions" if layout.regions else "classes",
+             [round(s, 3) for s in plan["target_spacing"]], cache)
     return Dataset(
-        cases, num_classes, in_channels, spatial_dims, label_values,
-        resolve_names(cfg.label_names or files.label_names, num_classes, "class", files.root),
+        cases, layout.num_outputs, in_channels, spatial_dims, layout.label_values, layout.label_names,
         resolve_names(files.channel_names, in_channels, "channel", files.root),
-        file_format="nifti", preprocessing=plan,
+        file_format="nifti", preprocessing=plan, regions=layout.regions, ignore_index=layout.ignore_index,
     )

@@ -35,8 +35,8 @@ def _names_from_mapping(labels: object) -> dict[int, str]:
     return out
 
 
-def dataset_label_names(truth: Path) -> dict[int, str] | None:
-    """Class names from a ``dataset.json`` in TRUTH (its folder for a file) or its parent folder."""
+def _dataset_json(truth: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The ``dataset.json`` in TRUTH (its folder for a file) or its parent folder, read."""
     folder = truth if truth.is_dir() else truth.parent
     for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
         if candidate.is_file():
@@ -45,12 +45,36 @@ def dataset_label_names(truth: Path) -> dict[int, str] | None:
             except (OSError, ValueError) as exc:
                 log.warning("%s: ignored, not readable JSON (%s)", candidate, exc)
                 return None
-            names = _names_from_mapping(meta.get("labels") if isinstance(meta, dict) else None)
-            if names:
-                return names
-            log.warning("%s: no usable 'labels' entry; classes are named by their label values", candidate)
-            return None
+            return (candidate, meta) if isinstance(meta, dict) else None
     return None
+
+
+def dataset_label_names(truth: Path) -> dict[int, str] | None:
+    """Class names from a ``dataset.json`` in TRUTH (its folder for a file) or its parent folder."""
+    found = _dataset_json(truth)
+    if found is None:
+        return None
+    names = _names_from_mapping(found[1].get("labels"))
+    if names:
+        return names
+    log.warning("%s: no usable 'labels' entry; classes are named by their label values", found[0])
+    return None
+
+
+def dataset_regions_and_ignore(truth: Path) -> tuple[dict[str, list[int]] | None, int | None]:
+    """nnU-Net regions (labels given as lists: ``{"whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}``)
+    and the ``ignore`` label value from the ``dataset.json`` next to the references."""
+    found = _dataset_json(truth)
+    labels = found[1].get("labels") if found else None
+    if not isinstance(labels, dict):
+        return None, None
+    ignore = labels.get("ignore")
+    ignore = ignore if isinstance(ignore, int) and not isinstance(ignore, bool) else None
+    if not any(isinstance(v, list) for v in labels.values()):
+        return None, ignore
+    regions = {str(name): [int(v) for v in (value if isinstance(value, list) else [value])]
+               for name, value in labels.items() if name not in ("background", "ignore")}
+    return regions, ignore
 
 
 def metadata_label_names(meta: Any, run: Path) -> dict[int, str]:
@@ -77,3 +101,17 @@ def eval_label_values(meta: dict[str, Any]) -> list[int] | None:
     if meta.get("file_format", "png") == "png" and labels == [255]:
         labels = [1]
     return labels or None
+
+
+def metadata_eval_options(meta: dict[str, Any], run: Path) -> dict[str, Any]:
+    """How a run's predictions are scored against its own training references: its classes by
+    name, or its regions; reference voxels of its ``ignore`` label are not scored. (Region and
+    ignore label maps hold class indices 0..K-1, so an index is its label value.)"""
+    regions = meta.get("regions")
+    options: dict[str, Any] = {"ignore_label": meta.get("ignore_index")}
+    if regions:
+        names = meta["label_names"][1:]
+        options["regions"] = {str(n): [int(v) for v in members] for n, members in zip(names, regions)}
+    else:
+        options.update(labels=eval_label_values(meta), label_names=metadata_label_names(meta, run))
+    return options

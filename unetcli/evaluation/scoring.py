@@ -74,6 +74,7 @@ class _Task:
     tolerance_mm: float
     metrics: tuple[str, ...]
     keep_empty: bool
+    ignore_label: int | None = None
 
 
 def _label_counts(arr: np.ndarray) -> dict[int, int]:
@@ -95,6 +96,9 @@ def _absent_scores(metrics: Sequence[str], keep_empty: bool) -> dict[str, float]
 def score_case(task: _Task) -> CaseScores:
     """Read one pair and compute every metric for every class (in the worker process)."""
     pred, truth, spacing = read_pair(task.pair, task.kind, task.spacing)
+    if task.ignore_label is not None:  # unlabelled reference voxels: background in both masks, so never scored
+        unlabelled = truth == task.ignore_label
+        pred, truth = np.where(unlabelled, 0, pred), np.where(unlabelled, 0, truth)
     if spacing is not None and len(spacing) != pred.ndim:
         raise ConfigError(f"--spacing has {len(spacing)} value(s) but {task.pair.truth} has {pred.ndim} axes",
                           hint="give one spacing per axis (PNG: ROW,COL; NIfTI: X,Y,Z)")
@@ -297,19 +301,22 @@ def evaluate_runs(preds: Sequence[Path], truth: Path, labels: Sequence[int] | No
                   regions: Mapping[str, Sequence[int]] | None = None, spacing: Sequence[float] | None = None,
                   tolerance_mm: float = 1.0, metrics: Sequence[str] = METRIC_NAMES, keep_empty: bool = False,
                   jobs: int = 1, parallel_min_seconds: float = PARALLEL_MIN_SECONDS,
-                  progress: bool = False) -> list[EvalResult]:
+                  progress: bool = False, ignore_label: int | None = None) -> list[EvalResult]:
     """Score one or more prediction folders against ``truth``; all runs get the same classes.
 
     ``labels`` default: every non-zero label found in any file (of any run). ``label_names``:
     names in label order, or ``{label: name}``. ``regions``: ``{name: [labels]}`` scored as
     the union of the labels. ``jobs``: worker processes (the cases of all runs are shared out).
+    ``ignore_label``: reference voxels with this value (partial annotations) are not scored:
+    they count as background in both masks (exact for Dice and the overlap metrics; surface
+    distances then also see the edge of the labelled area).
     """
     _check_options(tolerance_mm, spacing, labels, regions)
     names = dict(enumerate(label_names)) if isinstance(label_names, Sequence) else (dict(label_names) if label_names else None)
     kind, runs = _pair_runs(preds, truth)
     given = _class_layout(labels, regions, [], names)[1] if labels is not None or regions else None
     sp = _spacing_per_axis(spacing, kind)
-    tasks = [_Task(pair, kind, given, sp, float(tolerance_mm), tuple(metrics), keep_empty)
+    tasks = [_Task(pair, kind, given, sp, float(tolerance_mm), tuple(metrics), keep_empty, ignore_label)
              for pairs in runs for pair in pairs]
     if progress:
         scored = _run_tasks_with_progress(tasks, jobs, parallel_min_seconds)

@@ -16,16 +16,18 @@ from unetcli.models.network import SegmentationNetwork
 
 class EnsembleNetwork(nn.Module):
     """Returns ``log(mean_k softmax(model_k(x)))``: the sliding window's softmax of it is exactly the
-    mean of the models' probabilities, so the window code needs no change.
+    mean of the models' probabilities, so the window code needs no change. For region models
+    (``activation="sigmoid"``) it returns ``logit(mean_k sigmoid(model_k(x)))`` likewise.
 
     Shape: (N, C, *S) -> (N, K, *S') like each member; all members must share input size rules.
     """
 
-    def __init__(self, models: Sequence[SegmentationNetwork]) -> None:
+    def __init__(self, models: Sequence[SegmentationNetwork], activation: str = "softmax") -> None:
         super().__init__()
         if not models:
             raise ValueError("an ensemble needs at least one model")
         self.members = nn.ModuleList(models)
+        self.activation = activation
 
     @property
     def margin(self) -> tuple[int, ...]:
@@ -34,9 +36,14 @@ class EnsembleNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = None
         for model in self.members:
-            p = torch.softmax(model(x).float(), dim=1)
+            logits = model(x).float()
+            p = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=1)
             mean = p if mean is None else mean.add_(p)
-        return (mean / len(self.members)).clamp_min_(1e-12).log_()  # type: ignore[operator]
+        mean = mean / len(self.members)  # type: ignore[operator]
+        if self.activation == "sigmoid":  # logit, written out so that ONNX export needs no logit operator
+            mean = mean.clamp(1e-6, 1 - 1e-6)
+            return mean.log() - torch.log1p(-mean)
+        return mean.clamp_min_(1e-12).log_()
 
 
 CV_FILE = "cv.json"

@@ -24,7 +24,7 @@ from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError,
 from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs
 from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
 from unetcli.inference.postprocessing import Postprocessing, apply_postprocessing
-from unetcli.inference.sliding_window import sliding_window_predict
+from unetcli.inference.sliding_window import paint_regions, sliding_window_predict
 from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
 from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
@@ -61,7 +61,7 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
 
 
 ENSEMBLE_KEYS = ("spatial_dims", "in_channels", "num_classes", "label_values", "normalization", "patch_size",
-                 "file_format", "preprocessing")
+                 "file_format", "preprocessing", "regions")
 """What every member of an ensemble must share: they see the same windows of the same preprocessed input."""
 
 
@@ -77,7 +77,7 @@ def load_ensemble(folder: Path, runs: list[Path], device: torch.device, which: s
                                   hint="ensemble runs trained with the same configuration on the same data")
     choice = folder / "postprocessing.json"
     post = Postprocessing.from_dict(json.loads(choice.read_text())) if choice.is_file() else None
-    ensemble = EnsembleNetwork([m.model for m in members])  # type: ignore[misc]
+    ensemble = EnsembleNetwork([m.model for m in members], output_activation(first.metadata))  # type: ignore[misc]
     log.info("ensemble of %d models from %s%s", len(members), folder,
              f"; postprocessing {post.to_dict()}" if post and post.active else "")
     return LoadedModel(ensemble, first.config, first.metadata, folder, post)
@@ -171,7 +171,17 @@ def window_settings(loaded: LoadedModel, device: torch.device, precision: str, m
     return {"overlap": infer.overlap, "window_batch_size": infer.windows_per_batch(loaded.config.model.spatial_dims),
             "gaussian": infer.gaussian,
             "mirror": infer.mirror if mirror is None else mirror, "margin": loaded.model.margin,
-            "device": device, "precision": precision}
+            "device": device, "precision": precision, "activation": output_activation(loaded.metadata)}
+
+
+def output_activation(meta: dict[str, Any]) -> str:
+    """``sigmoid`` for a region model (one probability per region), else ``softmax``."""
+    return "sigmoid" if meta.get("regions") else "softmax"
+
+
+def probability_names(meta: dict[str, Any]) -> list[str]:
+    """The name of each probability channel: the classes, or the regions (no background channel)."""
+    return list(meta["label_names"][1:] if meta.get("regions") else meta["label_names"])
 
 
 def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
@@ -182,7 +192,8 @@ def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: di
     _check_channels(image, paths[0], meta)
     image = normalize_image(image, meta["normalization"])
     probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
-    labels = apply_postprocessing(probs.argmax(0).numpy(), loaded.postprocessing)
+    labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
+    labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
     write_png_mask(np.asarray(meta["label_values"])[labels], target)
     return probs.numpy() if keep_probabilities else None
 
@@ -213,7 +224,10 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
         axis = int(meta["preprocessing"]["slice_axis"])
         slices = [run(np.ascontiguousarray(np.take(image_pp, z, axis=axis + 1))) for z in range(image_pp.shape[axis + 1])]
         pred = np.stack(slices, axis=axis + 1 if keep_probabilities else axis)
-    labels = restore_labels(pred, props, geometry) if keep_probabilities else restore_label_map(pred, props, geometry)
+    if keep_probabilities:
+        labels = restore_labels(pred, props, geometry, regions=bool(meta.get("regions")))
+    else:
+        labels = restore_label_map(pred, props, geometry)
     labels = apply_postprocessing(labels, loaded.postprocessing)
     write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
     return pred if keep_probabilities else None
@@ -257,7 +271,7 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
                 with atomic_path(output / f"{name}_probabilities.npz") as tmp:
                     with open(tmp, "wb") as handle:
                         np.savez_compressed(handle, probabilities=probs.astype(np.float16),
-                                            label_names=np.asarray(meta["label_names"]))
+                                            label_names=np.asarray(probability_names(meta)))
         except OSError as exc:  # disk full, permissions changed meanwhile, ...: earlier outputs stay intact
             raise OutputError(f"{exc.filename or targets[name]}: cannot write ({exc.strerror or exc})",
                               hint=f"check the free space and permissions of {output}; "

@@ -86,11 +86,21 @@ class _RowBand:
             self.emit(self.lo, self.sums[:, :n])
 
 
-def _normalise_in_place(sums: torch.Tensor, chunk_rows: int = 8) -> None:
-    """Weighted class sums -> probabilities, a few rows at a time (bounded temporary memory)."""
+def _normalise_in_place(sums: torch.Tensor, regions: bool = False, chunk_rows: int = 8) -> None:
+    """Weighted class sums -> probabilities, a few rows at a time (bounded temporary memory).
+    Softmax sums add up to the weight; region sums carry the weight as their last channel."""
     for lo in range(0, sums.shape[1], chunk_rows):
         block = sums[:, lo : lo + chunk_rows]
-        block /= block.sum(0, keepdim=True)
+        block /= block[-1:] if regions else block.sum(0, keepdim=True)
+
+
+def paint_regions(probabilities: torch.Tensor) -> torch.Tensor:
+    """(R, *S) region probabilities -> (*S) uint8 labels: region k is painted k + 1 where its
+    probability is > 0.5, in order (nnU-Net's ``regions_class_order`` convention)."""
+    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8)
+    for k, p in enumerate(probabilities):
+        labels[p > 0.5] = k + 1
+    return labels
 
 
 @torch.no_grad()
@@ -107,6 +117,7 @@ def sliding_window_predict(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     output: str = "probabilities",
+    activation: str = "softmax",
 ) -> torch.Tensor:
     """Class probabilities (or labels) for a whole image, predicted window by window.
 
@@ -119,13 +130,13 @@ def sliding_window_predict(
         roi_size: network input size per spatial axis.
         num_classes: K.
         overlap: fraction of a window shared with its neighbour along each axis.
-        window_batch_size: windows per forward pass.
-        gaussian: weight each window by :func:`gaussian_importance` (else uniform).
+        window_batch_size: windows per forward pass; gaussian: weight windows by :func:`gaussian_importance`.
         mirror: average over flips of every combination of spatial axes (test-time augmentation).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the forward pass.
         output: ``probabilities`` -> (K, *S) float32, accumulated in the output itself (no
             other volume-sized buffer); ``labels`` -> (*S) argmax (uint8, int64 beyond 256 classes),
             computed band by band of window height so that memory does not grow with K x volume.
+        activation: ``softmax`` (classes) or ``sigmoid`` (regions; labels as :func:`paint_regions`).
 
     Returns:
         (K, *S) float32 probabilities or (*S) uint8/int64 labels, on the CPU.
@@ -134,7 +145,7 @@ def sliding_window_predict(
     spatial = image.shape[1:]
     padded, grid, offset, out_roi = _pad_for_windows(image, roi_size, margin)
     weight = gaussian_importance(out_roi) if gaussian else torch.ones(out_roi)
-    result, band = _accumulator(output, num_classes, out_roi, grid)
+    result, band = _accumulator(output, num_classes, out_roi, grid, regions := activation == "sigmoid")
     fmt = _input_format(model, len(spatial))
     starts = list(itertools.product(*(window_starts(g, r, overlap) for g, r in zip(grid, out_roi))))
     axes = range(2, 2 + len(spatial))  # every combination of flipped spatial axes, or none
@@ -144,15 +155,15 @@ def sliding_window_predict(
         batch = torch.stack(
             [padded[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, roi_size))] for start in chunk]
         ).to(device, non_blocking=True).contiguous(memory_format=fmt)
-        pred = _predict_windows(model, batch, flip_sets, device, precision)
+        pred = _predict_windows(model, batch, flip_sets, device, precision, regions)
         for start, p in zip(chunk, pred.mul_(weight)):
             band.add(start, p)
     band.finish(grid[0])
     crop = tuple(slice(o, o + s) for o, s in zip(offset, spatial))
     if output == "labels":
         return result[crop].contiguous()
-    _normalise_in_place(result)
-    return result[(slice(None),) + crop].contiguous()
+    _normalise_in_place(result, regions)
+    return result[(slice(0, num_classes),) + crop].contiguous()
 
 
 def _pad_for_windows(image: np.ndarray, roi_size: Sequence[int], margin: int | Sequence[int]
@@ -174,31 +185,41 @@ def _pad_for_windows(image: np.ndarray, roi_size: Sequence[int], margin: int | S
     return padded, grid, offset, out_roi
 
 
-def _accumulator(output: str, num_classes: int, out_roi: tuple[int, ...], grid: tuple[int, ...]) -> tuple[torch.Tensor, _RowBand]:
-    """The output array and the band that accumulates window predictions into it."""
+def _accumulator(output: str, num_classes: int, out_roi: tuple[int, ...], grid: tuple[int, ...],
+                 regions: bool = False) -> tuple[torch.Tensor, _RowBand]:
+    """The output array and the band that accumulates window predictions into it. Region
+    predictions carry one more channel, the window weight (sigmoids do not sum to 1)."""
+    channels = num_classes + 1 if regions else num_classes
     if output == "labels":
         # uint8 holds 256 classes in an eighth of int64's memory (a 512x512x500 CT: 125 MiB, not 1 GiB).
         labels = torch.zeros(grid, dtype=torch.uint8 if num_classes <= 256 else torch.int64)
 
         def emit(lo: int, sums: torch.Tensor) -> None:
-            # A positive per-voxel normaliser cannot change the argmax; max().indices is much faster than argmax on CPU.
-            labels[lo : lo + sums.shape[1]] = sums.max(0).indices
+            if regions:
+                labels[lo : lo + sums.shape[1]] = paint_regions(sums[:-1] / sums[-1:])
+            else:  # a positive per-voxel normaliser cannot change the argmax; max().indices beats argmax on CPU
+                labels[lo : lo + sums.shape[1]] = sums.max(0).indices
 
-        return labels, _RowBand(torch.zeros((num_classes, out_roi[0]) + grid[1:]), emit)
+        return labels, _RowBand(torch.zeros((channels, out_roi[0]) + grid[1:]), emit)
     # The output itself is the band: the weighted sums are accumulated where the probabilities end up.
-    probabilities = torch.zeros((num_classes,) + grid, dtype=torch.float32)
+    probabilities = torch.zeros((channels,) + grid, dtype=torch.float32)
     return probabilities, _RowBand(probabilities, lambda lo, sums: None)
 
 
 def _predict_windows(model: nn.Module, batch: torch.Tensor, flip_sets: list[tuple[int, ...]], device: torch.device,
-                     precision: str) -> torch.Tensor:
-    """Softmax probabilities of a window batch, averaged over the flips in ``flip_sets``, on the CPU."""
+                     precision: str, regions: bool = False) -> torch.Tensor:
+    """Softmax (``regions``: sigmoid, plus a channel of ones that carries the window weight)
+    probabilities of a window batch, averaged over the flips in ``flip_sets``, on the CPU."""
     pred = None
     for flips in flip_sets:
         x = batch.flip(flips) if flips else batch
         with autocast(device, precision):
             logits = model(x)
-        p = torch.softmax(logits.float(), dim=1)
+        if regions:
+            p = torch.sigmoid(logits.float())
+            p = torch.cat([p, torch.ones_like(p[:, :1])], dim=1)
+        else:
+            p = torch.softmax(logits.float(), dim=1)
         p = p.flip(flips) if flips else p
         pred = p if pred is None else pred.add_(p)
     pred = pred.cpu()  # type: ignore[union-attr]

@@ -22,7 +22,7 @@ from unetcli.models import SegmentationNetwork, build_model
 from unetcli.runtime import memory_format, resolve_channels_last
 from unetcli.training.distributed import check_batch_divides, sync_batch_norm, wrap_for_training
 from unetcli.training.init_weights import initialise_from
-from unetcli.training.losses import DiceCELoss
+from unetcli.training.losses import DiceCELoss, RegionDiceBCELoss
 from unetcli.training.schedule import LRPlan
 
 log = logging.getLogger("unetcli")
@@ -45,7 +45,7 @@ class TrainComponents:
     train_names: list[str]
     val_names: list[str]
     sampler: PatchSampler
-    loss_fn: DiceCELoss
+    loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     plan: LRPlan
     scaler: torch.amp.GradScaler
@@ -71,9 +71,22 @@ def resolve_model_config(cfg: RunConfig, dataset: Dataset) -> RunConfig:
             raise ConfigError(f"model.{key} is {current} but the data has {value}",
                               hint=f"remove model.{key} from the config to take it from the data")
         setattr(m, key, value)
-    cfg.data.num_classes = dataset.num_classes
-    cfg.data.label_names = dataset.label_names
+    if dataset.regions is None and dataset.ignore_index is None:
+        # The stored classes are the outputs; with regions or an ignore label they differ, and the
+        # data's dataset.json (read again on resume) stays the one place that declares them.
+        cfg.data.num_classes = dataset.num_classes
+        cfg.data.label_names = dataset.label_names
     return cfg
+
+
+def make_loss(cfg: RunConfig, dataset: Dataset) -> torch.nn.Module:
+    """Softmax Dice + CE over classes, or sigmoid Dice + BCE over regions; the ignore label left out of both."""
+    t = cfg.train
+    if dataset.regions is not None:
+        return RegionDiceBCELoss(dataset.regions, dice_weight=t.dice_weight, bce_weight=t.ce_weight,
+                                 ignore_index=dataset.ignore_index)
+    return DiceCELoss(include_background=t.dice_include_background, dice_weight=t.dice_weight, ce_weight=t.ce_weight,
+                      ignore_index=dataset.ignore_index)
 
 
 def resolve_patch_size(cfg: RunConfig, dataset: Dataset, model: SegmentationNetwork) -> list[int]:
@@ -158,18 +171,19 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         [by_name[n] for n in train_names], patch, t.batch_size, num_classes=dataset.num_classes,
         margin=model.margin, foreground_fraction=t.foreground_fraction, flips=t.flips, rotate90=t.rotate90,
         rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter, gamma_prob=t.gamma_prob,
-        noise_prob=t.noise_prob, seed=t.seed,
+        noise_prob=t.noise_prob, seed=t.seed, foreground=dataset.regions,
     )
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
         "label_values": dataset.label_values, "label_names": dataset.label_names, "channel_names": dataset.channel_names,
         "normalization": cfg.data.normalization, "patch_size": patch, "layout": layout,
         "file_format": dataset.file_format, "preprocessing": dataset.preprocessing,
+        "regions": dataset.regions, "ignore_index": dataset.ignore_index,
     }
     return TrainComponents(
         config=cfg, model=model, train_model=train_model, memory_format=fmt, patch=patch, train_names=train_names, val_names=val_names,
         sampler=sampler,
-        loss_fn=DiceCELoss(include_background=t.dice_include_background, dice_weight=t.dice_weight, ce_weight=t.ce_weight),
+        loss_fn=make_loss(cfg, dataset),
         optimizer=make_optimizer(model, cfg, device),
         plan=LRPlan.new(t.schedule, t.epochs * t.iterations_per_epoch, t.warmup_iterations),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from unetcli.errors import ConfigError, DataError, OutputError
 from unetcli.evaluation.cases import unique_run_names
-from unetcli.evaluation.labels import dataset_label_names, metadata_label_names
+from unetcli.evaluation.labels import dataset_label_names, dataset_regions_and_ignore, metadata_label_names
 from unetcli.evaluation.overlays import write_overlays
 from unetcli.evaluation.scoring import evaluate_runs
 from unetcli.evaluation.stats import Comparison, compare_results, write_comparison
@@ -51,6 +51,19 @@ def resolve_label_names(label_names: Sequence[str] | None = None, run: Path | No
     if truth is not None:
         return dataset_label_names(truth)
     return None
+
+
+def with_dataset_label_structure(truth: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Regions and the ignore label from the references' ``dataset.json`` where not given: a
+    region dataset is scored per region (unless ``labels`` asks for classes), and ``ignore``
+    voxels are not scored."""
+    regions, ignore = dataset_regions_and_ignore(truth)
+    options = dict(options)
+    if regions and options.get("regions") is None and options.get("labels") is None:
+        options["regions"] = regions
+    if ignore is not None and options.get("ignore_label") is None:
+        options["ignore_label"] = ignore
+    return options
 
 
 # --------------------------------------------------------------------------- the command
@@ -111,7 +124,7 @@ def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: P
     run_names = unique_run_names(preds)
     names = ["summary.json", "comparison.csv", "comparison.png", *run_names] if compare else ["metrics.csv", "summary.json"]
     _check_outputs(out, [*preds, truth] + ([image_dir] if image_dir else []), names, overlays, overwrite)
-    results = evaluate_runs(preds, truth, **options)
+    results = evaluate_runs(preds, truth, **with_dataset_label_structure(truth, options))
     outcome = EvalOutcome(results)
     if compare:
         _write_comparison_reports(results, truth, out, outcome)

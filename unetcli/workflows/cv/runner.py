@@ -25,7 +25,7 @@ from unetcli.config import RunConfig, config_from_dict, config_to_dict
 from unetcli.data.dataset import discover_dataset
 from unetcli.data.types import DatasetFiles
 from unetcli.errors import ConfigError, OutputError
-from unetcli.evaluation.labels import eval_label_values, metadata_label_names
+from unetcli.evaluation.labels import metadata_eval_options
 from unetcli.evaluation.scoring import evaluate
 from unetcli.evaluation.stats import Comparison, compare_results, comparison_csv_text
 from unetcli.evaluation.summary import EvalResult, write_json, write_reports
@@ -205,7 +205,7 @@ def _score(out: Path, files: DatasetFiles, splits: list[Fold], result: CVResult)
                 shutil.copy2(path, oof / path.name)
     truth = files.cases[0].label.parent  # type: ignore[union-attr]
     meta = load_checkpoint(out / "fold_0" / "checkpoints" / "last.pt")["metadata"]
-    options = {"labels": eval_label_values(meta), "label_names": metadata_label_names(meta, out / "fold_0")}
+    options = metadata_eval_options(meta, out / "fold_0")
     result.oof = evaluate(oof, truth, **options)
     write_reports(result.oof, out)
     result.folds = fold_summaries(result.oof, splits)
