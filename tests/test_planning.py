@@ -169,6 +169,7 @@ def test_user_keys_win_over_the_plan_and_topology_is_one_unit() -> None:
     cfg, _ = apply_plan(own, saved, None, {"model.features"})
     assert cfg.model.features == [8, 16] and cfg.model.kernel_sizes is None and cfg.model.strides is None
     assert cfg.train.patch_size is None  # the plan's patch was made for the plan's pooling
+    assert cfg.train.batch_size is None  # and its batch for the plan's network: the default applies
 
 
 # --------------------------------------------------------------------------- real data, CLI

@@ -5,6 +5,8 @@ A key the user gave (in a config file, ``--set`` or a flag) is never replaced by
 network's shape (``features``, ``kernel_sizes``, ``strides``) is one unit: when the user gives any
 of them the plan's are all left out, and so is the plan's patch (made for the plan's pooling).
 Fine-tuning (``train.init``) keeps the configured network: the plan's ``model`` keys are left out.
+Whenever the network is not the plan's, the plan's batch size (what fits the budget with the
+plan's network) goes too, and the default batch applies.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def apply_plan(cfg: RunConfig, plan: SavedPlan, configuration: str | None, expli
         dropped += [k for k in ENCODER_KEYS if k in planned and k not in explicit]
     if "train.init" in explicit:  # fine-tuning: the network is the pretrained one's, as configured
         dropped += [k for k in planned if k.startswith("model.") and k != "model.spatial_dims"]
+    if explicit & {*TOPOLOGY_KEYS, *ENCODER_KEYS, "train.init"} and "train.batch_size" in planned:
+        dropped.append("train.batch_size")  # sized for the plan's network (e.g. 2 for a 32-512 2D net, not 8 for 16-128)
     kept = {k: v for k, v in planned.items() if k not in dropped}
     if dropped:
         log.info("plan: keeping your %s", ", ".join(sorted(set(dropped))))
