@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -155,12 +156,28 @@ def test_configurations_compared_on_the_same_folds(tmp_path: Path, monkeypatch: 
     assert json.loads((out / "2d" / "splits.json").read_text())["folds"] == json.loads((out / "3d_fullres" / "splits.json").read_text())["folds"]
     assert yaml_model(out / "2d" / "fold_0") == 2 and yaml_model(out / "3d_fullres" / "fold_0") == 3
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["winner"] in ("2d", "3d_fullres") and set(comparison["runs"]) == {"2d", "3d_fullres"}
+    assert set(comparison["runs"]) == {"2d", "3d_fullres", "2d+3d_fullres"}  # the pair's ensemble, on the same folds
+    assert sorted(p.name for p in (out / "ensembles" / "2d+3d_fullres" / "oof").glob("*.nii.gz")) == [
+        f"case{i}.nii.gz" for i in range(4)]
     loser = next(r for r in comparison["runs"] if r != comparison["winner"])
     assert "p_value" in comparison["stats"][loser]["foreground"]["dice"]
-    assert "winner:" in result.output
-    pred = invoke("predict", out / comparison["winner"], data / "imagesTr" / "case0_0000.nii.gz", tmp_path / "pred")
-    assert pred.exit_code == 0, pred.output
+    assert "winner:" in result.output and "unet predict" in result.output
+
+    # The pair's ensemble on one scan: where both models agree, so does their average.
+    scan = data / "imagesTr" / "case0_0000.nii.gz"
+    labels = {}
+    for name, models in {"2d": ["2d"], "3d": ["3d_fullres"], "both": ["2d", "3d_fullres"]}.items():
+        extra = [a for m in models[1:] for a in ("--ensemble-with", out / m / "fold_0")]
+        pred = invoke("predict", out / models[0] / "fold_0", scan, tmp_path / name, *extra)
+        assert pred.exit_code == 0, pred.output
+        image = nib.load(tmp_path / name / "case0.nii.gz")
+        assert image.shape == nib.load(scan).shape and np.allclose(image.affine, nib.load(scan).affine)
+        labels[name] = np.asarray(image.dataobj)
+    agree = labels["2d"] == labels["3d"]
+    assert np.array_equal(labels["both"][agree], labels["2d"][agree])
+    refused = invoke("predict", out / "2d" / "fold_0", scan, tmp_path / "p", "--ensemble-with", out / "3d_fullres" / "fold_0",
+                     "--probabilities")
+    assert refused.exit_code != 0 and "not available for models of different configurations" in error_lines(refused.output)[0]
 
 
 def yaml_model(run: Path) -> int:

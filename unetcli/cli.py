@@ -417,8 +417,10 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
         console.print(f"scoring and comparison run once every fold of every configuration is done; folder: {out}")
         return
     console.print(comparison_table(result.comparison, metrics=("dice",)))
+    first, *others = (result.winner or "").split("+")  # "A+B": the pair's ensemble won
+    command = f"unet predict {out}/{first} IN OUT" + "".join(f" --ensemble-with {out}/{o}" for o in others)
     console.print(f"winner: [bold]{result.winner}[/bold] (highest out-of-fold mean Dice); {out}/comparison.json; "
-                  f"predict with it: unet predict {out}/{result.winner} IN OUT")
+                  f"predict with it: {command}")
 
 
 @app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")
@@ -436,11 +438,14 @@ def predict(
     overwrite: OverwriteOpt = False,
     postprocessing: Annotated[bool, typer.Option("--postprocessing/--no-postprocessing", help=(
         "With a `unet cv` folder: apply the postprocessing it chose (default) or not."))] = True,
+    ensemble_with: Annotated[Optional[list[Path]], typer.Option("--ensemble-with", help=(
+        "Another model (run, cv folder, checkpoint or export) to average with RUN; repeatable. Configurations may "
+        "differ (e.g. 2d and 3d_fullres: averaged on each file's grid)."))] = None,
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
     from unetcli.inference.predict import predict as run_predict
 
-    written = run_predict(run, input, output, device_name=device or "auto", precision_name=precision,
+    written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
                           postprocessing=postprocessing)
     console.print(f"wrote {len(written)} mask(s) to {output}")

@@ -173,6 +173,19 @@ def restore_labels(probs: np.ndarray, props: ImageProperties, geometry: VolumeGe
     return from_canonical(labels, props)
 
 
+def restore_probabilities(probs: np.ndarray, props: ImageProperties, geometry: VolumeGeometry,
+                          regions: bool = False) -> np.ndarray:
+    """Class (or region) probabilities (K, X', Y', Z') on the network grid -> (K, *file grid),
+    linear per channel; outside the crop every voxel is background (probability 1 for class 0)."""
+    target = tuple(geometry.cropped_shape)
+    out = []
+    for k in range(probs.shape[0]):
+        pk = probs[k] if tuple(probs.shape[1:]) == target else resample_to_shape(probs[k], target, order=1)
+        fill = 1.0 if k == 0 and not regions else 0.0
+        out.append(from_canonical(uncrop(pk.astype(np.float32), geometry.box(), tuple(geometry.canonical_shape), fill=fill), props))
+    return np.stack(out)
+
+
 def restore_label_map(labels: np.ndarray, props: ImageProperties, geometry: VolumeGeometry) -> np.ndarray:
     """Class indices (X', Y', Z') on the network grid -> the file's grid (nearest neighbour)."""
     target = tuple(geometry.cropped_shape)

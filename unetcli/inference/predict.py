@@ -7,6 +7,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from unetcli.config import RunConfig, config_from_dict
 from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
 from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.png_dataset import load_image_channels
-from unetcli.data.volumes import preprocess, restore_label_map, restore_labels
+from unetcli.data.volumes import preprocess, restore_label_map, restore_labels, restore_probabilities
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
 from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs
@@ -198,6 +199,22 @@ def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: di
     return probs.numpy() if keep_probabilities else None
 
 
+def _network_grid_prediction(loaded: LoadedModel, image_pp: np.ndarray, window: dict[str, Any], output: str) -> np.ndarray:
+    """Probabilities (K, *grid) or labels (*grid) of a preprocessed volume on the network grid:
+    3D windows, or slice by slice for a 2D-on-3D model."""
+    meta = loaded.metadata
+
+    def run(volume: np.ndarray) -> np.ndarray:
+        return sliding_window_predict(loaded.model, volume, meta["patch_size"], meta["num_classes"],
+                                      output=output, **window).numpy()
+
+    if meta["spatial_dims"] == 3:
+        return run(image_pp)
+    axis = int(meta["preprocessing"]["slice_axis"])  # 2D-on-3D: slices along the training axis, stacked back
+    slices = [run(np.ascontiguousarray(np.take(image_pp, z, axis=axis + 1))) for z in range(image_pp.shape[axis + 1])]
+    return np.stack(slices, axis=axis + 1 if output == "probabilities" else axis)
+
+
 def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
                    keep_probabilities: bool = False) -> np.ndarray | None:
     """One NIfTI case -> label map with the input's shape, affine and header.
@@ -212,18 +229,7 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
     image, props = read_image(paths)
     _check_channels(image, paths[0], meta)
     image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
-    output = "probabilities" if keep_probabilities else "labels"
-
-    def run(volume: np.ndarray) -> np.ndarray:
-        return sliding_window_predict(loaded.model, volume, meta["patch_size"], meta["num_classes"],
-                                      output=output, **window).numpy()
-
-    if meta["spatial_dims"] == 3:
-        pred = run(image_pp)
-    else:  # 2D-on-3D: slices along the training axis, stacked back into a volume
-        axis = int(meta["preprocessing"]["slice_axis"])
-        slices = [run(np.ascontiguousarray(np.take(image_pp, z, axis=axis + 1))) for z in range(image_pp.shape[axis + 1])]
-        pred = np.stack(slices, axis=axis + 1 if keep_probabilities else axis)
+    pred = _network_grid_prediction(loaded, image_pp, window, "probabilities" if keep_probabilities else "labels")
     if keep_probabilities:
         labels = restore_labels(pred, props, geometry, regions=bool(meta.get("regions")))
     else:
@@ -233,22 +239,84 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
     return pred if keep_probabilities else None
 
 
-def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto", precision_name: str | None = None,
-            probabilities: bool = False, overwrite: bool = False, mirror: bool | None = None,
-            progress: bool = True, postprocessing: bool = True) -> list[Path]:
+def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, windows: list[dict[str, Any]]) -> None:
+    """One case with models of different configurations (e.g. ``2d`` and ``3d_fullres``): each
+    predicts through its own preprocessing and window, its probabilities are mapped onto the
+    file's grid, and their mean gives the labels (what nnU-Net's ensembling of configurations does)."""
+    meta = members[0].metadata
+    total, props = None, None
+    for member, window in zip(members, windows):
+        if meta.get("file_format", "png") == "png":
+            image = load_image_channels(paths)
+            _check_channels(image, paths[0], member.metadata)
+            image = normalize_image(image, member.metadata["normalization"])
+            probs = sliding_window_predict(member.model, image, member.metadata["patch_size"], meta["num_classes"], **window).numpy()
+        else:
+            image, props = read_image(paths)
+            _check_channels(image, paths[0], member.metadata)
+            image_pp, _, geometry = preprocess(image, props, member.metadata["preprocessing"])
+            probs = restore_probabilities(_network_grid_prediction(member, image_pp, window, "probabilities"), props,
+                                          geometry, regions=bool(meta.get("regions")))
+        total = probs if total is None else total + probs
+    mean = torch.from_numpy(total / len(members))  # type: ignore[operator]
+    labels = (paint_regions(mean) if meta.get("regions") else mean.argmax(0)).numpy()
+    values = np.asarray(meta["label_values"])[labels]
+    write_png_mask(values, target) if props is None else write_segmentation(values, props, target)
+
+
+MIXED_KEYS = ("in_channels", "num_classes", "label_values", "file_format", "regions")
+"""What models of different configurations must share to be averaged on the file's grid."""
+
+
+def combine_models(sources: list[Path], members: list[LoadedModel]) -> LoadedModel | list[LoadedModel]:
+    """Several models as one: inside the sliding window when they see the same windows of the same
+    preprocessed input (:class:`EnsembleNetwork`), else a list for :func:`predict_mixed`."""
+    first = members[0]
+    for source, member in zip(sources[1:], members[1:]):
+        differs = [k for k in MIXED_KEYS if member.metadata.get(k) != first.metadata.get(k)]
+        if differs:
+            raise CheckpointError(f"{source}: cannot be ensembled with {sources[0]} (they differ in {', '.join(differs)})",
+                                  hint="ensemble models of the same classes trained on the same kind of data")
+    if all(m.metadata.get(k) == first.metadata.get(k) for m in members for k in ENSEMBLE_KEYS):
+        ensemble = EnsembleNetwork([m.model for m in members], output_activation(first.metadata))  # type: ignore[misc]
+        return LoadedModel(ensemble, first.config, first.metadata, sources[0])
+    log.info("ensemble of %d models of different configurations: averaging on each file's grid", len(members))
+    return members
+
+
+def _case_predictor(loaded: LoadedModel | list[LoadedModel], device: torch.device, precision_name: str | None,
+                    mirror: bool | None, probabilities: bool) -> Callable[[list[Path], Path], np.ndarray | None]:
+    """What predicts and writes one case: one model (or same-grid ensemble), or mixed configurations."""
+    if isinstance(loaded, list):
+        if probabilities:
+            raise ConfigError("--probabilities is not available for models of different configurations (they are "
+                              "averaged on each file's grid, not on one network grid)",
+                              hint="ask for probabilities from one configuration's run or cv folder")
+        windows = [window_settings(m, device, resolve_model_precision(m, precision_name, device), mirror) for m in loaded]
+        return lambda paths, target: predict_mixed(loaded, paths, target, windows)
+    window = window_settings(loaded, device, resolve_model_precision(loaded, precision_name, device), mirror)
+    predict_one = predict_volume if loaded.metadata.get("file_format", "png") == "nifti" else predict_png
+    return lambda paths, target: predict_one(loaded, paths, target, window, keep_probabilities=probabilities)
+
+
+def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_name: str = "auto",
+            precision_name: str | None = None, probabilities: bool = False, overwrite: bool = False,
+            mirror: bool | None = None, progress: bool = True, postprocessing: bool = True) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
     (preprocessing, sliding window and geometry handling are the same for all of them), or a ``unet cv``
     folder (the folds' ensemble; its chosen postprocessing is applied unless ``postprocessing`` is False).
+    Several of them are averaged (:func:`combine_models`); no postprocessing is applied then.
     """
     device = resolve_device(device_name)
     configure_cpu_allocator()
-    loaded = load_model(run, device)
+    sources = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
+    members = [load_model(source, device) for source in sources]
+    loaded = members[0] if len(members) == 1 else combine_models(sources, members)
     if not postprocessing:
-        loaded.postprocessing = None
-    meta = loaded.metadata
-    precision = resolve_model_precision(loaded, precision_name, device)
+        members[0].postprocessing = None
+    meta = members[0].metadata
     check_output_folder(output, [input_path], overwrite)
     file_format = meta.get("file_format", "png")
     cases = _group_inputs(input_path, meta["in_channels"], file_format)
@@ -259,13 +327,12 @@ def predict(run: Path, input_path: Path, output: Path, device_name: str = "auto"
     if existing and not overwrite:
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
+    predict_case = _case_predictor(loaded, device, precision_name, mirror, probabilities)
     ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
-    window = window_settings(loaded, device, precision, mirror)
-    predict_one = predict_volume if file_format == "nifti" else predict_png
     written = []
     for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
         try:
-            probs = predict_one(loaded, paths, targets[name], window, keep_probabilities=probabilities)
+            probs = predict_case(paths, targets[name])
             if probs is not None:
                 # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
                 with atomic_path(output / f"{name}_probabilities.npz") as tmp:

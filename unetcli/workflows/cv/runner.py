@@ -13,6 +13,7 @@ best-by-validation one was chosen on those very cases).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import shutil
@@ -34,7 +35,7 @@ from unetcli.inference.predict import predict
 from unetcli.training.checkpoint import load_checkpoint
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
-from unetcli.workflows.cv.selection import choose_postprocessing, fold_summaries, pooled_with_ci
+from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
 from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
 
 log = logging.getLogger("unetcli")
@@ -219,6 +220,31 @@ def _score(out: Path, files: DatasetFiles, splits: list[Fold], result: CVResult)
     write_json(out / "summary.json", summary)
 
 
+def pair_ensembles(data: Path, out: Path, names: list[str], options: CVOptions, device: str,
+                   progress: bool) -> dict[str, EvalResult]:
+    """Every pair of configurations as an ensemble, on the same folds: fold k's two models predict
+    fold k's held-out cases together (:func:`~unetcli.inference.predict.predict` with both), and all
+    these out-of-fold predictions are scored like a configuration's (``out/ensembles/A+B/``)."""
+    files = discover_dataset(data)
+    splits = make_splits(files, options)
+    meta = load_checkpoint(out / names[0] / "fold_0" / "checkpoints" / "last.pt")["metadata"]
+    truth = files.cases[0].label.parent  # type: ignore[union-attr]
+    scored = {}
+    for a, b in itertools.combinations(names, 2):
+        folder = out / "ensembles" / f"{a}+{b}"
+        if not (folder / "oof" / ".complete").is_file():
+            log.info("ensemble %s + %s: predicting the out-of-fold cases", a, b)
+            for k, fold in enumerate(splits):
+                inputs = _link_inputs(files, fold["val"], folder / "inputs")
+                models = [out / name / f"fold_{k}" / "checkpoints" / "last.pt" for name in (a, b)]
+                predict(models, inputs, folder / "oof", device_name=device, overwrite=True, progress=progress)
+                shutil.rmtree(inputs)
+            (folder / "oof" / ".complete").write_text("")
+        scored[f"{a}+{b}"] = evaluate(folder / "oof", truth, **metadata_eval_options(meta, out / names[0] / "fold_0"))
+        write_reports(scored[f"{a}+{b}"], folder)
+    return scored
+
+
 @dataclass
 class ConfigurationsResult:
     results: dict[str, CVResult]
@@ -234,14 +260,15 @@ def run_cv_configurations(data: Path, configs: dict[str, tuple[RunConfig, dict[s
     difference to it comes with a bootstrap CI and a paired Wilcoxon test over cases."""
     results = {name: run_cv(data, cfg, out / name, options, explicit, overwrite, progress, files)
                for name, (cfg, files) in configs.items()}
-    done = {name: r for name, r in results.items() if r.oof is not None}
+    done = {name: r.oof for name, r in results.items() if r.oof is not None}
     if len(done) < len(results) or len(done) < 2:
         return ConfigurationsResult(results)
-    winner = max(done, key=lambda n: done[n].pooled["mean"]["mean"])
+    done.update(pair_ensembles(data, out, list(done), options, configs[next(iter(configs))][0].train.device, progress))
+    winner = max(done, key=lambda n: class_dice(done[n])["mean"])  # type: ignore[arg-type]
     ordered = [winner] + [n for n in done if n != winner]
     for name in ordered:
-        done[name].oof.name = name  # type: ignore[union-attr]
-    comparison = compare_results([done[n].oof for n in ordered])  # type: ignore[misc]
+        done[name].name = name  # type: ignore[union-attr]
+    comparison = compare_results([done[n] for n in ordered])  # type: ignore[misc]
     write_json(out / "comparison.json", {"winner": winner, "how": "highest out-of-fold mean foreground Dice; the "
                                          "others' differences are paired over cases against it", **comparison.as_dict()})
     atomic_write_text(out / "comparison.csv", comparison_csv_text(comparison))
