@@ -217,3 +217,40 @@ def test_bad_label_structures_are_clear_errors(tmp_path: Path, labels: dict, mes
     assert "Traceback" not in result.output
     assert any(message in line for line in error_lines(result.output)), result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_3d_regions_with_ignore_through_cross_validation_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NIfTI regions plus an ignore label: `unet cv` scores out-of-fold predictions per region, the
+    folds' ensemble (sigmoids averaged) writes painted label values on the input grid, and an export
+    of the ensemble predicts the same."""
+    import nibabel as nib
+    from helpers import make_nnunet
+
+    monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / "cache"))
+    data = make_nnunet(tmp_path / "vol", n=4, flip_first=True)
+    for path in (data / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(path)
+        label = np.asarray(img.dataobj).copy()
+        label[..., ::3] = 3  # every third slice of the stored array unlabelled
+        nib.save(nib.Nifti1Image(label, img.affine), path)
+    (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "regions_class_order": [1, 2],
+                                                   "labels": {"background": 0, "anything": [1, 2], "box": 2, "ignore": 3}}))
+    out = tmp_path / "cv"
+    tiny = ["--set", "model.features=[4,8]", "--set", "train.iterations_per_epoch=4", "--precision", "fp32", "--no-plan"]
+    result = invoke("-q", "cv", data, "--folds", "2", "--out", out, "--epochs", "1", *tiny)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["classes"]) == {"anything", "box"}  # regions, never "ignore"
+
+    scan = data / "imagesTr" / "case0_0000.nii.gz"  # stored LPS
+    exported = tmp_path / "ensemble.pt"
+    assert invoke("export", out, "--out", exported).exit_code == 0
+    masks = []
+    for name, model in (("cv", out), ("file", exported)):
+        pred = invoke("predict", model, scan, tmp_path / name)
+        assert pred.exit_code == 0, pred.output
+        img = nib.load(tmp_path / name / "case0.nii.gz")
+        assert img.shape == nib.load(scan).shape and np.allclose(img.affine, nib.load(scan).affine)
+        masks.append(np.asarray(img.dataobj))
+    assert set(np.unique(masks[0])) <= {0, 1, 2}
+    assert (masks[0] == masks[1]).mean() > 0.999
