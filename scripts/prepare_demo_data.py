@@ -111,6 +111,18 @@ MULTIPLE = 8  # case shapes are padded to a multiple of this
 
 
 # ================================================================= helpers
+
+AAL_COLIN_LICENCE_AND_CITATIONS = (
+    "Licence: see `debian-copyright` (the Debian `mricron-data` package's copyright file,\n"
+    "copied here unchanged; BSD-3-clause for the package).\n\n"
+    "Citations (required when using AAL / Colin27):\n"
+    "- Tzourio-Mazoyer N. et al., \"Automated anatomical labeling of activations in SPM\n"
+    "  using a macroscopic anatomical parcellation of the MNI MRI single-subject brain\",\n"
+    "  NeuroImage 15(1):273-289, 2002.\n"
+    "- Holmes C.J. et al., \"Enhancement of MR images using registration for signal\n"
+    "  averaging\", J Comput Assist Tomogr 22(2), 1998.\n\n"
+)
+
 def load_array(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Load a NIfTI file as a numpy array (native dtype) together with its image."""
     img = nib.load(str(path))
@@ -443,14 +455,7 @@ def build_colin_3d(source: Path, out: Path) -> None:
         "colin_rh_sup.\n\n"
         "This is a single-subject demo of the tool (one brain, its own atlas): scores on it say\n"
         "nothing about how a model generalises to other brains or scanners.\n\n"
-        "Licence: see `debian-copyright` (the Debian `mricron-data` package's copyright file,\n"
-        "copied here unchanged; BSD-3-clause for the package).\n\n"
-        "Citations (required when using AAL / Colin27):\n"
-        "- Tzourio-Mazoyer N. et al., \"Automated anatomical labeling of activations in SPM\n"
-        "  using a macroscopic anatomical parcellation of the MNI MRI single-subject brain\",\n"
-        "  NeuroImage 15(1):273-289, 2002.\n"
-        "- Holmes C.J. et al., \"Enhancement of MR images using registration for signal\n"
-        "  averaging\", J Comput Assist Tomogr 22(2), 1998.\n\n"
+        + AAL_COLIN_LICENCE_AND_CITATIONS +
         "## Source notice (copied verbatim)\n\n" + notice + "\n",
         encoding="utf-8",
     )

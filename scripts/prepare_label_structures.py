@@ -105,7 +105,8 @@ import numpy as np
 from nibabel.orientations import io_orientation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_thick_slice_data import block_view, regrid_affine, write_nifti_gz  # noqa: E402
+from prepare_demo_data import AAL_COLIN_LICENCE_AND_CITATIONS, extract, read_aal_names  # noqa: E402
+from prepare_thick_slice_data import block_view, regrid_affine, replace_dir, write_nifti_gz  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "colin27_aal"
@@ -135,43 +136,7 @@ def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def replace_dir(build, out: Path, overwrite: bool):
-    """Run ``build(tmp)`` into ``OUT.tmp`` and move it to ``out`` when it succeeds."""
-    out = out.resolve()
-    if out.exists() and not overwrite:
-        raise SystemExit(f"{out} exists (use --overwrite)")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        result = build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-    return result
-
-
 # ================================================================= regions
-def read_aal_names(path: Path) -> dict[int, str]:
-    """Parse ``aal.nii.txt`` lines ``<index> <name> [<code>]``."""
-    names: dict[int, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit():
-            names[int(parts[0])] = parts[1]
-    return names
-
-
 def ids_matching(names: dict[int, str], rule: str) -> list[int]:
     """AAL indices whose name without the ``_L``/``_R`` suffix fully matches ``rule``."""
     return sorted(i for i, n in names.items() if re.fullmatch(rule, re.sub(r"_[LR]$", "", n)))
@@ -193,15 +158,6 @@ def nested_labels(aal: np.ndarray, lobe_ids: list[int], area_ids: list[int]) -> 
     lab[np.isin(aal, lobe_ids)] = 2
     lab[np.isin(aal, area_ids)] = 3
     return lab
-
-
-def extract(volume: np.ndarray, starts: tuple[int, ...], stops: tuple[int, ...]) -> np.ndarray:
-    """Sub-volume [starts, stops) of ``volume``, zero-filled where it leaves the array."""
-    out = np.zeros(tuple(b - a for a, b in zip(starts, stops)), dtype=volume.dtype)
-    src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(starts, stops, volume.shape))
-    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, starts))
-    out[dst] = volume[src]
-    return out
 
 
 def majority(labels: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
@@ -332,14 +288,7 @@ def build_regions(source: Path, out_tmp: Path, s: int) -> dict:
         f"Cases: 8 non-overlapping blocks; held out: {', '.join(TEST_CASES)}.\n"
         "`regions/` and `disjoint/` hold the same image and label files with different `dataset.json`.\n\n"
         "One brain with its own atlas: a test of label handling, not evidence of generalisation.\n\n"
-        "Licence: see `debian-copyright` (the Debian `mricron-data` package's copyright file,\n"
-        "copied here unchanged; BSD-3-clause for the package).\n\n"
-        "Citations (required when using AAL / Colin27):\n"
-        "- Tzourio-Mazoyer N. et al., \"Automated anatomical labeling of activations in SPM\n"
-        "  using a macroscopic anatomical parcellation of the MNI MRI single-subject brain\",\n"
-        "  NeuroImage 15(1):273-289, 2002.\n"
-        "- Holmes C.J. et al., \"Enhancement of MR images using registration for signal\n"
-        "  averaging\", J Comput Assist Tomogr 22(2), 1998.\n\n"
+        + AAL_COLIN_LICENCE_AND_CITATIONS +
         "## Source notice (copied verbatim)\n\n" + notice + "\n")
     summary = {
         "source": str(source), "spacing_mm": s, "midline_x_index_1mm": mid, "lateral_cut_mm": d,

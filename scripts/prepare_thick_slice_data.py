@@ -82,11 +82,15 @@ import gzip
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "mni152_2009a"
@@ -344,6 +348,33 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"{c['case']:10s} {c['split']:5s} {str(tuple(c['shape'])):>14s} {str(tuple(c['zooms'])):>14s} {c['codes']:5s}  {fr:22s} {notes}")
 
 
+def replace_dir(build: Callable[[Path], T], out: Path, overwrite: bool) -> T:
+    """Run ``build(tmp)`` into ``OUT.tmp`` and move it to ``out`` when it succeeds."""
+    out = out.resolve()
+    if out.exists() and not overwrite:
+        raise SystemExit(f"{out} exists (use --overwrite)")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        result = build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return result
+
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output dataset folder (nnU-Net raw layout)")
@@ -374,27 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         if not ok or codes == "RAS":
             p.error("--held-out-orientation must be three axis codes other than RAS, e.g. SLA, or 'none'")
 
+    if args.out.exists() and not args.overwrite:
+        p.error(f"{args.out.resolve()} exists (use --overwrite)")
     out = args.out.resolve()
-    if out.exists() and not args.overwrite:
-        p.error(f"{out} exists (use --overwrite)")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        summary = build(args.source, tmp, args.spacing, args.overlap_mm, test_blocks, codes)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    summary = replace_dir(lambda tmp: build(args.source, tmp, args.spacing, args.overlap_mm, test_blocks, codes), out, True)
     print_summary(summary, out)
     return 0
 

@@ -66,16 +66,21 @@ ENSEMBLE_KEYS = ("spatial_dims", "in_channels", "num_classes", "label_values", "
 """What every member of an ensemble must share: they see the same windows of the same preprocessed input."""
 
 
+def check_ensemble(sources: Sequence[Path], members: Sequence[LoadedModel], keys: Sequence[str], hint: str) -> None:
+    """Refuse, naming the first misfit, models that differ from the first in any of ``keys``."""
+    for source, member in zip(sources[1:], members[1:]):
+        differs = [k for k in keys if member.metadata.get(k) != members[0].metadata.get(k)]
+        if differs:
+            raise CheckpointError(f"{source}: cannot be ensembled with {sources[0]} (they differ in {', '.join(differs)})",
+                                  hint=hint)
+
+
 def load_ensemble(folder: Path, runs: list[Path], device: torch.device, which: str = "best") -> LoadedModel:
     """The runs of a cross-validation folder as one model (see :class:`EnsembleNetwork`), with the
     postprocessing ``unet cv`` chose (``postprocessing.json``)."""
     members = [load_trained_model(run, device, which) for run in runs]
     first = members[0]
-    for run, member in zip(runs[1:], members[1:]):
-        differs = [k for k in ENSEMBLE_KEYS if member.metadata.get(k) != first.metadata.get(k)]
-        if differs:
-            raise CheckpointError(f"{run}: cannot be ensembled with {runs[0]} (they differ in {', '.join(differs)})",
-                                  hint="ensemble runs trained with the same configuration on the same data")
+    check_ensemble(runs, members, ENSEMBLE_KEYS, "ensemble runs trained with the same configuration on the same data")
     choice = folder / "postprocessing.json"
     post = Postprocessing.from_dict(json.loads(choice.read_text())) if choice.is_file() else None
     ensemble = EnsembleNetwork([m.model for m in members], output_activation(first.metadata))  # type: ignore[misc]
@@ -272,11 +277,7 @@ def combine_models(sources: list[Path], members: list[LoadedModel]) -> LoadedMod
     """Several models as one: inside the sliding window when they see the same windows of the same
     preprocessed input (:class:`EnsembleNetwork`), else a list for :func:`predict_mixed`."""
     first = members[0]
-    for source, member in zip(sources[1:], members[1:]):
-        differs = [k for k in MIXED_KEYS if member.metadata.get(k) != first.metadata.get(k)]
-        if differs:
-            raise CheckpointError(f"{source}: cannot be ensembled with {sources[0]} (they differ in {', '.join(differs)})",
-                                  hint="ensemble models of the same classes trained on the same kind of data")
+    check_ensemble(sources, members, MIXED_KEYS, "ensemble models of the same classes trained on the same kind of data")
     if all(m.metadata.get(k) == first.metadata.get(k) for m in members for k in ENSEMBLE_KEYS):
         ensemble = EnsembleNetwork([m.model for m in members], output_activation(first.metadata))  # type: ignore[misc]
         return LoadedModel(ensemble, first.config, first.metadata, sources[0])
