@@ -122,6 +122,30 @@ def test_sampler_never_centres_a_foreground_patch_on_ignored_voxels() -> None:
         assert (labels == 1).any(dim=(1, 2)).all()  # every patch centred on class 1, never on ignore
 
 
+def test_sparse_labels_do_not_sit_at_fixed_patch_positions() -> None:
+    """A patch spanning the whole slice axis would always put the one labelled slice at the same
+    patch position (the network then learns to be right only there); with an ignore label crops
+    hang over the edges, filled with ignore and intensity 0."""
+    label = np.full((16, 16, 10), 2, np.int64)  # 2 = ignore
+    label[:, :, 5] = 0
+    label[4:9, 4:9, 5] = 1
+    image = np.ones((1, 16, 16, 10), np.float32)
+    sampler = PatchSampler([Case("c", image, label)], (16, 16, 10), 2, num_classes=2, flips=False, rotate90=False,
+                           ignore_index=2)
+    positions, outside = set(), 0
+    for i in range(20):
+        images, labels = sampler.batch(i)
+        for img, lab in zip(images, labels):
+            positions |= set(np.flatnonzero((lab != 2).any(dim=(0, 1)).numpy()).tolist())
+            assert (lab[img[0] == 0] == 2).all()  # outside the image: intensity 0 and ignore
+            outside += int((img[0] == 0).sum())
+    assert len(positions) >= 4 and outside > 0
+    plain = PatchSampler([Case("c", image, np.where(label == 2, 0, label))], (16, 16, 10), 2, num_classes=2, flips=False,
+                         rotate90=False)
+    assert {int(np.flatnonzero((lab == 1).any(dim=(0, 1)).numpy())[0]) for i in range(5) for lab in plain.batch(i)[1]
+            if (lab == 1).any()} == {5}  # without an ignore label crops stay inside, as before
+
+
 def test_sigmoid_windows_and_ensemble_average_region_probabilities() -> None:
     """Overlapping windows average each region's sigmoid (they do not sum to 1), and an ensemble of
     region models averages sigmoids."""

@@ -58,6 +58,9 @@ class PatchSampler:
         foreground: what foreground oversampling centres patches on: sets of class indices (one
             per region of a region model); default one set per class 1..num_classes-1, which
             leaves an ``ignore`` label (index num_classes) out.
+        ignore_index: the ``ignore`` label, if any: crops may then hang over the image edges by
+            half a patch, filled with ignore (and intensity 0), so that sparse labels do not sit at
+            fixed patch positions.
         margin: voxels a valid-padding network loses per side (per axis); images are mirror-padded by it.
         foreground_fraction: share of patches centred on a voxel of a random foreground class
             present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
@@ -86,6 +89,7 @@ class PatchSampler:
         noise_prob: float = 0.0,
         seed: int = 0,
         foreground: Sequence[Sequence[int]] | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
@@ -98,6 +102,7 @@ class PatchSampler:
         self.gamma_prob = gamma_prob
         self.noise_prob = noise_prob
         self.seed = seed
+        self.ignore_index = ignore_index
         self.position = 0
         self.images = [pad_to_cover(c.image, self.patch_size, margin) for c in cases]
         self.labels = [pad_to_cover(c.label, self.patch_size, margin) for c in cases]  # type: ignore[arg-type]
@@ -115,13 +120,20 @@ class PatchSampler:
     def _crop(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.images[index], self.labels[index]
         shape = label.shape
+        # With an ignore label a crop may hang over each edge by half a patch (filled with 0 / ignore):
+        # where the patch spans an axis, a crop inside the image always puts the labelled slices of a
+        # sparse annotation at the same patch positions, and the network learns to be right only there.
+        over = [p // 2 if self.ignore_index is not None else 0 for p in self.patch_size]
         classes = [coords for coords in self.foreground[index] if len(coords)]
         if classes and rng.random() < self.foreground_fraction:
             coords = classes[int(rng.integers(len(classes)))]
             centre = coords[int(rng.integers(len(coords)))]
-            starts = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, self.patch_size, shape)]
+            starts = [int(np.clip(c - p // 2, -o, s - p + o)) for c, p, s, o in zip(centre, self.patch_size, shape, over)]
         else:
-            starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch_size)]
+            starts = [int(rng.integers(-o, s - p + o + 1)) for s, p, o in zip(shape, self.patch_size, over)]
+        if any(over):
+            return _extract(image, starts, self.patch_size, 0.0, lead=1), _extract(label, starts, self.patch_size,
+                                                                                   self.ignore_index)  # type: ignore[arg-type]
         window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
         return np.asarray(image[(slice(None),) + window], dtype=np.float32), np.asarray(label[window])
 
@@ -161,6 +173,18 @@ class PatchSampler:
         if any(t is not None for t in transforms):
             image_t, label_t = _apply_affines(image_t, label_t, transforms)
         return image_t, label_t
+
+
+def _extract(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float, lead: int = 0) -> np.ndarray:
+    """The window ``[starts, starts + size)`` of the trailing axes of ``array``, ``fill`` outside it
+    (float32 with ``lead`` leading axes kept, else the array's own dtype)."""
+    spatial = array.shape[lead:]
+    out = np.full(array.shape[:lead] + tuple(size), fill, dtype=np.float32 if lead else array.dtype)
+    src = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(starts, size, spatial))
+    dst = tuple(slice(r.start - a, r.stop - a) for r, a in zip(src, starts))
+    lead_all = (slice(None),) * lead
+    out[lead_all + dst] = array[lead_all + src]
+    return out
 
 
 def _gamma(image: np.ndarray, gamma: float) -> np.ndarray:

@@ -171,7 +171,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         [by_name[n] for n in train_names], patch, t.batch_size, num_classes=dataset.num_classes,
         margin=model.margin, foreground_fraction=t.foreground_fraction, flips=t.flips, rotate90=t.rotate90,
         rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter, gamma_prob=t.gamma_prob,
-        noise_prob=t.noise_prob, seed=t.seed, foreground=dataset.regions,
+        noise_prob=t.noise_prob, seed=t.seed, foreground=dataset.regions, ignore_index=dataset.ignore_index,
     )
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
