@@ -140,10 +140,10 @@ def test_sparse_labels_do_not_sit_at_fixed_patch_positions() -> None:
             assert (lab[img[0] == 0] == 2).all()  # outside the image: intensity 0 and ignore
             outside += int((img[0] == 0).sum())
     assert len(positions) >= 4 and outside > 0
-    plain = PatchSampler([Case("c", image, np.where(label == 2, 0, label))], (16, 16, 10), 2, num_classes=2, flips=False,
-                         rotate90=False)
-    assert {int(np.flatnonzero((lab == 1).any(dim=(0, 1)).numpy())[0]) for i in range(5) for lab in plain.batch(i)[1]
-            if (lab == 1).any()} == {5}  # without an ignore label crops stay inside, as before
+    dense = PatchSampler([Case("c", image, np.where(label == 2, 0, label))], (16, 16, 10), 2, num_classes=2, flips=False,
+                         rotate90=False, ignore_index=2)
+    assert {int(np.flatnonzero((lab == 1).any(dim=(0, 1)).numpy())[0]) for i in range(5) for lab in dense.batch(i)[1]
+            if (lab == 1).any()} == {5}  # no unlabelled voxel (ignore only declared): crops stay inside, as before
 
 
 def test_sigmoid_windows_and_ensemble_average_region_probabilities() -> None:

@@ -58,9 +58,9 @@ class PatchSampler:
         foreground: what foreground oversampling centres patches on: sets of class indices (one
             per region of a region model); default one set per class 1..num_classes-1, which
             leaves an ``ignore`` label (index num_classes) out.
-        ignore_index: the ``ignore`` label, if any: crops may then hang over the image edges by
-            half a patch, filled with ignore (and intensity 0), so that sparse labels do not sit at
-            fixed patch positions.
+        ignore_index: the ``ignore`` label, if any: where training voxels carry it, crops may hang
+            over the image edges by half a patch, filled with ignore (and intensity 0), so that
+            sparse labels do not sit at fixed patch positions.
         margin: voxels a valid-padding network loses per side (per axis); images are mirror-padded by it.
         foreground_fraction: share of patches centred on a voxel of a random foreground class
             present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
@@ -107,6 +107,8 @@ class PatchSampler:
         self.images = [pad_to_cover(c.image, self.patch_size, margin) for c in cases]
         self.labels = [pad_to_cover(c.label, self.patch_size, margin) for c in cases]  # type: ignore[arg-type]
         index_rng = np.random.default_rng([seed, 2**31])
+        # Sparse labels: some training voxel is unlabelled (a dense dataset that declares ignore samples as usual).
+        self.sparse = ignore_index is not None and any(bool((np.asarray(lab) == ignore_index).any()) for lab in self.labels)
         targets = foreground if foreground is not None else [[k] for k in range(1, num_classes)]
         self.foreground = [_foreground_index(np.asarray(lab), targets, 5000, index_rng) for lab in self.labels]
 
@@ -123,7 +125,7 @@ class PatchSampler:
         # With an ignore label a crop may hang over each edge by half a patch (filled with 0 / ignore):
         # where the patch spans an axis, a crop inside the image always puts the labelled slices of a
         # sparse annotation at the same patch positions, and the network learns to be right only there.
-        over = [p // 2 if self.ignore_index is not None else 0 for p in self.patch_size]
+        over = [p // 2 if self.sparse else 0 for p in self.patch_size]
         classes = [coords for coords in self.foreground[index] if len(coords)]
         if classes and rng.random() < self.foreground_fraction:
             coords = classes[int(rng.integers(len(classes)))]
