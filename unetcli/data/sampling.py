@@ -107,10 +107,13 @@ class PatchSampler:
         self.images = [pad_to_cover(c.image, self.patch_size, margin) for c in cases]
         self.labels = [pad_to_cover(c.label, self.patch_size, margin) for c in cases]  # type: ignore[arg-type]
         index_rng = np.random.default_rng([seed, 2**31])
-        # Sparse labels: some training voxel is unlabelled (a dense dataset that declares ignore samples as usual).
-        self.sparse = ignore_index is not None and any(bool((np.asarray(lab) == ignore_index).any()) for lab in self.labels)
         targets = foreground if foreground is not None else [[k] for k in range(1, num_classes)]
-        self.foreground = [_foreground_index(np.asarray(lab), targets, 5000, index_rng) for lab in self.labels]
+        self.foreground, self.sparse = [], False
+        for lab in self.labels:  # one pass over each (possibly memory-mapped) label map
+            lab = np.asarray(lab)
+            self.foreground.append(_foreground_index(lab, targets, 5000, index_rng))
+            # Sparse labels: some training voxel is unlabelled (a dense dataset that declares ignore samples as usual).
+            self.sparse = self.sparse or (ignore_index is not None and bool((lab == ignore_index).any()))
 
     # The position is the whole state: batch i is a pure function of (seed, i).
     def state_dict(self) -> dict[str, Any]:

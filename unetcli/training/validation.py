@@ -25,7 +25,7 @@ def predicted_masks(dataset: Dataset) -> list[list[int]]:
     painted value belongs to region j, as nnU-Net scores regions from label maps. (Region label
     maps hold class indices 0..K-1, so a stored value is its class index.)"""
     if dataset.regions is None:
-        return [[k] for k in range(1, dataset.num_classes)]
+        return target_masks(dataset)
     painted = dataset.label_values[1:]
     return [[k + 1 for k, value in enumerate(painted) if value in members] for members in dataset.regions]
 
