@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchlib import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json  # noqa: E402
 
-from unetcli.config import DataConfig, RunConfig, apply_overrides  # noqa: E402
+from unetcli.config import DataConfig, RunConfig, apply_overrides, resolve_augmentation  # noqa: E402
+from unetcli.data.augment import IntensityAugmentation  # noqa: E402
 from unetcli.data.dataset import discover_dataset  # noqa: E402
 from unetcli.data.sampling import PatchSampler, iterate_batches  # noqa: E402
 from unetcli.data.volumes import load_volume_dataset  # noqa: E402
@@ -121,6 +122,13 @@ def main() -> None:
         sampler = PatchSampler(dataset.cases, patch, args.batch, num_classes=dataset.num_classes, seed=0)
         position = iter(range(10**9))
         ours_inproc, ours_rss = with_peak_rss(lambda: rate(lambda: sampler.batch(next(position)), args.seconds))
+        # The 3D default augmentation (nnU-Net's set: rotation/scaling + intensity changes, on tensors).
+        aug = RunConfig().train
+        resolve_augmentation(aug, 3)
+        augmented = PatchSampler(dataset.cases, patch, args.batch, num_classes=dataset.num_classes, seed=0,
+                                 rotate_scale_prob=aug.rotate_scale_prob, intensity_jitter=aug.intensity_jitter,
+                                 intensity=IntensityAugmentation.from_config(aug))
+        ours_augmented = rate(lambda: augmented.batch(next(position)), args.seconds)
         reference, reference_rss = with_peak_rss(lambda: rate(decode_each_step, args.seconds))
         stream = iterate_batches(sampler, 0, 10**9, num_workers=args.workers)
         next(stream)  # start the workers
@@ -144,14 +152,19 @@ def main() -> None:
         print_table(["", "batches/s", "vs decode every step", "peak RSS incr MiB"], [
             ["decode .nii.gz every step (reference)", f"{reference:.2f}", "1.0x", f"{reference_rss:+,.0f}"],
             ["unetcli sampler on the cache, in-process", f"{ours_inproc:.1f}", f"{ours_inproc / reference:.0f}x", f"{ours_rss:+,.0f}"],
+            ["same + 3D default augmentation (nnU-Net's set), in-process", f"{ours_augmented:.1f}",
+             f"{ours_augmented / reference:.0f}x", ""],
             [f"unetcli sampler, {args.workers} worker processes", f"{ours_workers:.1f}", f"{ours_workers / reference:.0f}x",
              "(in the workers)"],
             ["3D U-Net 16-32-64-128 training step (consumption)", f"{consumption:.2f}", "", ""],
         ])
         print(f"loader / consumption: {ours_inproc / consumption:.0f}x in-process "
-              f"({'never' if ours_inproc > consumption else 'sometimes'} waits on data)")
+              f"({'never' if ours_inproc > consumption else 'sometimes'} waits on data); with the 3D default augmentation "
+              f"{ours_augmented / consumption:.1f}x, i.e. {100 * consumption / ours_augmented:.0f} % of a step's time "
+              f"when built in-process ({'hidden' if args.workers else 'not hidden'} by worker processes)")
         results["loader"] = {"reference_batches_per_s": reference, "inprocess_batches_per_s": ours_inproc,
-                             "workers_batches_per_s": ours_workers, "train_steps_per_s": consumption,
+                             "workers_batches_per_s": ours_workers,
+                             "augmented_inprocess_batches_per_s": ours_augmented, "train_steps_per_s": consumption,
                              "speedup_inprocess": ours_inproc / reference, "speedup_workers": ours_workers / reference,
                              "reference_peak_rss_increment_mib": reference_rss, "inprocess_peak_rss_increment_mib": ours_rss}
     if args.json:

@@ -35,8 +35,9 @@ Steps (each can also be called from Python: ``import nnunet_reference as ref``):
    nnU-Net's final validation pass over the training cases is skipped unless
    ``--final-validation``.
 4. :func:`predict` runs ``nnUNetv2_predict -device cpu`` (``--disable_tta`` unless ``--tta``) on
-   ``imagesTs`` and, if present, ``imagesTs_reoriented``, into ``PRED/<folder>``, and scores the
-   predictions against ``labelsTs`` / ``labelsTs_reoriented`` (Dice per class), when those exist.
+   every ``imagesTs*`` folder (``imagesTs``, ``imagesTs_reoriented``, ``imagesTs_robust``, ...) into
+   ``PRED/<folder>``, and scores the predictions against the matching ``labelsTs*`` folder (Dice per
+   class), when it exists.
    :func:`nnunet_view` records, per test image, the array shape and spacing nnU-Net reads and the
    shape it feeds the network (nnU-Net does not reorient: a test case stored with the thick axis
    elsewhere is resampled per array axis to the plan's spacing, i.e. in the wrong directions).
@@ -446,7 +447,7 @@ def run(dataset_dir: Path, work_dir: Path, dataset_id: int = 990, name: str | No
     }
     if train_iterations:
         summary["train"] = train(dataset_id, env, work_dir, train_iterations, iterations_per_epoch, val_iterations, final_validation, verbose)
-        inputs = [dataset_dir / s for s in ("imagesTs", "imagesTs_reoriented") if (dataset_dir / s).is_dir()]
+        inputs = sorted(d for d in dataset_dir.glob("imagesTs*") if d.is_dir())
         pred_dir = Path(pred_dir).resolve() if pred_dir else work_dir / "predictions"
         preds = predict(dataset_id, env, work_dir, inputs, pred_dir, tta, verbose)
         labels = json.loads((dataset_dir / "dataset.json").read_text())["labels"]

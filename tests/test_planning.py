@@ -259,8 +259,9 @@ def test_plan_errors_are_clear(data: Path, tmp_path: Path) -> None:
     assert "no configuration '3d_lowres'" in error_lines(result.output)[0]
     result = invoke("train", data, "--config", plan, "--out", tmp_path / "r")
     assert "is a plan, not a config" in error_lines(result.output)[0]
-    result = invoke("plan", data, "--memory", "-2")
-    assert "--memory must be a positive" in error_lines(result.output)[0]
+    for option, value in (("--memory", "-2"), ("--memory", "nan"), ("--step-seconds", "inf")):
+        result = invoke("plan", data, option, value)
+        assert result.exit_code == 2 and f"{option} must be a positive" in error_lines(result.output)[0]
     assert not (tmp_path / "r").exists()
     assert json.loads(json.dumps(yaml.safe_load(plan.read_text())))["default"] == "2d"
 

@@ -110,12 +110,23 @@ class TrainConfig:
     dice_include_background: bool = False
     flips: bool = True
     rotate90: bool = True
-    intensity_jitter: float = 0.1
+    augmentation: Literal["auto", "nnunet", "basic"] = "auto"
+    """Preset for the keys below left unset: ``nnunet`` = nnU-Net's defaults (rotation/scaling 0.2, noise
+    0.1, blur 0.2, brightness 0.15, contrast 0.15, low resolution 0.25, inverted gamma 0.1, gamma 0.3);
+    ``basic`` = flips, 90-degree turns and ``intensity_jitter`` 0.1 only; ``auto`` = ``nnunet`` for 3D
+    (held-out Dice on other scanners' scans: scripts/bench_robustness.py), ``basic`` for 2D."""
+    intensity_jitter: float | None = None
     """Random scale and shift of intensities, each drawn from U(-j, j)."""
-    rotate_scale_prob: float = 0.0
+    rotate_scale_prob: float | None = None
     """Probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch."""
-    gamma_prob: float = 0.0
-    noise_prob: float = 0.0
+    noise_prob: float | None = None
+    blur_prob: float | None = None
+    brightness_prob: float | None = None
+    contrast_prob: float | None = None
+    lowres_prob: float | None = None
+    inverted_gamma_prob: float | None = None
+    gamma_prob: float | None = None
+    """Per-patch probabilities of the intensity changes of :class:`unetcli.data.augment.IntensityAugmentation`."""
     num_workers: int | None = None
     """Processes building batches; ``None`` = 0 on machines with <= 2 cores, else min(4, cores // 2)."""
     seed: int = 0
@@ -136,6 +147,23 @@ class TrainConfig:
     the rest (e.g. the head for other classes) is re-initialised (:mod:`unetcli.training.init_weights`)."""
     freeze_encoder_epochs: int = 0
     """With ``init``: keep the encoder (stem + down blocks) fixed for this many epochs."""
+
+
+AUGMENTATION_PROBABILITIES = ("rotate_scale_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
+                              "lowres_prob", "inverted_gamma_prob", "gamma_prob")
+AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
+    "basic": {"intensity_jitter": 0.1, **{k: 0.0 for k in AUGMENTATION_PROBABILITIES}},
+    "nnunet": {"intensity_jitter": 0.0, "rotate_scale_prob": 0.2, "noise_prob": 0.1, "blur_prob": 0.2, "brightness_prob": 0.15,
+               "contrast_prob": 0.15, "lowres_prob": 0.25, "inverted_gamma_prob": 0.1, "gamma_prob": 0.3},
+}
+
+
+def resolve_augmentation(train: TrainConfig, spatial_dims: int) -> None:
+    """Fill the augmentation keys left unset (``None``) from ``train.augmentation``'s preset, in place."""
+    preset = train.augmentation if train.augmentation != "auto" else ("nnunet" if spatial_dims == 3 else "basic")
+    for key, value in AUGMENTATION_PRESETS[preset].items():
+        if getattr(train, key) is None:
+            setattr(train, key, value)
 
 
 @dataclass
@@ -343,8 +371,8 @@ def validate_config(cfg: RunConfig) -> None:
     for key, value in {"train.batch_size": t.batch_size, "infer.window_batch_size": cfg.infer.window_batch_size}.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
-    for key in ("foreground_fraction", "rotate_scale_prob", "gamma_prob", "noise_prob"):
-        if not 0.0 <= getattr(t, key) <= 1.0:
+    for key in ("foreground_fraction", *AUGMENTATION_PROBABILITIES):
+        if getattr(t, key) is not None and not 0.0 <= getattr(t, key) <= 1.0:
             raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")
     if t.freeze_encoder_epochs < 0:
         raise ConfigError(f"config key 'train.freeze_encoder_epochs' must be 0 or more, got {t.freeze_encoder_epochs}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unetcli.data.augment import IntensityAugmentation
 from unetcli.data.types import Case
 
 
@@ -67,7 +68,8 @@ class PatchSampler:
         flips, rotate90: mirror every spatial axis / turn in the last two axes (square patches only).
         rotate_scale_prob: probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch.
         intensity_jitter: random scale and shift of intensities, each from U(-j, j).
-        gamma_prob, noise_prob: probability of a gamma change (0.7..1.5) / Gaussian noise per patch.
+        intensity: nnU-Net's intensity changes (noise, blur, brightness, contrast, low resolution,
+            gamma), applied to the batch tensor after the spatial transforms.
         seed: base seed; batch ``i`` uses ``default_rng([seed, i])``.
 
     :meth:`batch` returns image (B, C, *patch) float32 and label (B, *patch) int64.
@@ -85,8 +87,7 @@ class PatchSampler:
         rotate90: bool = True,
         rotate_scale_prob: float = 0.0,
         intensity_jitter: float = 0.0,
-        gamma_prob: float = 0.0,
-        noise_prob: float = 0.0,
+        intensity: IntensityAugmentation | None = None,
         seed: int = 0,
         foreground: Sequence[Sequence[int]] | None = None,
         ignore_index: int | None = None,
@@ -99,8 +100,7 @@ class PatchSampler:
         self.rotate90 = rotate90 and self.patch_size[-1] == self.patch_size[-2]
         self.rotate_scale_prob = rotate_scale_prob
         self.intensity_jitter = intensity_jitter
-        self.gamma_prob = gamma_prob
-        self.noise_prob = noise_prob
+        self.intensity = intensity or IntensityAugmentation()
         self.seed = seed
         self.ignore_index = ignore_index
         self.position = 0
@@ -157,10 +157,6 @@ class PatchSampler:
             scale = 1.0 + rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
             shift = rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
             image = image * scale.astype(np.float32) + shift.astype(np.float32)
-        if self.gamma_prob and rng.random() < self.gamma_prob:
-            image = _gamma(image, float(rng.uniform(0.7, 1.5)))
-        if self.noise_prob and rng.random() < self.noise_prob:
-            image = image + rng.normal(0.0, float(rng.uniform(0, 0.1)) ** 0.5, image.shape).astype(np.float32)
         return image, label
 
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +173,7 @@ class PatchSampler:
         label_t = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
         if any(t is not None for t in transforms):
             image_t, label_t = _apply_affines(image_t, label_t, transforms)
-        return image_t, label_t
+        return self.intensity(image_t, rng), label_t
 
 
 def _extract(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float, lead: int = 0) -> np.ndarray:
@@ -190,14 +186,6 @@ def _extract(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill
     lead_all = (slice(None),) * lead
     out[lead_all + dst] = array[lead_all + src]
     return out
-
-
-def _gamma(image: np.ndarray, gamma: float) -> np.ndarray:
-    """Gamma on intensities rescaled to [0, 1] per channel, then mapped back to their range."""
-    axes = tuple(range(1, image.ndim))
-    lo, hi = image.min(axis=axes, keepdims=True), image.max(axis=axes, keepdims=True)
-    span = np.maximum(hi - lo, 1e-8)
-    return (((image - lo) / span) ** gamma * span + lo).astype(np.float32)
 
 
 def _random_affine(nd: int, rng: np.random.Generator) -> np.ndarray:

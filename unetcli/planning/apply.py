@@ -11,6 +11,8 @@ plan's network) goes too, and the default batch applies.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,8 +51,9 @@ def plan_dataset(data: Path, cfg: RunConfig, memory_gb: float | None = None, ste
     """Fingerprint ``data`` (cached) and plan it for the device and precision ``cfg`` trains with."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'", hint=f"use one of {', '.join(PRESETS)}")
-    if memory_gb is not None and memory_gb <= 0:
-        raise ConfigError(f"--memory must be a positive number of GB, got {memory_gb}")
+    for option, value, unit in (("--memory", memory_gb, "GB"), ("--step-seconds", step_seconds, "seconds")):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{option} must be a positive number of {unit}, got {value}", hint=f"e.g. {option} 2")
     files = discover_dataset(data)
     fingerprint = compute_fingerprint(files, cfg.data)
     device = resolve_device(cfg.train.device)

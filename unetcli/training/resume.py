@@ -75,6 +75,8 @@ def _resumed_config(point: ResumePoint, run: Path, overrides: dict[str, Any]) ->
     except ConfigError as exc:
         raise CheckpointError(f"{point.path}: its config is not valid for unetcli here ({exc.message})",
                               hint="use the unetcli version that wrote it") from exc
+    if "augmentation" not in point.checkpoint["config"].get("train", {}):
+        cfg.train.augmentation = "basic"  # written before presets existed: keep the augmentation it trained with
     planned = cfg.train.epochs
     cfg = apply_overrides(cfg, overrides)
     done, partial = int(point.checkpoint["epoch"]), int(point.checkpoint["resume"]["epoch_iteration"])

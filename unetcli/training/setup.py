@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetcli.config import RunConfig
+from unetcli.config import RunConfig, resolve_augmentation
+from unetcli.data.augment import IntensityAugmentation
 from unetcli.data.dataset import expand_to_cases, split_cases
 from unetcli.data.sampling import PatchSampler
 from unetcli.data.types import Dataset
@@ -155,6 +156,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     patch = resolve_patch_size(cfg, dataset, model)
     t.patch_size = patch
     t.batch_size = default_batch_size(cfg, dataset.spatial_dims)
+    resolve_augmentation(t, dataset.spatial_dims)
     check_batch_divides(t.batch_size)
     case_names = [c.name for c in dataset.cases]
     if split is not None:
@@ -170,8 +172,9 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     sampler = PatchSampler(
         [by_name[n] for n in train_names], patch, t.batch_size, num_classes=dataset.num_classes,
         margin=model.margin, foreground_fraction=t.foreground_fraction, flips=t.flips, rotate90=t.rotate90,
-        rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter, gamma_prob=t.gamma_prob,
-        noise_prob=t.noise_prob, seed=t.seed, foreground=dataset.regions, ignore_index=dataset.ignore_index,
+        rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter,
+        intensity=IntensityAugmentation.from_config(t),
+        seed=t.seed, foreground=dataset.regions, ignore_index=dataset.ignore_index,
     )
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,

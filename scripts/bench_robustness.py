@@ -1,0 +1,139 @@
+"""Robustness benchmark: held-out Dice on scans stored as other scanners store them, unetcli next to nnU-Net v2.
+
+On a dataset made by ``scripts/prepare_robustness_data.py`` (clean MNI template octants for
+training; the held-out octants once per perturbation: intensity scale, bias field, noise, contrast,
+another grid and orientation, all of them together; and another person's brain), this trains each
+unetcli variant for the same number of iterations, predicts every held-out scan with its last
+checkpoint (no test-time augmentation), and scores all of them with one scorer. With
+``--nnunet-python`` it also trains nnU-Net v2 ``3d_fullres`` for the same iterations
+(``scripts/nnunet_reference.py``) and scores its predictions the same way.
+
+    python scripts/prepare_robustness_data.py /tmp/robust222
+    python scripts/bench_robustness.py /tmp/robust222 --out /tmp/bench_robust --iterations 500 \\
+        --variant before="--set train.augmentation=basic" --variant after="" \\
+        --nnunet-python /path/to/nnunet-venv/bin/python
+
+A variant is ``NAME=ARGS``: extra ``unet train`` arguments (e.g. ``--set model.norm=batch``).
+Variants already trained under ``--out`` (their ``results.json`` entry exists) are kept, so a
+table can grow one variant at a time; ``--retrain`` trains them again.
+
+Every model trains on all six training octants (unetcli: ``data.val_fraction=0``; nnU-Net: fold
+``all``). Dice is the mean over grey and white matter per case, then over the set's cases; the
+Colin27 set scores grey matter only (its reference is the AAL atlas) outside the cerebellum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_plan import run, unet  # noqa: E402
+
+TEST_IMAGES, TEST_LABELS = "imagesTs_robust", "labelsTs_robust"
+
+
+def dice_per_set(pred_dir: Path, data: Path) -> dict[str, dict[str, float]]:
+    """For each set of ``robustness_sets.json``: mean Dice over its classes per case, then over cases."""
+    sets = json.loads((data / "robustness_sets.json").read_text())
+    out: dict[str, dict[str, float]] = {}
+    for name, entry in sets.items():
+        per_class: dict[str, list[float]] = {c: [] for c in entry["classes"]}
+        for case in entry["cases"]:
+            ref = np.asarray(nib.load(str(data / TEST_LABELS / f"{case}.nii.gz")).dataobj)
+            pred_path = pred_dir / f"{case}.nii.gz"
+            if not pred_path.is_file():
+                sys.exit(f"missing prediction {pred_path}")
+            pred = np.asarray(nib.load(str(pred_path)).dataobj)
+            if pred.shape != ref.shape:
+                sys.exit(f"{pred_path}: shape {pred.shape} differs from the reference's {ref.shape}")
+            scored = ref != entry["ignore"] if entry["ignore"] is not None else np.ones(ref.shape, bool)
+            for cname, value in entry["classes"].items():
+                a, b = (ref == value) & scored, (pred == value) & scored
+                denom = int(a.sum() + b.sum())
+                per_class[cname].append(2.0 * float((a & b).sum()) / denom if denom else 1.0)
+        result = {c: float(np.mean(v)) for c, v in per_class.items()}
+        result["mean"] = float(np.mean(list(result.values())))
+        out[name] = result
+    return out
+
+
+def train_unetcli(name: str, extra: str, data: Path, out: Path, iterations: int, per_epoch: int, threads: int) -> dict[str, Any]:
+    run_dir = out / "runs" / name
+    wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", iterations // per_epoch, "--seed", 0,
+                    "--num-threads", threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0",
+                    *shlex.split(extra)))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    pred = out / "pred" / name
+    run(unet("predict", run_dir / "checkpoints" / "last.pt", data / TEST_IMAGES, pred, "--overwrite"))
+    return {"args": extra, "train_wall_s": round(wall, 1),
+            "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
+            "dice": dice_per_set(pred, data)}
+
+
+def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int) -> dict[str, Any]:
+    work = out / "nnunet"
+    wall = run([python, str(HERE / "nnunet_reference.py"), str(data), "--work-dir", str(work), "--dataset-id", "993",
+                "--name", "MNIRobust", "--train-iterations", str(iterations), "--threads", str(threads)])
+    summary = json.loads((work / "nnunet_reference_summary.json").read_text())
+    pred = Path(summary["predictions"][TEST_IMAGES]["output"])
+    return {"args": "nnU-Net v2 3d_fullres, fold all", "train_wall_s": summary["train"]["train_command_wall_s"],
+            "s_per_iteration": summary["train"]["iteration_s_median_incl_data"], "script_wall_s": round(wall, 1),
+            "dice": dice_per_set(pred, data)}
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    sets = list(next(iter(results.values()))["dice"])
+    lines = ["| held-out set | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for s in sets:
+        lines.append(f"| {s} | " + " | ".join(f"{results[n]['dice'][s]['mean']:.3f}" for n in names) + " |")
+    perturbed = [s for s in sets if s != "clean"]
+    lines.append("| **mean of the perturbed sets** | " + " | ".join(
+        f"**{np.mean([results[n]['dice'][s]['mean'] for s in perturbed]):.3f}**" for n in names) + " |")
+    lines.append("| s / iteration | " + " | ".join(f"{results[n]['s_per_iteration']:.2f}" for n in names) + " |")
+    lines.append("| training wall time (s) | " + " | ".join(f"{results[n]['train_wall_s']:.0f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", type=Path, help="folder written by scripts/prepare_robustness_data.py")
+    p.add_argument("--out", type=Path, default=Path("bench_robustness_out"))
+    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--iterations-per-epoch", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="a unetcli variant: extra `unet train` arguments (repeatable; default: one variant 'unetcli' with none)")
+    p.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
+    p.add_argument("--retrain", action="store_true", help="train variants again even if results.json has them")
+    args = p.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results: dict[str, dict[str, Any]] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("unetcli", "")]
+    for name, extra in variants:
+        if name in results and results[name]["args"] == extra and not args.retrain:
+            print(f"{name}: kept from {results_path}")
+            continue
+        results[name] = train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads)
+        results_path.write_text(json.dumps(results, indent=1))
+    if args.nnunet_python and ("nnU-Net v2" not in results or args.retrain):
+        results["nnU-Net v2"] = train_nnunet(args.data, args.out, args.iterations, args.nnunet_python, args.threads)
+        results_path.write_text(json.dumps(results, indent=1))
+    print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}; Dice = mean of GM and WM\n")
+    print(table(results))
+    print(f"\nwritten: {results_path}")
+
+
+if __name__ == "__main__":
+    main()

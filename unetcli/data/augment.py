@@ -1,0 +1,135 @@
+"""Intensity augmentation of training batches, on tensors: what makes a model hold up on other scanners.
+
+Scans differ from the training scans in brightness, contrast, noise, sharpness and resolution. nnU-Net's
+default augmentation (batchgeneratorsv2, ``nnUNetTrainer.get_training_transforms``) simulates each of
+these per patch with a fixed probability; :class:`IntensityAugmentation` does the same on a batch tensor,
+in nnU-Net's order (noise, blur, brightness, contrast, low resolution, inverted gamma, gamma), with
+nnU-Net's ranges. Every random draw comes from the caller's ``numpy`` generator, so a batch stays a pure
+function of (seed, position) whatever the number of workers building it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GAMMA_RANGE = (0.7, 1.5)
+BRIGHTNESS_RANGE = (0.75, 1.25)
+CONTRAST_RANGE = (0.75, 1.25)
+NOISE_VARIANCE = (0.0, 0.1)
+BLUR_SIGMA = (0.5, 1.0)
+LOWRES_SCALE = (0.5, 1.0)
+PER_CHANNEL_PROB = 0.5
+"""Blur and low resolution hit each channel of a chosen patch with this probability (nnU-Net's)."""
+
+
+@dataclass(frozen=True)
+class IntensityAugmentation:
+    """Per-patch probabilities of each intensity change (0 = off).
+
+    Args:
+        noise_prob: additive Gaussian noise, variance drawn from U(0, 0.1) (intensities are z-scored).
+        blur_prob: Gaussian blur, sigma U(0.5, 1) drawn per axis, each channel with probability 0.5.
+        brightness_prob: multiply by U(0.75, 1.25), per channel.
+        contrast_prob: scale about the mean by U(0.75, 1.25), clipped to the patch's former range.
+        lowres_prob: down-sample by U(0.5, 1) (nearest) and back (linear), each channel with probability 0.5.
+        inverted_gamma_prob / gamma_prob: gamma in (0.7, 1.5) on intensities rescaled to [0, 1] (inverted:
+            of the negated image), keeping the patch's mean and standard deviation.
+
+    ``__call__`` takes and returns images of shape (B, C, *spatial), float32.
+    """
+
+    noise_prob: float = 0.0
+    blur_prob: float = 0.0
+    brightness_prob: float = 0.0
+    contrast_prob: float = 0.0
+    lowres_prob: float = 0.0
+    inverted_gamma_prob: float = 0.0
+    gamma_prob: float = 0.0
+
+    @classmethod
+    def from_config(cls, train: Any) -> IntensityAugmentation:
+        """The changes of a resolved ``TrainConfig`` (:func:`unetcli.config.resolve_augmentation`)."""
+        return cls(**{f.name: float(getattr(train, f.name)) for f in fields(cls)})
+
+    @property
+    def active(self) -> bool:
+        return any(v > 0 for v in vars(self).values())
+
+    def __call__(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if not self.active:
+            return images
+        return torch.stack([self._one(image, rng) for image in images])
+
+    def _one(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """One patch (C, *spatial). A draw is made only for changes whose probability is > 0."""
+        if self.noise_prob and rng.random() < self.noise_prob:
+            sigma = math.sqrt(rng.uniform(*NOISE_VARIANCE))
+            image = image + torch.from_numpy(rng.standard_normal(image.shape, dtype=np.float32)) * sigma
+        if self.blur_prob and rng.random() < self.blur_prob:
+            image = torch.stack([gaussian_blur(ch, [rng.uniform(*BLUR_SIGMA) for _ in ch.shape])
+                                 if rng.random() < PER_CHANNEL_PROB else ch for ch in image])
+        if self.brightness_prob and rng.random() < self.brightness_prob:
+            factors = rng.uniform(*BRIGHTNESS_RANGE, size=image.shape[0]).astype(np.float32)
+            image = image * torch.from_numpy(factors).view(-1, *([1] * (image.ndim - 1)))
+        if self.contrast_prob and rng.random() < self.contrast_prob:
+            image = torch.stack([adjust_contrast(ch, rng.uniform(*CONTRAST_RANGE)) for ch in image])
+        if self.lowres_prob and rng.random() < self.lowres_prob:
+            image = torch.stack([simulate_low_resolution(ch, rng.uniform(*LOWRES_SCALE))
+                                 if rng.random() < PER_CHANNEL_PROB else ch for ch in image])
+        if self.inverted_gamma_prob and rng.random() < self.inverted_gamma_prob:
+            image = torch.stack([-gamma_keep_stats(-ch, draw_gamma(rng)) for ch in image])
+        if self.gamma_prob and rng.random() < self.gamma_prob:
+            image = torch.stack([gamma_keep_stats(ch, draw_gamma(rng)) for ch in image])
+        return image
+
+
+def draw_gamma(rng: np.random.Generator) -> float:
+    """Half the time below 1, half above (nnU-Net's draw: U(0.7, 1) or U(1, 1.5))."""
+    lo, hi = GAMMA_RANGE
+    return float(rng.uniform(lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, hi))
+
+
+def gamma_keep_stats(channel: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``channel`` rescaled to [0, 1], raised to ``gamma``, mapped back, then given its former mean and std."""
+    mean, std = channel.mean(), channel.std()
+    lo, hi = channel.min(), channel.max()
+    span = (hi - lo).clamp_min(1e-7)
+    out = ((channel - lo) / span) ** gamma * span + lo
+    return (out - out.mean()) / out.std().clamp_min(1e-7) * std + mean
+
+
+def adjust_contrast(channel: torch.Tensor, factor: float) -> torch.Tensor:
+    mean = channel.mean()
+    return ((channel - mean) * factor + mean).clamp(channel.min(), channel.max())
+
+
+def gaussian_blur(channel: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """Separable Gaussian blur of one channel (*spatial), ``sigmas`` per axis in voxels, mirrored edges."""
+    out = channel
+    for axis, sigma in enumerate(sigmas):
+        radius = max(1, int(math.ceil(3 * sigma)))
+        if out.shape[axis] <= radius:  # reflect padding needs more voxels than the radius
+            continue
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).view(1, 1, -1)
+        moved = out.movedim(axis, -1)
+        lines = moved.reshape(-1, 1, moved.shape[-1])
+        lines = F.conv1d(F.pad(lines, (radius, radius), mode="reflect"), kernel)
+        out = lines.reshape(moved.shape).movedim(-1, axis)
+    return out
+
+
+def simulate_low_resolution(channel: torch.Tensor, scale: float) -> torch.Tensor:
+    """Down-sample one channel (*spatial) by ``scale`` per axis (nearest) and back up (linear)."""
+    shape = channel.shape
+    small = [max(1, int(round(s * scale))) for s in shape]
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
+    down = F.interpolate(channel[None, None], size=small, mode="nearest-exact")
+    return F.interpolate(down, size=list(shape), mode=mode, align_corners=False)[0, 0]
