@@ -72,11 +72,16 @@ def train_unetcli(name: str, extra: str, data: Path, out: Path, iterations: int,
                     "--num-threads", threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0",
                     *shlex.split(extra)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    pred = out / "pred" / name
-    run(unet("predict", run_dir / "checkpoints" / "last.pt", data / TEST_IMAGES, pred, "--overwrite"))
     return {"args": extra, "train_wall_s": round(wall, 1),
             "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
-            "dice": dice_per_set(pred, data)}
+            "dice": predict_and_score(name, data, out)}
+
+
+def predict_and_score(name: str, data: Path, out: Path) -> dict[str, dict[str, float]]:
+    """Predict every held-out scan with the variant's last checkpoint and score it."""
+    pred = out / "pred" / name
+    run(unet("predict", out / "runs" / name / "checkpoints" / "last.pt", data / TEST_IMAGES, pred, "--overwrite"))
+    return dice_per_set(pred, data)
 
 
 def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int) -> dict[str, Any]:
@@ -112,24 +117,40 @@ def main() -> None:
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                   help="a unetcli variant: extra `unet train` arguments (repeatable; default: one variant 'unetcli' with none)")
+                   help="a unetcli variant: extra `unet train` arguments (repeatable; default without --nnunet-python: one variant 'unetcli' with none)")
     p.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     p.add_argument("--retrain", action="store_true", help="train variants again even if results.json has them")
+    p.add_argument("--rescore", action="store_true",
+                   help="predict and score the held-out sets again with the trained variants (after adding sets to DATA)")
     args = p.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results: dict[str, dict[str, Any]] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("unetcli", "")]
+
+    def save(name: str, entry: dict[str, Any]) -> None:
+        # Re-read before writing: several benchmark processes (one thread each) may share --out.
+        results.update(json.loads(results_path.read_text()) if results_path.is_file() else {})
+        results[name] = entry
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(results_path)
+
+    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant]
+    if not variants and not args.nnunet_python:
+        variants = [("unetcli", "")]
     for name, extra in variants:
         if name in results and results[name]["args"] == extra and not args.retrain:
             print(f"{name}: kept from {results_path}")
+            if args.rescore:
+                save(name, {**results[name], "dice": predict_and_score(name, args.data, args.out)})
             continue
-        results[name] = train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads)
-        results_path.write_text(json.dumps(results, indent=1))
+        save(name, train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads))
+    if "nnU-Net v2" in results and args.rescore:
+        save("nnU-Net v2", {**results["nnU-Net v2"],
+                            "dice": dice_per_set(args.out / "nnunet" / "predictions" / TEST_IMAGES, args.data)})
     if args.nnunet_python and ("nnU-Net v2" not in results or args.retrain):
-        results["nnU-Net v2"] = train_nnunet(args.data, args.out, args.iterations, args.nnunet_python, args.threads)
-        results_path.write_text(json.dumps(results, indent=1))
+        save("nnU-Net v2", train_nnunet(args.data, args.out, args.iterations, args.nnunet_python, args.threads))
     print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}; Dice = mean of GM and WM\n")
     print(table(results))
     print(f"\nwritten: {results_path}")

@@ -30,6 +30,7 @@ What it builds
    scale          intensities x 3.7 + 250 (another scanner's units)
    bias_mild      smooth multiplicative field, 1/1.2 .. 1.2 over the block
    bias_strong    smooth multiplicative field, 1/1.5 .. 1.5 over the block
+   bias_severe    smooth multiplicative field, 1/2 .. 2 over the block (surface coils, 7 T)
    noise_mild     Rician noise, sigma = 3 % of the brain's 99th intensity percentile
    noise_strong   Rician noise, sigma = 8 %
    gamma_low      contrast: (I / max) ** 0.7 (grey/white contrast compressed)
@@ -37,6 +38,7 @@ What it builds
    regrid         resampled from the 1 mm template to 1.4 x 1.7 x 1.2 mm, rotated 10 degrees,
                   stored in another axis order and direction (PIR-like); labels nearest
    scanner        regrid + bias_strong + noise_mild + scale together
+   scanner_severe regrid + bias_severe + noise_strong + scale together
    ============== ==========================================================================
 
    and ``colin27__colin27``: another person (Colin27, ``ch2bet``, 1 mm, re-gridded to
@@ -63,6 +65,7 @@ import argparse
 import json
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -81,6 +84,7 @@ INTENSITY_SETS = {
     "scale": {"scale": (3.7, 250.0)},
     "bias_mild": {"bias": 1.2},
     "bias_strong": {"bias": 1.5},
+    "bias_severe": {"bias": 2.0},
     "noise_mild": {"noise": 0.03},
     "noise_strong": {"noise": 0.08},
     "gamma_low": {"gamma": 0.7},
@@ -89,6 +93,7 @@ INTENSITY_SETS = {
 REGRID_SETS = {
     "regrid": {},
     "scanner": {"bias": 1.5, "noise": 0.03, "scale": (3.7, 250.0)},
+    "scanner_severe": {"bias": 2.0, "noise": 0.08, "scale": (3.7, 250.0)},
 }
 REGRID_SPACING = (1.4, 1.7, 1.2)
 REGRID_ROTATION_DEG = 10.0
@@ -243,9 +248,10 @@ def build(out: Path, source: Path, colin: Path, factors: tuple[int, int, int]) -
         box_affine = t1_img.affine.copy()
         box_affine[:3, 3] = t1_img.affine[:3, :3] @ np.array([x0, y0, z0]) + t1_img.affine[:3, 3]
         regridded = regrid_case(t1_box, lab_box, box_affine)
-        for n_set, (set_name, spec) in enumerate([*INTENSITY_SETS.items(), *REGRID_SETS.items()]):
+        for set_name, spec in [*INTENSITY_SETS.items(), *REGRID_SETS.items()]:
             base_image, base_label, base_affine = (image, label, affine) if set_name in INTENSITY_SETS else regridded
-            out_image = perturb(base_image, base_affine, spec, seed=1000 * n_set + n_case)
+            # Seeded by the set's name, so adding a set leaves every other set's files unchanged.
+            out_image = perturb(base_image, base_affine, spec, seed=zlib.crc32(set_name.encode()) + 100 * n_case)
             case_name = f"{set_name}__{name}"
             thick.write_nifti_gz(tmp / "imagesTs_robust" / f"{case_name}_0000.nii.gz", out_image, base_affine)
             thick.write_nifti_gz(tmp / "labelsTs_robust" / f"{case_name}.nii.gz", base_label, base_affine)

@@ -8,13 +8,13 @@ import torch
 
 from unetcli.config import RunConfig, resolve_augmentation, validate_config
 from unetcli.data.augment import (IntensityAugmentation, adjust_contrast, gamma_keep_stats, gaussian_blur,
-                                  simulate_low_resolution)
+                                  random_bias_field, simulate_low_resolution)
 from unetcli.data.sampling import PatchSampler
 from unetcli.data.types import Case
 from unetcli.errors import ConfigError
 
 ALL_ON = IntensityAugmentation(noise_prob=1, blur_prob=1, brightness_prob=1, contrast_prob=1, lowres_prob=1,
-                               inverted_gamma_prob=1, gamma_prob=1)
+                               inverted_gamma_prob=1, gamma_prob=1, bias_field_prob=1)
 
 
 def ramp(shape: tuple[int, ...]) -> torch.Tensor:
@@ -51,6 +51,20 @@ def test_low_resolution_keeps_the_shape_and_loses_detail() -> None:
     y = simulate_low_resolution(x, 0.5)
     assert y.shape == x.shape and y.std() < x.std()
     assert torch.allclose(simulate_low_resolution(x, 1.0), x, atol=1e-5)
+
+
+def test_bias_field_is_smooth_within_a_factor_of_two_and_spares_the_background() -> None:
+    rng = np.random.default_rng(1)
+    fields = [random_bias_field((12, 16, 10), rng) for _ in range(20)]
+    assert all(f.shape == (12, 16, 10) and f.min() >= 0.5 - 1e-6 and f.max() <= 2.0 + 1e-6 for f in fields)
+    assert max(float(f.max() / f.min()) for f in fields) > 1.5  # strong fields are drawn, not only weak ones
+    steps = max(float(f.diff(dim=d).abs().max()) for f in fields for d in range(3))
+    assert steps < 0.35  # smooth: neighbouring voxels differ little
+    image = torch.full((1, 1, 12, 16, 10), -1.0)
+    image[..., 3:9, 4:12, 2:8] = 2.0
+    out = IntensityAugmentation(bias_field_prob=1)(image, np.random.default_rng(2))
+    assert torch.equal(out[image == -1.0], image[image == -1.0])  # background (the minimum) unchanged
+    assert not torch.allclose(out, image) and out.std() > 0
 
 
 def test_all_changes_off_returns_the_batch_and_draws_nothing() -> None:

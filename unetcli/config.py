@@ -126,6 +126,7 @@ class TrainConfig:
     lowres_prob: float | None = None
     inverted_gamma_prob: float | None = None
     gamma_prob: float | None = None
+    bias_field_prob: float | None = None
     """Per-patch probabilities of the intensity changes of :class:`unetcli.data.augment.IntensityAugmentation`."""
     num_workers: int | None = None
     """Processes building batches; ``None`` = 0 on machines with <= 2 cores, else min(4, cores // 2)."""
@@ -150,11 +151,12 @@ class TrainConfig:
 
 
 AUGMENTATION_PROBABILITIES = ("rotate_scale_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
-                              "lowres_prob", "inverted_gamma_prob", "gamma_prob")
+                              "lowres_prob", "inverted_gamma_prob", "gamma_prob", "bias_field_prob")
 AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
     "basic": {"intensity_jitter": 0.1, **{k: 0.0 for k in AUGMENTATION_PROBABILITIES}},
     "nnunet": {"intensity_jitter": 0.0, "rotate_scale_prob": 0.2, "noise_prob": 0.1, "blur_prob": 0.2, "brightness_prob": 0.15,
-               "contrast_prob": 0.15, "lowres_prob": 0.25, "inverted_gamma_prob": 0.1, "gamma_prob": 0.3},
+               "contrast_prob": 0.15, "lowres_prob": 0.25, "inverted_gamma_prob": 0.1, "gamma_prob": 0.3,
+               "bias_field_prob": 0.0},
 }
 
 

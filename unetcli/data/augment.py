@@ -24,6 +24,9 @@ CONTRAST_RANGE = (0.75, 1.25)
 NOISE_VARIANCE = (0.0, 0.1)
 BLUR_SIGMA = (0.5, 1.0)
 LOWRES_SCALE = (0.5, 1.0)
+BIAS_FIELD_MAX = 2.0
+"""A bias field multiplies intensities by up to this factor (and down to its inverse) across a patch."""
+BIAS_FIELD_DEGREE = 3
 PER_CHANNEL_PROB = 0.5
 """Blur and low resolution hit each channel of a chosen patch with this probability (nnU-Net's)."""
 
@@ -40,6 +43,9 @@ class IntensityAugmentation:
         lowres_prob: down-sample by U(0.5, 1) (nearest) and back (linear), each channel with probability 0.5.
         inverted_gamma_prob / gamma_prob: gamma in (0.7, 1.5) on intensities rescaled to [0, 1] (inverted:
             of the negated image), keeping the patch's mean and standard deviation.
+        bias_field_prob: a smooth multiplicative field (MRI coil sensitivity; not in nnU-Net's set): the
+            exponential of a random polynomial of degree 3 over the patch, spanning up to x2 and /2,
+            applied above the patch's minimum (the background level), the same for every channel.
 
     ``__call__`` takes and returns images of shape (B, C, *spatial), float32.
     """
@@ -51,6 +57,7 @@ class IntensityAugmentation:
     lowres_prob: float = 0.0
     inverted_gamma_prob: float = 0.0
     gamma_prob: float = 0.0
+    bias_field_prob: float = 0.0
 
     @classmethod
     def from_config(cls, train: Any) -> IntensityAugmentation:
@@ -68,6 +75,11 @@ class IntensityAugmentation:
 
     def _one(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """One patch (C, *spatial). A draw is made only for changes whose probability is > 0."""
+        if self.bias_field_prob and rng.random() < self.bias_field_prob:
+            # First: the field multiplies the signal; noise and the rest come after it.
+            field = random_bias_field(image.shape[1:], rng)
+            lo = image.flatten(1).min(1).values.view(-1, *([1] * (image.ndim - 1)))
+            image = (image - lo) * field + lo
         if self.noise_prob and rng.random() < self.noise_prob:
             sigma = math.sqrt(rng.uniform(*NOISE_VARIANCE))
             image = image + torch.from_numpy(rng.standard_normal(image.shape, dtype=np.float32)) * sigma
@@ -87,6 +99,22 @@ class IntensityAugmentation:
         if self.gamma_prob and rng.random() < self.gamma_prob:
             image = torch.stack([gamma_keep_stats(ch, draw_gamma(rng)) for ch in image])
         return image
+
+
+def random_bias_field(shape: tuple[int, ...] | torch.Size, rng: np.random.Generator) -> torch.Tensor:
+    """exp(p) for a random polynomial p of degree 3 in coordinates scaled to [-1, 1] per axis, scaled
+    so that max |p| = U(0, log 2): a smooth field between 1/f and f, f up to :data:`BIAS_FIELD_MAX`."""
+    axes = [torch.linspace(-1.0, 1.0, n) for n in shape]
+    powers = [p for p in np.ndindex(*([BIAS_FIELD_DEGREE + 1] * len(shape))) if sum(p) <= BIAS_FIELD_DEGREE]
+    coefficients = rng.uniform(-1.0, 1.0, size=len(powers))
+    log_field = torch.zeros(tuple(shape))
+    for c, power in zip(coefficients, powers):
+        term = torch.ones(())
+        for axis, (x, k) in enumerate(zip(axes, power)):
+            term = term * (x ** k).view(*([1] * axis), -1, *([1] * (len(shape) - axis - 1)))
+        log_field = log_field + float(c) * term
+    peak = log_field.abs().max().clamp_min(1e-7)
+    return torch.exp(log_field / peak * rng.uniform(0.0, math.log(BIAS_FIELD_MAX)))
 
 
 def draw_gamma(rng: np.random.Generator) -> float:

@@ -186,11 +186,28 @@ def restore_probabilities(probs: np.ndarray, props: ImageProperties, geometry: V
     return np.stack(out)
 
 
+def _resample_labels_smoothly(labels: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(target, labels.dtype)
+    best = np.full(target, -1.0, np.float32)
+    for k in np.unique(labels):
+        pk = resample_to_shape((labels == k).astype(np.float32), target, order=1)
+        better = pk > best
+        out[better], best[better] = k, pk[better]
+    return out
+
+
 def restore_label_map(labels: np.ndarray, props: ImageProperties, geometry: VolumeGeometry) -> np.ndarray:
-    """Class indices (X', Y', Z') on the network grid -> the file's grid (nearest neighbour)."""
+    """Class indices (X', Y', Z') on the network grid -> the file's grid.
+
+    Where the grids differ, each class's indicator is resampled linearly and the largest wins
+    (nnU-Net's way of resampling segmentations). Nearest neighbour would turn every boundary into
+    the network grid's staircase: on scans stored at 1.2-1.7 mm and predicted on a 2 mm grid it
+    cost 0.015 mean grey/white-matter Dice (scripts/bench_robustness.py, set ``regrid``). Memory
+    stays at two volumes of the file's grid, whatever the number of classes.
+    """
     target = tuple(geometry.cropped_shape)
     if tuple(labels.shape) != target:
-        labels = resample_to_shape(labels, target, order=0)
+        labels = _resample_labels_smoothly(labels, target)
     labels = uncrop(labels.astype(np.int64), geometry.box(), tuple(geometry.canonical_shape), fill=0)
     return from_canonical(labels, props)
 
