@@ -117,7 +117,8 @@ def main() -> None:
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                   help="a unetcli variant: extra `unet train` arguments (repeatable; default without --nnunet-python: one variant 'unetcli' with none)")
+                   help="a unetcli variant: extra `unet train` arguments (repeatable; without it and"
+                        " --nnunet-python: one variant 'unetcli' with none)")
     p.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     p.add_argument("--retrain", action="store_true", help="train variants again even if results.json has them")
     p.add_argument("--rescore", action="store_true",
