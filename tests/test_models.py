@@ -13,6 +13,7 @@ from torch import nn
 from unetcli.config import ModelConfig
 from unetcli.errors import ConfigError, ModelError
 from unetcli.models import UNet, build_model, count_parameters, fold_batch_norm
+from unetcli.models.blocks import InstanceNorm
 
 torch.set_num_threads(2)
 
@@ -239,8 +240,8 @@ def test_fold_batch_norm_keeps_outputs_and_removes_batch_norm(spatial_dims, shap
 def test_fold_batch_norm_leaves_instance_norm_and_refuses_training_mode():
     net = UNet(2, 1, 2, features=(4, 8), norm="instance").eval()
     folded = fold_batch_norm(net)
-    assert sum(isinstance(m, nn.InstanceNorm2d) for m in folded.modules()) == sum(
-        isinstance(m, nn.InstanceNorm2d) for m in net.modules()) > 0
+    assert sum(isinstance(m, InstanceNorm) for m in folded.modules()) == sum(
+        isinstance(m, InstanceNorm) for m in net.modules()) > 0
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norm(net.train())
 
@@ -326,3 +327,25 @@ def test_topology_from_config_and_set_option():
     assert net.size_multiple == (4, 8, 8)
     with pytest.raises(ConfigError, match="model.kernel_sizes"):
         apply_overrides(cfg, {"model.kernel_sizes": "big"})
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_matches_pytorch_in_values_gradients_and_checkpoint_keys(dims: int) -> None:
+    torch.manual_seed(0)
+    reference = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims](6, affine=True)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5), reference.bias.uniform_(-0.5, 0.5)
+    ours = InstanceNorm(6)
+    ours.load_state_dict(reference.state_dict())  # old checkpoints (PyTorch's layer) load as they are
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    x = (3 * torch.randn(3, 6, *([7, 9, 5][:dims])) + 2).contiguous(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = reference(xa), ours(xb)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    (ya * torch.arange(ya.numel()).view_as(ya)).sum().backward()
+    (yb * torch.arange(yb.numel()).view_as(yb)).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(reference.weight.grad, ours.weight.grad, rtol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.allclose(reference(x.bfloat16()).float(), ours(x.bfloat16()).float(), atol=0.05)
+    assert torch.allclose(torch.jit.script(ours)(x), ya, atol=1e-5)  # the exported path
