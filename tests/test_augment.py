@@ -102,14 +102,15 @@ def test_sampler_changes_images_only_and_stays_a_pure_function_of_the_position()
 def test_presets_fill_only_the_keys_left_unset() -> None:
     cfg = RunConfig()
     resolve_augmentation(cfg.train, 3)
-    assert (cfg.train.gamma_prob, cfg.train.blur_prob, cfg.train.rotate_scale_prob, cfg.train.intensity_jitter) == (0.3, 0.2, 0.2, 0.0)
+    assert (cfg.train.gamma_prob, cfg.train.blur_prob, cfg.train.bias_field_prob, cfg.train.rotate_scale_prob,
+            cfg.train.intensity_jitter) == (0.3, 0.2, 0.2, 0.0, 0.0)  # 3D: scanner
     cfg = RunConfig()
     resolve_augmentation(cfg.train, 2)
     assert (cfg.train.gamma_prob, cfg.train.rotate_scale_prob, cfg.train.intensity_jitter) == (0.0, 0.0, 0.1)
     cfg = RunConfig()
     cfg.train.augmentation, cfg.train.noise_prob = "nnunet", 0.5
     resolve_augmentation(cfg.train, 2)
-    assert (cfg.train.noise_prob, cfg.train.contrast_prob) == (0.5, 0.15)
+    assert (cfg.train.noise_prob, cfg.train.contrast_prob, cfg.train.rotate_scale_prob, cfg.train.bias_field_prob) == (0.5, 0.15, 0.2, 0.0)
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1])
