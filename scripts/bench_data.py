@@ -122,7 +122,7 @@ def main() -> None:
         sampler = PatchSampler(dataset.cases, patch, args.batch, num_classes=dataset.num_classes, seed=0)
         position = iter(range(10**9))
         ours_inproc, ours_rss = with_peak_rss(lambda: rate(lambda: sampler.batch(next(position)), args.seconds))
-        # The 3D default augmentation (nnU-Net's set: rotation/scaling + intensity changes, on tensors).
+        # The 3D default augmentation (the 'scanner' preset: nnU-Net's intensity changes + bias field, on tensors).
         aug = RunConfig().train
         resolve_augmentation(aug, 3)
         augmented = PatchSampler(dataset.cases, patch, args.batch, num_classes=dataset.num_classes, seed=0,
@@ -152,7 +152,7 @@ def main() -> None:
         print_table(["", "batches/s", "vs decode every step", "peak RSS incr MiB"], [
             ["decode .nii.gz every step (reference)", f"{reference:.2f}", "1.0x", f"{reference_rss:+,.0f}"],
             ["unetcli sampler on the cache, in-process", f"{ours_inproc:.1f}", f"{ours_inproc / reference:.0f}x", f"{ours_rss:+,.0f}"],
-            ["same + 3D default augmentation (nnU-Net's set), in-process", f"{ours_augmented:.1f}",
+            ["same + 3D default augmentation ('scanner' preset), in-process", f"{ours_augmented:.1f}",
              f"{ours_augmented / reference:.0f}x", ""],
             [f"unetcli sampler, {args.workers} worker processes", f"{ours_workers:.1f}", f"{ours_workers / reference:.0f}x",
              "(in the workers)"],
