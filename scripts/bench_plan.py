@@ -58,10 +58,11 @@ def score(pred: Path, truth: Path, out: Path) -> dict[str, float]:
     return dice
 
 
-def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: int, extra: list[str]) -> dict[str, Any]:
+def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: int, extra: list[str],
+                  seed: int = 0) -> dict[str, Any]:
     run_dir = out / "runs" / name
     epochs = iterations // per_epoch
-    wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", 0, "--num-threads",
+    wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", seed, "--num-threads",
                     args.threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0", *extra))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     config = (run_dir / "config.yaml").read_text()
@@ -100,6 +101,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             cells.append(" / ".join(f"{v:.3f}" for v in classes))
         mean = (r["as stored"]["mean"] + r["reoriented"]["mean"]) / 2
         lines.append(f"| {name} | {r['s_per_iteration']:.2f} | {cells[0]} | {cells[1]} | **{mean:.3f}** |")
+    arms: dict[str, list[float]] = {}
+    for name, r in results.items():
+        if ", seed " in name:
+            arms.setdefault(name.split(", seed ")[0], []).append((r["as stored"]["mean"] + r["reoriented"]["mean"]) / 2)
+    for arm, means in arms.items():
+        if len(means) > 1:
+            lines.append(f"| {arm}, mean of {len(means)} seeds (min..max) | | | | **{sum(means) / len(means):.3f}** "
+                         f"({min(means):.3f}..{max(means):.3f}) |")
     return "\n".join(lines)
 
 
@@ -109,8 +118,12 @@ def main() -> None:
     run(unet("plan", args.data, "--out", out / "plans.yaml", "--overwrite"))
     results: dict[str, dict[str, Any]] = {}
     per_epoch = min(args.iterations, 25)
-    results["unetcli, fixed defaults (--no-plan)"] = train_unetcli("fixed", args.data, out, args.iterations, per_epoch, ["--no-plan"])
-    results["unetcli, planned"] = train_unetcli("planned", args.data, out, args.iterations, per_epoch, [])
+    for seed in args.seeds:
+        tag = f", seed {seed}" if len(args.seeds) > 1 else ""
+        results[f"unetcli, fixed defaults (--no-plan){tag}"] = train_unetcli(f"fixed{tag and f'_s{seed}'}", args.data, out,
+                                                                             args.iterations, per_epoch, ["--no-plan"], seed)
+        results[f"unetcli, planned{tag}"] = train_unetcli(f"planned{tag and f'_s{seed}'}", args.data, out, args.iterations,
+                                                          per_epoch, [], seed)
     if args.resenc:
         results["unetcli, planned, --preset resenc-m"] = train_unetcli("resenc", args.data, out, args.iterations, per_epoch,
                                                                        ["--preset", "resenc-m"])
@@ -131,6 +144,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("bench_plan_out"))
     parser.add_argument("--iterations", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train the fixed and planned arms once per seed")
     parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
     parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     args = parser.parse_args()
