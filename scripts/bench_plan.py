@@ -19,6 +19,11 @@ and seconds per training iteration.
 
 Every model trains on all six training octants (unetcli: ``data.val_fraction=0``; nnU-Net: fold
 ``all``) and predicts with its last checkpoint, without test-time augmentation.
+
+``--variant NAME=ARGS`` adds a planned arm with extra ``unet train`` arguments (e.g.
+``--variant bn="--set model.norm=batch"``) to find which part of a plan helps; ``--arms`` picks
+which of ``fixed`` and ``planned`` to train. Results accumulate in ``OUT/results.json``, so the
+table can grow one arm at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -62,9 +68,16 @@ def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: 
                   seed: int = 0) -> dict[str, Any]:
     run_dir = out / "runs" / name
     epochs = iterations // per_epoch
-    wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", seed, "--num-threads",
-                    args.threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0", *extra))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if args.reuse and records and records[-1]["epoch"] == epochs:
+        print(f"reusing the finished run {run_dir}", flush=True)
+        wall = records[-1]["elapsed_seconds"]
+    else:
+        wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", seed, "--num-threads",
+                        args.threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0",
+                        *extra))
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
     config = (run_dir / "config.yaml").read_text()
     result: dict[str, Any] = {"train_wall_s": round(wall, 1),
                               "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
@@ -116,14 +129,20 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     run(unet("plan", args.data, "--out", out / "plans.yaml", "--overwrite"))
-    results: dict[str, dict[str, Any]] = {}
+    saved = out / "results.json"
+    results: dict[str, dict[str, Any]] = json.loads(saved.read_text()) if saved.is_file() else {}
     per_epoch = min(args.iterations, 25)
+    arms = {"fixed": ("unetcli, fixed defaults (--no-plan)", ["--no-plan"]), "planned": ("unetcli, planned", [])}
+    chosen = [(label, extra, name) for name, (label, extra) in arms.items() if name in args.arms.split(",")]
+    for spec in args.variant:
+        name, _, extra = spec.partition("=")
+        chosen.append((f"unetcli, planned + {name}", shlex.split(extra), name))
     for seed in args.seeds:
         tag = f", seed {seed}" if len(args.seeds) > 1 else ""
-        results[f"unetcli, fixed defaults (--no-plan){tag}"] = train_unetcli(f"fixed{tag and f'_s{seed}'}", args.data, out,
-                                                                             args.iterations, per_epoch, ["--no-plan"], seed)
-        results[f"unetcli, planned{tag}"] = train_unetcli(f"planned{tag and f'_s{seed}'}", args.data, out, args.iterations,
-                                                          per_epoch, [], seed)
+        for label, extra, name in chosen:
+            results[f"{label}{tag}"] = train_unetcli(f"{name}{tag and f'_s{seed}'}", args.data, out, args.iterations,
+                                                     per_epoch, extra, seed)
+            saved.write_text(json.dumps(results, indent=1))
     if args.resenc:
         results["unetcli, planned, --preset resenc-m"] = train_unetcli("resenc", args.data, out, args.iterations, per_epoch,
                                                                        ["--preset", "resenc-m"])
@@ -134,8 +153,8 @@ def main() -> None:
         print(json.dumps(plans, indent=1)[:4000])
     print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}\n")
     print(table(results))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nwritten: {out / 'results.json'}, {out / 'plans.yaml'}")
+    saved.write_text(json.dumps(results, indent=1))
+    print(f"\nwritten: {saved}, {out / 'plans.yaml'}")
 
 
 if __name__ == "__main__":
@@ -145,6 +164,10 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train the fixed and planned arms once per seed")
+    parser.add_argument("--arms", default="fixed,planned", help="which of fixed,planned to train (comma-separated; '' for none)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="a planned arm with extra `unet train` arguments (repeatable)")
+    parser.add_argument("--reuse", action="store_true", help="do not train again a run folder that finished (predict and score it)")
     parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
     parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     args = parser.parse_args()

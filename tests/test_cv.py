@@ -207,6 +207,16 @@ def test_parallel_folds_run_as_separate_processes(tmp_path: Path) -> None:
         assert (out / f"fold_{k}" / "oof" / ".complete").is_file()
 
 
+def test_fold_processes_of_parallel_leave_the_scoring_to_the_parent(cv_run: tuple[Path, Path]) -> None:
+    # Two fold processes finishing together must not both rewrite CV/oof: they run with --no-scoring.
+    data, out = cv_run
+    before = (out / "summary.json").stat().st_mtime_ns
+    result = invoke("cv", data, "--folds", "3", "--out", out, "--epochs", "2", *TINY, "--fold", "0", "--no-scoring")
+    assert result.exit_code == 0, result.output
+    assert "scoring runs once every fold is done" in " ".join(result.output.split())
+    assert (out / "summary.json").stat().st_mtime_ns == before
+
+
 def test_export_of_a_cv_folder_is_the_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
     data, out = cv_run
     exported = tmp_path / "ensemble.pt"

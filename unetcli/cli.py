@@ -366,6 +366,7 @@ def cv(
     num_threads: ThreadsOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again: replace an earlier cross-validation in --out.")] = False,
+    no_scoring: Annotated[bool, typer.Option("--no-scoring", hidden=True)] = False,
 ) -> None:
     """K-fold cross-validation: train every fold (normal run folders, resumable), predict each fold's held-out cases,
     score all out-of-fold predictions together (per class mean with 95 % bootstrap CIs, per fold), and choose the
@@ -379,7 +380,8 @@ def cv(
         return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
     cfg, run_files, explicit = _planned_config(data, config, set_, flags, plan, preset, no_plan)
-    options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold)
+    options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold,
+                        score=not no_scoring)
     if parallel is not None and fold is None:
         from unetcli.workflows.cv.parallel import run_folds_in_parallel
         from unetcli.workflows.cv.runner import prepare_cv

@@ -34,7 +34,7 @@ def fold_commands(data: Path, out: Path, options: CVOptions, folds: list[int], p
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % parallel % gpus)
-        commands.append(([*base, "--fold", str(k), *([] if gpus else ["--num-threads", str(threads)])], env))
+        commands.append(([*base, "--fold", str(k), "--no-scoring", *([] if gpus else ["--num-threads", str(threads)])], env))
     return commands
 
 

@@ -52,6 +52,9 @@ class CVOptions:
     group_by: str | None = None
     splits_file: Path | None = None
     only_fold: int | None = None
+    # False in the fold processes of ``--parallel``: the parent scores once, after all of them,
+    # so that two folds finishing together do not both rewrite CV/oof.
+    score: bool = True
 
 
 @dataclass
@@ -189,7 +192,7 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
             continue
         ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
         (result.trained if ran else result.skipped).append(k)
-    if all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
+    if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
         _score(out, files, splits, result)
     return result
 
