@@ -20,10 +20,12 @@ and seconds per training iteration.
 Every model trains on all six training octants (unetcli: ``data.val_fraction=0``; nnU-Net: fold
 ``all``) and predicts with its last checkpoint, without test-time augmentation.
 
-``--variant NAME=ARGS`` adds a planned arm with extra ``unet train`` arguments (e.g.
-``--variant bn="--set model.norm=batch"``) to find which part of a plan helps; ``--arms`` picks
+``--variant NAME=ARGS`` adds an arm with extra ``unet train`` arguments, planned unless they
+say ``--no-plan`` (e.g. ``--variant planned_bn="--set model.norm=batch"``) to find which part of a plan helps; ``--arms`` picks
 which of ``fixed`` and ``planned`` to train. Results accumulate in ``OUT/results.json``, so the
-table can grow one arm at a time.
+table can grow one arm at a time. Given a folder from ``scripts/prepare_robustness_data.py``
+(the same octants; ``--spacing 1,1,4`` for thick slices), every model also predicts the other-
+scanner sets there (bias field, noise, contrast, regrid, Colin27) and the table adds their mean.
 """
 
 from __future__ import annotations
@@ -83,9 +85,17 @@ def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: 
                               "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
                               "config": config}
     for label, (images, labels) in TEST_SETS.items():
+        if not (data / images).is_dir():
+            continue
         pred = out / "pred" / name / images
         run(unet("predict", run_dir / "checkpoints" / "last.pt", data / images, pred, "--overwrite"))
         result[label] = score(pred, data / labels, out / "eval" / name / images)
+    if (data / "robustness_sets.json").is_file():  # DATA from prepare_robustness_data.py: also other scanners' scans
+        from bench_robustness import TEST_IMAGES, dice_per_set
+
+        pred = out / "pred" / name / TEST_IMAGES
+        run(unet("predict", run_dir / "checkpoints" / "last.pt", data / TEST_IMAGES, pred, "--overwrite"))
+        result["robust"] = dice_per_set(pred, data)
     return result
 
 
@@ -103,25 +113,40 @@ def train_nnunet(data: Path, out: Path, iterations: int, python: str) -> dict[st
     return result
 
 
+def held_out_mean(r: dict[str, Any]) -> float:
+    """Mean GM/WM Dice over the held-out thick-slice test sets there are."""
+    means = [r[label]["mean"] for label in TEST_SETS if label in r]
+    return sum(means) / len(means)
+
+
+def perturbed_mean(r: dict[str, Any]) -> float:
+    """Mean Dice over the other-scanner sets (all but 'clean'), when DATA has them."""
+    means = [d["mean"] for name, d in r["robust"].items() if name != "clean"]
+    return sum(means) / len(means)
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | s / iteration | GM / WM Dice, held-out as stored | GM / WM Dice, held-out reoriented | mean |",
-             "|---|---|---|---|---|"]
+    robust = all("robust" in r for r in results.values())
+    lines = ["| model | s / iteration | " + " | ".join(f"GM / WM Dice, held-out {label}" for label in TEST_SETS)
+             + " | mean |" + (" other scanners' scans: mean of the perturbed sets |" if robust else ""),
+             "|---|---|---|---|---|" + ("---|" if robust else "")]
     for name, r in results.items():
         cells = []
         for label in TEST_SETS:
-            d = r[label]
-            classes = [v for k, v in d.items() if k != "mean"]
-            cells.append(" / ".join(f"{v:.3f}" for v in classes))
-        mean = (r["as stored"]["mean"] + r["reoriented"]["mean"]) / 2
-        lines.append(f"| {name} | {r['s_per_iteration']:.2f} | {cells[0]} | {cells[1]} | **{mean:.3f}** |")
-    arms: dict[str, list[float]] = {}
+            classes = [v for k, v in r[label].items() if k != "mean"] if label in r else []
+            cells.append(" / ".join(f"{v:.3f}" for v in classes) or "-")
+        lines.append(f"| {name} | {r['s_per_iteration']:.2f} | {' | '.join(cells)} | **{held_out_mean(r):.3f}** |"
+                     + (f" **{perturbed_mean(r):.3f}** |" if robust else ""))
+    arms: dict[str, list[tuple[float, float]]] = {}
     for name, r in results.items():
         if ", seed " in name:
-            arms.setdefault(name.split(", seed ")[0], []).append((r["as stored"]["mean"] + r["reoriented"]["mean"]) / 2)
-    for arm, means in arms.items():
-        if len(means) > 1:
-            lines.append(f"| {arm}, mean of {len(means)} seeds (min..max) | | | | **{sum(means) / len(means):.3f}** "
-                         f"({min(means):.3f}..{max(means):.3f}) |")
+            arms.setdefault(name.split(", seed ")[0], []).append((held_out_mean(r), perturbed_mean(r) if robust else 0.0))
+    for arm, pairs in arms.items():
+        if len(pairs) > 1:
+            clean, other = [p[0] for p in pairs], [p[1] for p in pairs]
+            lines.append(f"| {arm}, mean of {len(pairs)} seeds (min..max) | | {' | '.join('' for _ in TEST_SETS)} | "
+                         f"**{sum(clean) / len(clean):.3f}** ({min(clean):.3f}..{max(clean):.3f}) |"
+                         + (f" **{sum(other) / len(other):.3f}** ({min(other):.3f}..{max(other):.3f}) |" if robust else ""))
     return "\n".join(lines)
 
 
@@ -136,7 +161,7 @@ def main() -> None:
     chosen = [(label, extra, name) for name, (label, extra) in arms.items() if name in args.arms.split(",")]
     for spec in args.variant:
         name, _, extra = spec.partition("=")
-        chosen.append((f"unetcli, planned + {name}", shlex.split(extra), name))
+        chosen.append((f"unetcli, {name}", shlex.split(extra), name))
     for seed in args.seeds:
         tag = f", seed {seed}" if len(args.seeds) > 1 else ""
         for label, extra, name in chosen:
@@ -166,7 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train the fixed and planned arms once per seed")
     parser.add_argument("--arms", default="fixed,planned", help="which of fixed,planned to train (comma-separated; '' for none)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                        help="a planned arm with extra `unet train` arguments (repeatable)")
+                        help="an arm with extra `unet train` arguments, planned unless they say --no-plan (repeatable)")
     parser.add_argument("--reuse", action="store_true", help="do not train again a run folder that finished (predict and score it)")
     parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
     parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
