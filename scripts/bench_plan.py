@@ -108,8 +108,13 @@ def train_nnunet(data: Path, out: Path, iterations: int, python: str) -> dict[st
                               "s_per_iteration": summary["train"]["iteration_s_median_incl_data"],
                               "plans": summary["plans"], "script_wall_s": round(wall, 1)}
     for label, (images, labels) in TEST_SETS.items():
-        pred = Path(summary["predictions"][images]["output"])
-        result[label] = score(pred, data / labels, out / "eval" / "nnunet" / images)
+        if images in summary["predictions"]:
+            pred = Path(summary["predictions"][images]["output"])
+            result[label] = score(pred, data / labels, out / "eval" / "nnunet" / images)
+    if (data / "robustness_sets.json").is_file():
+        from bench_robustness import TEST_IMAGES, dice_per_set
+
+        result["robust"] = dice_per_set(Path(summary["predictions"][TEST_IMAGES]["output"]), data)
     return result
 
 
