@@ -31,7 +31,7 @@ from helpers import make_blobs, make_nnunet
 from unetcli.cli import app
 from unetcli.data.png import read_png_image, read_png_mask
 from unetcli.errors import DataError
-from unetcli.training.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from unetcli.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 TRAIN_FLAGS = ["--epochs", "1", "--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=2",
                "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--num-threads", "1",

@@ -1,4 +1,4 @@
-"""Tests for unetcli.training.checkpoint (safe loading, format checks) and unetcli.atomic (atomic writes)."""
+"""Tests for unetcli.checkpoint (safe loading, format checks) and unetcli.atomic (atomic writes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from unetcli.atomic import atomic_path, atomic_write_bytes, atomic_write_text, atomic_write_with
 from unetcli.errors import CheckpointError
-from unetcli.training.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, resolve_checkpoint, save_checkpoint
+from unetcli.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 def minimal_state() -> dict:

@@ -21,7 +21,7 @@ from unetcli.data.sampling import PatchSampler, iterate_batches
 from unetcli.data.types import Case
 from unetcli.models import UNet
 from unetcli.runtime import autocast, memory_format, resolve_channels_last, resolve_precision
-from unetcli.training.checkpoint import load_checkpoint
+from unetcli.checkpoint import load_checkpoint
 from unetcli.training.losses import DiceCELoss
 from unetcli.training.trainer import train_step
 

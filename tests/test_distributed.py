@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import finish, invoke, make_nnunet, start_ranks
 
-from unetcli.training.checkpoint import load_checkpoint
+from unetcli.checkpoint import load_checkpoint
 
 FLAGS = ["--set", "model.features=[4,8,16]", "--set", "model.norm=batch", "--set", "train.iterations_per_epoch=6",
          "--set", "train.warmup_iterations=2",

@@ -209,7 +209,7 @@ def test_class_names_from_dataset_json_and_label_names(tmp_path: Path, layout: s
 
 
 def test_class_names_from_a_runs_checkpoint(tmp_path: Path) -> None:
-    from unetcli.training.checkpoint import save_checkpoint
+    from unetcli.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     save_checkpoint(run / "checkpoints" / "best.pt", {"config": {}, "model": {}, "metadata": {

@@ -11,7 +11,7 @@ from helpers import error_lines, invoke_quiet, make_blobs
 
 from unetcli.config import RunConfig, config_to_dict
 from unetcli.models import UNet
-from unetcli.training.checkpoint import save_checkpoint
+from unetcli.checkpoint import save_checkpoint
 from unetcli.training.init_weights import adapt_input_channels, set_encoder_trainable, transfer_weights
 
 FEATURES = [4, 8, 16]
@@ -127,7 +127,7 @@ def test_freeze_encoder_in_training_keeps_the_pretrained_encoder_for_those_epoch
                           "--set", "train.iterations_per_epoch=3", "--set", f"model.features={FEATURES}", "--precision", "fp32",
                           "--set", "train.num_workers=0", "--set", "train.warmup_iterations=0")
     assert result.exit_code == 0, result.output
-    from unetcli.training.checkpoint import load_checkpoint
+    from unetcli.checkpoint import load_checkpoint
 
     before, after = load_checkpoint(pretrained)["model"], load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     encoder = [k for k in after if k.startswith(("stem.", "downs.")) and after[k].is_floating_point()]  # BN statistics too

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import invoke, save_nifti
 
-from unetcli.training.checkpoint import load_checkpoint
+from unetcli.checkpoint import load_checkpoint
 
 SPACING = (4.0, 0.8, 0.8)  # thick first axis (4 mm), fine in-plane
 SHAPE = (8, 32, 32)

@@ -23,7 +23,7 @@ from helpers import error_lines
 from helpers import invoke_quiet as invoke
 from unetcli.errors import OutputError
 from unetcli.runlock import LOCK_NAME, RunLock, owner_info
-from unetcli.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from unetcli.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from unetcli.training.schedule import LRPlan, lr_factor
 
 FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=10", "--set", "train.warmup_iterations=5",
@@ -283,7 +283,7 @@ def test_written_files_get_normal_permissions(finished_run: Path) -> None:
 def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(data: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while writing a checkpoint: a clear error, and the previous last.pt still loads."""
-    from unetcli.training import checkpoint
+    from unetcli import checkpoint
 
     real, calls = torch.save, []
 

@@ -1,6 +1,6 @@
 """Class names for the reports: from a ``dataset.json`` next to the references, or from a run's checkpoint metadata.
 
-Reading the checkpoint itself needs torch (:mod:`unetcli.training.checkpoint`); that is left to
+Reading the checkpoint itself needs torch (:mod:`unetcli.checkpoint`); that is left to
 the caller (:func:`unetcli.workflows.eval.checkpoint_label_names`), so that scoring never
 imports training code.
 """

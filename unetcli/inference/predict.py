@@ -28,7 +28,7 @@ from unetcli.inference.postprocessing import Postprocessing, apply_postprocessin
 from unetcli.inference.sliding_window import paint_regions, sliding_window_predict
 from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
-from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
+from unetcli.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_problem
 
 log = logging.getLogger("unetcli")
 

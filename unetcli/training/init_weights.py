@@ -28,7 +28,7 @@ from torch import nn
 from unetcli.config import ModelConfig
 from unetcli.errors import CheckpointError, ConfigError
 from unetcli.inference.exported import is_exported_model
-from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
+from unetcli.checkpoint import load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("unetcli")
 

@@ -11,7 +11,7 @@ from typing import Any
 from unetcli.config import RunConfig, apply_overrides, config_from_dict
 from unetcli.errors import CheckpointError, ConfigError, DataError, UnetCliError
 from unetcli.runlock import RunLock
-from unetcli.training.checkpoint import load_checkpoint
+from unetcli.checkpoint import load_checkpoint
 from unetcli.training.distributed import join_world
 from unetcli.training.run_folder import remove_stale_temp_files
 from unetcli.training.state import ResumePoint

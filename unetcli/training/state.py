@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from unetcli.errors import CheckpointError, DataError
-from unetcli.training.checkpoint import state_dict_problem
+from unetcli.checkpoint import state_dict_problem
 from unetcli.training.schedule import LRPlan
 from unetcli.training.setup import TrainComponents
 

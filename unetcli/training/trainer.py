@@ -33,7 +33,7 @@ from unetcli.data.types import Dataset
 from unetcli.errors import DataError, OutputError, TrainingError
 from unetcli.models import count_parameters
 from unetcli.runtime import autocast, configure_cpu_allocator, configure_threads, resolve_device, resolve_precision, seed_everything
-from unetcli.training.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from unetcli.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from unetcli.training.distributed import (any_rank, collective_timeout, current_world, first_over_ranks, join_world, leave_world,
                                           mean_over_ranks, rank_share, report_failure)
 from unetcli.training.init_weights import set_encoder_trainable

@@ -36,7 +36,7 @@ def checkpoint_label_names(run: Path) -> dict[int, str]:
     """Class names stored in the checkpoint of ``run`` (a run folder or a ``.pt`` file)."""
     # Imported here, not at the top: it imports torch, which costs start-up time and makes the
     # scoring pool use forkserver instead of fork (see unetcli.evaluation.scoring._start_method).
-    from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
+    from unetcli.checkpoint import load_checkpoint, resolve_checkpoint
 
     return metadata_label_names(load_checkpoint(resolve_checkpoint(run))["metadata"], run)
 

@@ -23,7 +23,7 @@ from unetcli.errors import DataError
 from unetcli.evaluation.cases import find_cases
 from unetcli.evaluation.stats import Comparison, compare_results, format_p_value
 from unetcli.evaluation.summary import EvalResult
-from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
+from unetcli.checkpoint import load_checkpoint, resolve_checkpoint
 from unetcli.workflows.compare.plan import RunSpec, StudyPlan
 
 REPORT_METRICS = ("dice", "hd95", "nsd")

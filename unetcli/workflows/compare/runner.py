@@ -37,7 +37,7 @@ from unetcli.evaluation.stats import Comparison, comparison_csv_text, write_comp
 from unetcli.evaluation.summary import write_json, write_reports
 from unetcli.inference.predict import predict
 from unetcli.models import build_model, count_parameters
-from unetcli.training.checkpoint import load_checkpoint, resolve_checkpoint
+from unetcli.checkpoint import load_checkpoint, resolve_checkpoint
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.compare.figures import write_case_grids, write_curves

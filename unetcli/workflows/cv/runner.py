@@ -32,7 +32,7 @@ from unetcli.evaluation.stats import Comparison, compare_results, comparison_csv
 from unetcli.evaluation.summary import EvalResult, write_json, write_reports
 from unetcli.inference.ensemble import CV_FILE
 from unetcli.inference.predict import predict
-from unetcli.training.checkpoint import load_checkpoint
+from unetcli.checkpoint import load_checkpoint
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
