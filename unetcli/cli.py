@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from unetcli import __version__
-from unetcli.config import RunConfig, apply_overrides, config_file_values, load_config, parse_set_option
+from unetcli.config import RunConfig, apply_overrides, config_file_values, load_config, parse_duration, parse_set_option
 from unetcli.errors import ConfigError, UnetCliError
 
 err_console = Console(stderr=True)
@@ -130,6 +130,10 @@ def _resolve_config(config: Optional[Path], sets: Optional[list[str]], flags: di
     return apply_overrides(cfg, overrides)
 
 
+def _duration(text: Optional[str]) -> Optional[float]:
+    return None if text is None else parse_duration(text)
+
+
 def _explicit_keys(config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any]) -> set[str]:
     """The config keys the user gave (config file, --set, flags): a plan never replaces them."""
     from unetcli.planning.apply import flat_keys
@@ -141,6 +145,9 @@ def _explicit_keys(config: Optional[Path], sets: Optional[list[str]], flags: dic
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/png2d.yaml); flags override it.")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (each = train.iterations_per_epoch iterations + validation).")]
+TimeOpt = Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
+    "Train for this long (e.g. 90s, 45m, 2h, 1h30m; validation included): the learning-rate schedule runs over the time, "
+    "the run ends with its last validation and checkpoint inside it. With --epochs too, whichever ends first."))]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16. auto uses bf16 only where the hardware runs it natively.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (split, sampling, initialisation).")]
@@ -189,6 +196,7 @@ def train(
     config: TrainConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/DATA-NAME_TIMESTAMP).")] = None,
     epochs: EpochsOpt = None,
+    time_: TimeOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Patches per training step (default: the plan's).")] = None,
     lr: LrOpt = None,
     patch_size: Annotated[Optional[str], typer.Option(help="Training patch per axis, e.g. 128,128 (default: the plan's).")] = None,
@@ -218,7 +226,7 @@ def train(
         from unetcli.training.distributed import launch_on_gpus
 
         raise typer.Exit(launch_on_gpus(gpus, _argv_without_option(sys.argv[1:], "--gpus")))
-    flags = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+    flags = {"train.epochs": epochs, "train.time_limit": _duration(time_), "train.batch_size": batch_size, "train.lr": lr,
              "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
              "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
              "train.init": init, "train.freeze_encoder_epochs": freeze_encoder}
@@ -231,8 +239,8 @@ def train(
             ("--preset", preset is not None), ("--no-plan", no_plan),
         ) if given]
         overrides = _resume_overrides(fixed, set_, RESUME_KEYS)
-        overrides.update({"train.epochs": epochs, "train.device": device, "train.precision": precision,
-                          "train.num_threads": num_threads})
+        overrides.update({"train.epochs": epochs, "train.time_limit": _duration(time_), "train.device": device,
+                          "train.precision": precision, "train.num_threads": num_threads})
         result = resume_training(resume, data, overrides, progress=_progress())
         out = resume
     else:
@@ -258,6 +266,8 @@ def _planned_config(data: Path, config: Optional[Path], sets: Optional[list[str]
         raise ConfigError("--no-plan cannot be combined with --plan, --preset or a plan configuration (--config 2d/3d_*)")
     cfg = _resolve_config(config_file, sets, flags)
     explicit = _explicit_keys(config_file, sets, flags)
+    if cfg.train.time_limit is not None and "train.epochs" not in explicit:
+        cfg.train.epochs = None  # a time budget alone: as many epochs as fit
     if no_plan:
         return cfg, {}, explicit
     cfg, saved, fresh, name = planned_run_config(data, cfg, explicit, plan_file, configuration, preset or "plain")
@@ -359,6 +369,11 @@ def cv(
     preset: PresetOpt = None,
     no_plan: NoPlanOpt = False,
     epochs: EpochsOpt = None,
+    time_: Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
+        "Time for the whole cross-validation (e.g. 2h), shared out over the folds (and configurations) to train; "
+        "folds run side by side with --parallel share a slot."))] = None,
+    time_per_fold: Annotated[Optional[str], typer.Option("--time-per-fold", metavar="DURATION", help=(
+        "Time budget of each fold's training (e.g. 20m), as `unet train --time`."))] = None,
     lr: LrOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -374,8 +389,12 @@ def cv(
     from unetcli.workflows.cv.report import cv_table
     from unetcli.workflows.cv.runner import CVOptions, run_cv
 
-    flags = {"train.epochs": epochs, "train.lr": lr, "train.device": device, "train.precision": precision,
-             "train.seed": seed, "train.num_threads": num_threads}
+    from unetcli.workflows.cv.runner import fold_time_budget
+
+    fold_seconds = fold_time_budget(_duration(time_), _duration(time_per_fold), folds, fold, parallel,
+                                    len(configs.split(",")) if configs else 1)
+    flags = {"train.epochs": epochs, "train.time_limit": fold_seconds, "train.lr": lr, "train.device": device,
+             "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads}
     if configs:
         return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)

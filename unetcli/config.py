@@ -87,9 +87,15 @@ class ModelConfig:
 class TrainConfig:
     """The training loop, optimiser, schedule, loss and augmentation."""
 
-    epochs: int = 30
+    epochs: int | None = 30
+    """Epochs to train; ``None`` (only with ``time_limit``): as many as the time allows."""
     iterations_per_epoch: int = 50
     """An epoch is a fixed number of iterations (as in nnU-Net), followed by validation."""
+    time_limit: float | None = None
+    """Training budget in seconds of wall time (data loading and validation included; ``--time 45m``).
+    The learning-rate schedule runs over this time, so short and long budgets both finish their
+    decay; the run stops when the next validation would overrun it. With ``epochs`` too, whichever
+    ends first."""
     batch_size: int | None = None
     """Patches per step; ``None`` = 8 for 2D, 2 for 3D."""
     patch_size: list[int] | None = None
@@ -151,6 +157,28 @@ class TrainConfig:
     the rest (e.g. the head for other classes) is re-initialised (:mod:`unetcli.training.init_weights`)."""
     freeze_encoder_epochs: int = 0
     """With ``init``: keep the encoder (stem + down blocks) fixed for this many epochs."""
+
+    @property
+    def epoch_limit(self) -> int:
+        """``epochs``, or a bound no time budget reaches when only the time limits the run."""
+        return self.epochs if self.epochs is not None else UNLIMITED_EPOCHS
+
+
+UNLIMITED_EPOCHS = 10**9
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, option: str = "--time") -> float:
+    """Seconds in ``90s``, ``45m``, ``2h``, ``1h30m`` or ``1.5h`` (a unit is required)."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", text.strip().lower())
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smh])", "", text.strip().lower()).strip():
+        raise ConfigError(f"{option} '{text}' is not a duration", hint=f"give a number with a unit: {option} 90s, 45m, 2h or 1h30m")
+    seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    if not seconds > 0:
+        raise ConfigError(f"{option} '{text}' must be longer than 0 seconds", hint=f"e.g. {option} 10m")
+    return seconds
 
 
 AUGMENTATION_PROBABILITIES = ("rotate_scale_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
@@ -367,8 +395,14 @@ def validate_config(cfg: RunConfig) -> None:
     for name in ("data", "model", "train", "infer"):
         _check_finite(getattr(cfg, name), name)
     t, m, d = cfg.train, cfg.model, cfg.data
+    if t.epochs is None and t.time_limit is None:
+        raise ConfigError("config key 'train.epochs' is empty and no time budget is set: the run would never end",
+                          hint="set train.epochs (e.g. --epochs 30) or a time budget (--time 45m / train.time_limit in seconds)")
+    if t.time_limit is not None and not t.time_limit > 0:
+        raise ConfigError(f"config key 'train.time_limit' must be a positive number of seconds, got {t.time_limit}",
+                          hint="e.g. --time 45m or --set train.time_limit=2700")
     positive = {
-        "train.epochs": t.epochs,
+        "train.epochs": t.epoch_limit,
         "train.iterations_per_epoch": t.iterations_per_epoch,
         "model.convs_per_level": m.convs_per_level,
     }

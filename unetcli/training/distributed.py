@@ -233,6 +233,16 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` over the ranks (e.g. elapsed seconds, so that every rank takes the same
+    learning rate and stops at the same iteration of a time budget)."""
+    if not current_world().distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     if not current_world().distributed:
         return value

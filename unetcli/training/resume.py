@@ -19,10 +19,10 @@ from unetcli.training.trainer import EpochCallback, TrainResult, train
 
 log = logging.getLogger("unetcli")
 
-RESUME_KEYS = ("train.epochs", "train.device", "train.precision", "train.num_threads", "train.num_workers",
+RESUME_KEYS = ("train.epochs", "train.time_limit", "train.device", "train.precision", "train.num_threads", "train.num_workers",
                "train.checkpoint_interval")
 """Config keys a resumed run may change: none of them alters the model, the data or the optimisation
-(except --epochs, whose schedule change is re-planned; and --precision, which changes the arithmetic)."""
+(except --epochs and --time, whose schedule change is re-planned; and --precision, which changes the arithmetic)."""
 
 
 def resume_training(run: Path, data_dir: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -77,16 +77,34 @@ def _resumed_config(point: ResumePoint, run: Path, overrides: dict[str, Any]) ->
                               hint="use the unetcli version that wrote it") from exc
     if "augmentation" not in point.checkpoint["config"].get("train", {}):
         cfg.train.augmentation = "basic"  # written before presets existed: keep the augmentation it trained with
-    planned = cfg.train.epochs
+    planned, planned_time = cfg.train.epochs, cfg.train.time_limit
     cfg = apply_overrides(cfg, overrides)
-    done, partial = int(point.checkpoint["epoch"]), int(point.checkpoint["resume"]["epoch_iteration"])
-    if cfg.train.epochs <= done:
-        if cfg.train.epochs == planned == done and not partial:
-            raise ConfigError(f"{run}: training already finished all {done} epochs",
-                              hint=f"to train it longer, pass more epochs: unet train --resume {shlex.quote(str(run))} --epochs {2 * done}")
-        raise ConfigError(f"--epochs {cfg.train.epochs} is not more than the {done} epoch(s) {run} has already trained",
-                          hint=f"pass --epochs larger than {done}")
+    if planned_time is None and cfg.train.time_limit is not None:
+        raise ConfigError(f"--time cannot be added to {run}: it was planned by iterations, and its schedule cannot become a "
+                          "schedule over time half-way", hint="resume it with --epochs, or start a new run with --time")
+    _check_more_to_do(point, run, cfg, planned, planned_time)
     return cfg
+
+
+def _check_more_to_do(point: ResumePoint, run: Path, cfg: RunConfig, planned: int | None, planned_time: float | None) -> None:
+    """Refuse to resume a run that has nothing left to train under its (possibly new) epochs and time budget."""
+    t, quoted = cfg.train, shlex.quote(str(run))
+    done, partial = int(point.checkpoint["epoch"]), int(point.checkpoint["resume"]["epoch_iteration"])
+    spent = float(point.checkpoint["resume"].get("elapsed_seconds", 0.0))
+    if t.time_limit is not None and point.checkpoint["resume"].get("finished") and t.time_limit == planned_time \
+            and (t.epochs is None or t.epochs == planned):
+        raise ConfigError(f"{run}: training already used its time budget ({spent:.0f} of {t.time_limit:.0f} s)",
+                          hint=f"to train it longer, give a larger budget: unet train --resume {quoted} --time {2 * t.time_limit / 60:.0f}m")
+    if t.time_limit is not None and t.time_limit <= spent:
+        raise ConfigError(f"--time {t.time_limit:.0f}s is not more than the {spent:.0f} s {run} has already trained",
+                          hint=f"pass a budget larger than {spent / 60:.1f} minutes")
+    if t.epochs is None or t.epochs > done:
+        return
+    if t.epochs == planned == done and not partial:
+        raise ConfigError(f"{run}: training already finished all {done} epochs",
+                          hint=f"to train it longer, pass more epochs: unet train --resume {quoted} --epochs {2 * done}")
+    raise ConfigError(f"--epochs {t.epochs} is not more than the {done} epoch(s) {run} has already trained",
+                      hint=f"pass --epochs larger than {done}")
 
 
 def run_progress(run_dir: Path) -> str:

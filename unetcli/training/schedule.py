@@ -10,6 +10,13 @@ When a run is given a different number of epochs after it started (``unet train 
 taken and decays with the same shape to 0 over the remaining iterations: the rate never jumps
 back up. (While still in warm-up, the warm-up simply continues into the longer schedule, which
 is what a run planned with N epochs from the start would have done.)
+
+A run with a time budget (``unet train --time 45m``) uses the clock ``seconds``: the segments span
+elapsed training seconds (validation included) instead of iterations, so a 10-minute and a
+10-hour run both complete their decay; the warm-up stays a ramp over the first
+``train.warmup_iterations`` steps (or the first 1/30 of the budget, if that ends sooner),
+multiplied in. Such a run is not bit-reproducible (its rates
+depend on the machine's speed); iteration-budget runs are.
 """
 
 from __future__ import annotations
@@ -19,6 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+TIMED_WARMUP_SHARE = 1 / 30
+"""A time-budget run warms up over at most this share of its budget (50 of the default 1,500 iterations)."""
 
 
 def decay(schedule: str, progress: float) -> float:
@@ -45,26 +56,57 @@ class LRPlan:
 
     schedule: str
     segments: list[dict[str, Any]] = field(default_factory=list)
+    clock: str = "iterations"
+    """``iterations``: segments span iterations. ``seconds``: they span elapsed seconds, and
+    :attr:`warmup` iterations ramp the rate up first."""
+    warmup: int = 0
+    """Warm-up iterations of a ``seconds`` plan (an ``iterations`` plan keeps them in its first segment)."""
 
     @classmethod
-    def new(cls, schedule: str, total: int, warmup: int) -> "LRPlan":
+    def new(cls, schedule: str, total: int, warmup: int, seconds: float | None = None) -> "LRPlan":
+        """A plan over ``total`` iterations, or over ``seconds`` of training when that is given."""
+        if seconds is not None:
+            return cls(schedule, [{"start": 0, "end": float(seconds), "start_factor": 1.0, "warmup": 0}], "seconds", int(warmup))
         return cls(schedule, [{"start": 0, "end": int(total), "start_factor": 1.0, "warmup": int(warmup)}])
+
+    @property
+    def timed(self) -> bool:
+        return self.clock == "seconds"
 
     @property
     def total(self) -> int:
         return int(self.segments[-1]["end"])
 
-    def factor(self, iteration: int) -> float:
+    def factor(self, iteration: int, elapsed: float = 0.0) -> float:
+        """The multiplier at step ``iteration`` (0-based), ``elapsed`` seconds into a ``seconds`` plan."""
+        if not self.timed:
+            return self._segment_factor(iteration)
+        ramp = 1.0
+        if self.warmup:  # whichever ends first: the warm-up steps, or the first 1/30 of the budget
+            ramp = min(1.0, max((iteration + 1) / self.warmup, elapsed / (TIMED_WARMUP_SHARE * self.segments[0]["end"])))
+        return ramp * self._segment_factor(elapsed)
+
+    def _segment_factor(self, position: float) -> float:
         segment = self.segments[0]
         for candidate in self.segments:
-            if candidate["start"] <= iteration:
+            if candidate["start"] <= position:
                 segment = candidate
         start, end = segment["start"], segment["end"]
-        return segment["start_factor"] * lr_factor(self.schedule, iteration - start, end - start, segment["warmup"])
+        if self.timed:
+            return segment["start_factor"] * decay(self.schedule, (position - start) / max(1e-9, end - start))
+        return segment["start_factor"] * lr_factor(self.schedule, position - start, end - start, segment["warmup"])
+
+    def replan_seconds(self, elapsed: float, new_seconds: float) -> None:
+        """A ``seconds`` plan given another budget after ``elapsed`` seconds: decay on from the current rate."""
+        if new_seconds == self.segments[-1]["end"]:
+            return
+        start_factor = self._segment_factor(elapsed)
+        self.segments = [s for s in self.segments if s["start"] < elapsed]
+        self.segments.append({"start": float(elapsed), "end": float(new_seconds), "start_factor": float(start_factor), "warmup": 0})
 
     def replan(self, iteration: int, new_total: int) -> None:
         """Re-plan the iterations from ``iteration`` on so that the schedule ends at ``new_total``."""
-        if new_total == self.total:
+        if self.timed or new_total == self.total:
             return
         if new_total <= iteration:
             raise ValueError(f"cannot end the schedule at iteration {new_total}: {iteration} iterations are done")
@@ -77,19 +119,21 @@ class LRPlan:
         self.segments = [s for s in self.segments if s["start"] < iteration]
         self.segments.append({"start": int(iteration), "end": int(new_total), "start_factor": float(start_factor), "warmup": 0})
 
-    def apply(self, optimizer: torch.optim.Optimizer, base_lr: float, iteration: int) -> float:
-        """Set every parameter group's rate for step ``iteration``; returns it."""
-        lr = base_lr * self.factor(iteration)
+    def apply(self, optimizer: torch.optim.Optimizer, base_lr: float, iteration: int, elapsed: float = 0.0) -> float:
+        """Set every parameter group's rate for step ``iteration`` (``elapsed`` seconds in); returns it."""
+        lr = base_lr * self.factor(iteration, elapsed)
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule, "segments": [dict(s) for s in self.segments]}
+        return {"schedule": self.schedule, "segments": [dict(s) for s in self.segments], "clock": self.clock, "warmup": self.warmup}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "LRPlan":
+        clock = str(state.get("clock", "iterations"))  # plans saved before time budgets count iterations
+        number = float if clock == "seconds" else int
         return cls(str(state["schedule"]), [
-            {"start": int(s["start"]), "end": int(s["end"]), "start_factor": float(s["start_factor"]), "warmup": int(s["warmup"])}
+            {"start": number(s["start"]), "end": number(s["end"]), "start_factor": float(s["start_factor"]), "warmup": int(s["warmup"])}
             for s in state["segments"]
-        ])
+        ], clock, int(state.get("warmup", 0)))

@@ -188,7 +188,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         sampler=sampler,
         loss_fn=make_loss(cfg, dataset),
         optimizer=make_optimizer(model, cfg, device),
-        plan=LRPlan.new(t.schedule, t.epochs * t.iterations_per_epoch, t.warmup_iterations),
+        plan=LRPlan.new(t.schedule, t.epoch_limit * t.iterations_per_epoch, t.warmup_iterations, t.time_limit),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         metadata=metadata,
     )

@@ -44,13 +44,13 @@ class TrainState:
     def fresh(cls, device: torch.device) -> "TrainState":
         return cls(loss_sum=torch.zeros((), device=device))
 
-    def to_checkpoint(self, elapsed_seconds: float, epochs: int) -> dict[str, Any]:
+    def to_checkpoint(self, elapsed_seconds: float, finished: bool) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "iteration": self.iteration, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
             "resume": {
                 "epoch_iteration": self.epoch_iteration, "loss_sum": self.loss_sum.detach().to("cpu", copy=True),
                 "history": self.history, "elapsed_seconds": elapsed_seconds,
-                "finished": self.epoch >= epochs and self.epoch_iteration == 0,
+                "finished": finished,
             },
         }
 

@@ -35,7 +35,7 @@ from unetcli.models import count_parameters
 from unetcli.runtime import autocast, configure_cpu_allocator, configure_threads, resolve_device, resolve_precision, seed_everything
 from unetcli.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from unetcli.training.distributed import (any_rank, collective_timeout, current_world, first_over_ranks, join_world, leave_world,
-                                          mean_over_ranks, rank_share, report_failure)
+                                          max_over_ranks, mean_over_ranks, rank_share, report_failure)
 from unetcli.training.init_weights import set_encoder_trainable
 from unetcli.training.interrupts import StopRequest, interrupted, numerical_fault
 from unetcli.training.run_folder import claim_run_dir, is_main_process, run_log_file, write_metrics
@@ -54,6 +54,7 @@ class TrainResult:
     best_dice: float
     best_epoch: int
     epochs: int
+    """Epochs trained (with a time budget: those that fitted)."""
     seconds: float
     parameters: int
     config: RunConfig | None = None
@@ -159,32 +160,63 @@ class Trainer:
         # First iteration (1-based) with a non-finite loss, kept on the device: no host sync per step.
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.stop = StopRequest()
+        self.time_up = False
+        """The time budget is spent (set when the next step would leave too little time to validate and save)."""
+        self.epoch_overhead = 0.0
+        """Seconds the last epoch end took (validation, metrics, checkpoints): reserved from a time budget."""
+        self.lr = parts.config.train.lr * parts.plan.factor(max(0, self.state.iteration - 1), self.state.elapsed_before)
+        """The rate of the last step taken (recorded per epoch)."""
+        self._steps_in_epoch, self._elapsed_in_epoch = 0, 0.0
 
     # ------------------------------------------------------------------ the loop
 
     def run(self, progress: bool = True, on_epoch: EpochCallback | None = None) -> TrainResult:
         t, s = self.cfg.train, self.state
-        with self.stop, tqdm(total=self.parts.plan.total, initial=s.iteration, disable=not progress, unit="it",
+        total = None if t.time_limit is not None else self.max_iterations
+        with self.stop, tqdm(total=total, initial=s.iteration, disable=not progress, unit="it",
                              dynamic_ncols=True, leave=False) as self.bar:
             self.parts.model.train()
             batches = self._batches()
-            while s.epoch < t.epochs:
+            while s.epoch < t.epoch_limit and not self.time_up:
                 epoch_start = time.perf_counter()
                 if t.freeze_encoder_epochs:  # fine-tuning: the encoder learns only after the first epochs
                     set_encoder_trainable(self.parts.model, s.epoch >= t.freeze_encoder_epochs)
-                self._train_epoch(batches)
+                steps = self._train_epoch(batches)
+                if steps == 0 and s.epoch_iteration == 0:  # the budget ran out at an epoch's end: nothing new to validate
+                    self._save("last")  # marks the run finished
+                    break
                 self._stop_if_requested()  # before validation, which can take a while
-                record = self._end_epoch(epoch_start)
+                record = self._end_epoch(epoch_start, steps)
                 if on_epoch is not None:
                     on_epoch(record)
                 self._stop_if_requested()
         seconds = time.perf_counter() - self.start
+        if t.time_limit is not None:
+            log.info("time budget: %d iterations in %.0f s of training (%.0f s budget)", s.iteration, self._elapsed(), t.time_limit)
         log.info("done in %.0f s; best val Dice %.4f at epoch %d; run folder %s", seconds, s.best_dice, s.best_epoch, self.out)
-        return TrainResult(self.out, s.best_dice, s.best_epoch, t.epochs, seconds, count_parameters(self.parts.model), self.cfg)
+        return TrainResult(self.out, s.best_dice, s.best_epoch, s.epoch, seconds, count_parameters(self.parts.model), self.cfg)
+
+    @property
+    def max_iterations(self) -> int:
+        t = self.cfg.train
+        return t.epoch_limit * t.iterations_per_epoch
+
+    def _clock(self) -> float:
+        """Elapsed training seconds, the same on every rank (the largest) when a time budget drives the schedule."""
+        elapsed = self._elapsed()
+        return max_over_ranks(elapsed) if self.cfg.train.time_limit is not None else elapsed
+
+    def _out_of_time(self, elapsed: float) -> bool:
+        """Whether one more step would leave too little of the budget for the epoch's end (validation, saving)."""
+        limit = self.cfg.train.time_limit
+        if limit is None:
+            return False
+        step = self._elapsed_in_epoch / self._steps_in_epoch if self._steps_in_epoch else 0.0
+        return elapsed + step + self.epoch_overhead >= limit
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = self.parts.sampler
-        batches = iterate_batches(sampler, sampler.position, self.parts.plan.total, default_num_workers(self.cfg),
+        batches = iterate_batches(sampler, sampler.position, self.max_iterations, default_num_workers(self.cfg),
                                   pin_memory=self.device.type == "cuda")
         if self.resume is not None:
             # After creating the batch iterator, which draws its worker seed from torch's generator,
@@ -192,10 +224,16 @@ class Trainer:
             restore_rng_state(self.resume.checkpoint["rng"])
         return batches
 
-    def _train_epoch(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _train_epoch(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Train until the epoch is complete or the time budget is spent; returns the steps taken."""
         t, s, p = self.cfg.train, self.state, self.parts
+        self._steps_in_epoch, self._elapsed_in_epoch, began = 0, 0.0, time.perf_counter()
         while s.epoch_iteration < t.iterations_per_epoch:
             self._stop_if_requested()
+            elapsed = self._clock()
+            if self._out_of_time(elapsed):
+                self.time_up = True
+                break
             try:
                 images, labels = next(batches)
             except Exception:
@@ -206,42 +244,58 @@ class Trainer:
             images, labels = rank_share(images, labels)
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=p.memory_format)
             labels = labels.to(self.device, non_blocking=True)
-            p.plan.apply(p.optimizer, t.lr, s.iteration)
+            self.lr = p.plan.apply(p.optimizer, t.lr, s.iteration, elapsed)
             loss = train_step(p.train_model, images, labels, p.loss_fn, p.optimizer, p.scaler, self.device, self.precision, t.grad_clip)
             s.loss_sum += loss
             s.iteration += 1
             s.epoch_iteration += 1
             self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad >= 0), self.first_bad, s.iteration)
             self.bar.update(1)
+            self._steps_in_epoch += 1
+            self._elapsed_in_epoch = time.perf_counter() - began
             if t.checkpoint_interval and s.iteration % t.checkpoint_interval == 0 and s.epoch_iteration < t.iterations_per_epoch:
                 self._save("last")
+        return self._steps_in_epoch
 
-    def _end_epoch(self, epoch_start: float) -> dict[str, Any]:
-        """Validate, record, write metrics and curves, save ``last.pt`` (and ``best.pt``), log."""
+    def _end_epoch(self, epoch_start: float, steps: int) -> dict[str, Any]:
+        """Validate, record, write metrics and curves, save ``last.pt`` (and ``best.pt``), log.
+        ``steps``: iterations this process trained in the epoch (fewer when resumed in it or out of time)."""
         t, s = self.cfg.train, self.state
         self._check_finite()
-        train_loss = float(mean_over_ranks(s.loss_sum)) / t.iterations_per_epoch  # one host sync per epoch
+        iterations = max(1, s.epoch_iteration)  # an epoch cut short by the time budget has fewer
+        train_loss = float(mean_over_ranks(s.loss_sum)) / iterations  # one host sync per epoch
         train_seconds = time.perf_counter() - epoch_start
+        end_start = time.perf_counter()
         val = validate(self.parts.model, self.dataset, self.parts.val_names, self.cfg, self.parts.patch,
                        self.device, self.precision)
         s.epoch += 1
         s.epoch_iteration = 0
         s.loss_sum = torch.zeros((), device=self.device)
-        record = {"epoch": s.epoch, "iteration": s.iteration, "train_loss": train_loss,
-                  "lr": t.lr * self.parts.plan.factor(s.iteration - 1), "epoch_seconds": train_seconds,
+        record = {"epoch": s.epoch, "iteration": s.iteration, "epoch_iterations": iterations, "train_loss": train_loss,
+                  "lr": self.lr, "epoch_seconds": train_seconds,
+                  "seconds_per_iteration": train_seconds / steps if steps else None,
                   "val_seconds": time.perf_counter() - epoch_start - train_seconds,
                   "elapsed_seconds": self._elapsed(), **{f"val_{k}": v for k, v in val.items()}}
         s.history.append(record)
         improved = math.isfinite(val["dice_mean"]) and val["dice_mean"] > s.best_dice
+        self.epoch_overhead = max(self.epoch_overhead, time.perf_counter() - end_start)
+        self.time_up = self.time_up or self._out_of_time(self._clock())  # decided before saving: last.pt says whether it is done
         if improved:
             s.best_dice, s.best_epoch = val["dice_mean"], s.epoch
         # metrics first: a crash before last.pt re-runs this epoch, and resuming truncates metrics to last.pt.
         write_metrics(self.out, s.history)
         self._save(*(("best", "last") if improved else ("last",)))  # best before last: see _save
+        self.epoch_overhead = time.perf_counter() - end_start
         self.bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{val['dice_mean']:.3f}")
-        log.info("epoch %d/%d  loss %.4f  val Dice %.4f  (%.1f s)%s", s.epoch, t.epochs, train_loss,
-                 val["dice_mean"], train_seconds, "  best" if improved else "")
+        log.info("epoch %s  loss %.4f  val Dice %.4f  (%.1f s, %s it)%s", self._epoch_text(), train_loss,
+                 val["dice_mean"], train_seconds, iterations, "  best" if improved else "")
         return record
+
+    def _epoch_text(self) -> str:
+        t, s = self.cfg.train, self.state
+        if t.time_limit is None:
+            return f"{s.epoch}/{t.epochs}"
+        return f"{s.epoch}{f'/{t.epochs}' if t.epochs else ''} ({self._elapsed():.0f}/{t.time_limit:.0f} s)"
 
     # ------------------------------------------------------------------ saving and stopping
 
@@ -286,12 +340,16 @@ class Trainer:
             "config": config_to_dict(self.cfg), "metadata": p.metadata, "model": p.model.state_dict(),
             "optimizer": p.optimizer.state_dict(), "scheduler": p.plan.state_dict(), "scaler": p.scaler.state_dict(),
             "sampler": p.sampler.state_dict(), "rng": capture_rng_state(),
-            **self.state.to_checkpoint(self._elapsed(), self.cfg.train.epochs),
+            **self.state.to_checkpoint(self._elapsed(), self._finished()),
         }
         checkpoint["resume"].update({"split": {"train": p.train_names, "val": p.val_names},
                                      "data_dir": str(self.data_dir), "precision": self.precision,
                                      "world_size": current_world().world_size})
         return checkpoint
+
+    def _finished(self) -> bool:
+        s = self.state
+        return self.time_up or (s.epoch >= self.cfg.train.epoch_limit and s.epoch_iteration == 0)
 
     # ------------------------------------------------------------------ run files and logs
 
@@ -318,7 +376,9 @@ class Trainer:
 
     def _log_resumed(self) -> None:
         s, t = self.state, self.cfg.train
-        self.parts.plan.replan(s.iteration, t.epochs * t.iterations_per_epoch)  # a changed --epochs: decay on, never back up
+        self.parts.plan.replan(s.iteration, self.max_iterations)  # a changed --epochs: decay on, never back up
+        if t.time_limit is not None:
+            self.parts.plan.replan_seconds(s.elapsed_before, t.time_limit)  # a changed --time: the same
         if self.resume is not None and self.resume.precision not in (None, self.precision):
             log.warning("this run trained with %s precision and continues with %s: results will differ from an "
                         "uninterrupted run", self.resume.precision, self.precision)
@@ -327,7 +387,8 @@ class Trainer:
             log.warning("this run trained with %d process(es) and continues with %d: the global batch is the same, "
                         "but sums are reduced in another order, so results are no longer bit-identical",
                         saved_world, current_world().world_size)
-        log.info("resuming %s in epoch %d/%d after iteration %d", self.out, s.epoch + 1, t.epochs, s.iteration)
+        log.info("resuming %s in epoch %d%s after iteration %d%s", self.out, s.epoch + 1, f"/{t.epochs}" if t.epochs else "",
+                 s.iteration, f", {s.elapsed_before:.0f} of {t.time_limit:.0f} s spent" if t.time_limit else "")
 
 
 def _world_text() -> str:

@@ -16,6 +16,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,19 @@ def _check_same_splits(out: Path, splits: list[Fold]) -> None:
     if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("folds") != splits:
         raise OutputError(f"{path}: the folds differ from this command's (another --seed, --group-by or --splits?)",
                           hint="rerun with the options that made this folder, or pass --overwrite")
+
+
+def fold_time_budget(total: float | None, per_fold: float | None, folds: int, only_fold: int | None,
+                     parallel: int | None, configurations: int = 1) -> float | None:
+    """Seconds of training per fold: ``per_fold``, or the whole cross-validation's ``total`` shared out
+    over the folds of every configuration (folds run ``parallel`` at a time share a slot; a single
+    ``--fold`` run takes its share, as if every fold ran on its own machine one after another)."""
+    if total is not None and per_fold is not None:
+        raise ConfigError("--time and --time-per-fold cannot be combined", hint="give the whole budget (--time) or each fold's (--time-per-fold)")
+    if total is None:
+        return per_fold
+    slots = math.ceil(max(1, folds) / max(1, parallel or 1)) if only_fold is None else max(1, folds)
+    return total / (slots * max(1, configurations))
 
 
 def make_splits(files: DatasetFiles, options: CVOptions) -> list[Fold]:
