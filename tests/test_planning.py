@@ -295,3 +295,23 @@ def test_shipped_thick_slice_data_gets_nnunets_plan(tmp_path: Path, monkeypatch:
     assert full["model"]["kernel_sizes"] == [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]]
     assert full["model"]["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]]
     assert plan["2d"]["config"]["train"] == {"patch_size": [40, 48], "batch_size": 3}
+
+
+def test_a_cpu_plans_the_same_whatever_its_speed_or_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --memory a CPU plans for nnU-Net's 8 GB reference: a speed probe taken on a busy machine (here
+    100x slower) changes only the estimated seconds per step, never the patch or the batch."""
+    from unetcli.planning import budget
+
+    thick = Path(unetcli.__file__).parent / "demo_data" / "mni_thick_3d"
+    plans = {}
+    for name, rate in (("idle", 2e11), ("busy", 2e9)):
+        monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / name))
+        monkeypatch.setattr(budget, "_measure_rate", lambda rate=rate: rate)
+        out = tmp_path / f"{name}.yaml"
+        result = invoke("plan", thick, "--out", out, "--time", "30m", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        assert "8 GB (nnU-Net's reference GPU" in result.output and "iterations in 30 min" in result.output
+        plans[name] = yaml.safe_load(out.read_text())["configurations"]
+    configs = {name: {c: v["config"] for c, v in plan.items()} for name, plan in plans.items()}
+    assert configs["idle"] == configs["busy"]  # only the estimates beside them (seconds per step) differ
+    assert plans["idle"]["3d_fullres"]["config"]["train"] == {"patch_size": [40, 48, 10], "batch_size": 2}  # nnU-Net's

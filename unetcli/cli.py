@@ -321,9 +321,14 @@ def plan_(
     data: Annotated[Path, typer.Argument(help="Dataset folder, as for `unet train`.")],
     out: Annotated[Optional[Path], typer.Option(help="Write the plan to this YAML file (e.g. plans.yaml); without it, only print it.")] = None,
     memory: Annotated[Optional[float], typer.Option("--memory", metavar="GB", help=(
-        "Memory budget of a training step in GB (default: 85 % of the GPU's memory on CUDA; on a CPU, a step of about "
-        "--step-seconds on this machine)."))] = None,
-    step_seconds: Annotated[Optional[float], typer.Option(help="CPU budget without --memory: seconds per training step.")] = None,
+        "Memory budget of a training step in GB (default: 85 % of the GPU's memory on CUDA; on a CPU nnU-Net's 8 GB "
+        "reference, so that the plan is the same on every machine)."))] = None,
+    step_seconds: Annotated[Optional[float], typer.Option(help=(
+        "Size the patch for a training step of this many seconds on this CPU instead (the plan then follows the "
+        "machine's measured speed, and its load while measuring)."))] = None,
+    time_: Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
+        "The training time you have (e.g. 30m): the table adds how many iterations each configuration fits in it "
+        "at this machine's estimated speed."))] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
@@ -343,7 +348,7 @@ def plan_(
         check_plan_output(out, overwrite)
     plan = plan_dataset(data, cfg, memory_gb=memory, step_seconds=step_seconds, preset=preset or "plain")
     console.print(fingerprint_table(plan))
-    console.print(plan_table(plan))
+    console.print(plan_table(plan, _duration(time_)))
     if out is not None:
         write_plan(plan, out, f"unet plan {data} (budget: {plan.budget})")
         console.print(f"wrote {out}; train with: unet train {data} --plan {out} [--config {' | '.join(plan.configurations)}]")

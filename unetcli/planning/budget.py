@@ -1,5 +1,13 @@
-"""What a training step may cost: a memory budget (GPU memory or ``--memory``) or, on a CPU, a
-step time measured against this machine's convolution throughput."""
+"""What a training step may cost: a memory budget (GPU memory, ``--memory``, or on a CPU nnU-Net's
+8 GB reference), or, only when asked for (``--step-seconds``), a step time measured against this
+machine's convolution throughput.
+
+Why a CPU plans for a fixed memory and not for its own speed: a plan sized from a speed reading
+differs between machines and, worse, on one machine depending on its load when it was measured
+(a reading taken beside another job once gave 2 mm brain octants a 16 x 20 x 14 patch instead of
+40 x 48 x 40, and the model lost 0.2 Dice on other scanners' scans). The patch is the context
+the network sees, so it stays the plan's; a slow machine trains fewer iterations instead
+(``unet train --time``). The measured speed only estimates seconds per step in the plan table."""
 
 from __future__ import annotations
 
@@ -16,7 +24,9 @@ import torch
 from unetcli.planning.rules import Network, training_flops, training_memory_bytes
 
 CPU_STEP_SECONDS = 2.0
-"""Default CPU budget: a training step of about this many seconds on the machine that plans."""
+"""The step-time budget of ``unet plan --step-seconds`` when a caller asks for one without a value."""
+REFERENCE_MEMORY_GB = 8.0
+"""Without ``--memory`` a CPU plans for nnU-Net's reference GPU: 8 GB, 16-bit activations."""
 NETWORK_EFFICIENCY = 1.0
 """A whole U-Net training step runs at about the throughput of the timed convolution (measured on a
 2-core AVX2 CPU: probe 82 GFLOP/s; 3D U-Net steps of 110-220 GFLOP at 71-95 GFLOP/s)."""
@@ -72,15 +82,18 @@ def cpu_budget(step_seconds: float = CPU_STEP_SECONDS, bytes_per_element: int = 
 def default_budget(device: torch.device, memory_gb: float | None, step_seconds: float | None,
                    bytes_per_element: int) -> Budget:
     """``--memory`` wins; else the GPU's memory on CUDA (85 % of it, the rest is the CUDA context and
-    the allocator's slack); else a CPU step time. The CPU throughput is still measured with a
-    memory budget so the table can show seconds per step."""
+    the allocator's slack); else ``--step-seconds`` on this CPU if given; else nnU-Net's 8 GB
+    reference at 16 bits, whatever this CPU's precision, so that every machine plans alike. The CPU
+    throughput is still measured (once, cached) so the table can show seconds per step."""
     if memory_gb is not None:
         budget = memory_budget(memory_gb, bytes_per_element, "--memory")
     elif device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 1e9
         budget = memory_budget(round(0.85 * total, 1), bytes_per_element, f"85 % of {torch.cuda.get_device_name(device)}")
+    elif step_seconds is not None:
+        return cpu_budget(step_seconds, bytes_per_element)
     else:
-        return cpu_budget(step_seconds or CPU_STEP_SECONDS, bytes_per_element)
+        budget = memory_budget(REFERENCE_MEMORY_GB, 2, "nnU-Net's reference GPU; on a CPU the plan does not depend on its speed")
     rate = cpu_convolution_rate() if device.type == "cpu" else None
     return Budget(budget.bytes_per_element, memory_bytes=budget.memory_bytes, flops_per_second=rate,
                   description=budget.description)

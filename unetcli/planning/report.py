@@ -31,7 +31,9 @@ def fingerprint_table(plan: Plan) -> Table:
     return table
 
 
-def plan_table(plan: Plan) -> Table:
+def plan_table(plan: Plan, time_budget: float | None = None) -> Table:
+    """One column per configuration; with ``time_budget`` (seconds) also the iterations it fits at the
+    estimated step time (the patch and batch stay the plan's: a budget changes how long, not what, is trained)."""
     names = list(plan.configurations)
     table = Table(title=f"plan (default: {plan.default}); kernels and strides per level, axes concatenated")
     table.add_column("")
@@ -51,9 +53,15 @@ def plan_table(plan: Plan) -> Table:
         "estimated memory per step": lambda c: f"{c.memory_gb:.2f} GB",
         "estimated seconds per step": lambda c: "-" if c.seconds_per_step is None else f"{c.seconds_per_step:.2f} s",
     }
+    if time_budget is not None:
+        rows[f"iterations in {time_budget / 60:g} min (estimate)"] = lambda c: (
+            "-" if not c.seconds_per_step else f"{int(time_budget // c.seconds_per_step):,}")
     for label, cell in rows.items():
         table.add_row(label, *(cell(plan.configurations[n]) for n in names))
     notes = [f"{n}: {note}" for n in names for note in plan.configurations[n].notes]
+    if time_budget is not None:
+        notes.append(f"train with: unet train DATA --time {time_budget / 60:g}m (the schedule runs over the time; "
+                     "nnU-Net trains 250,000 iterations)")
     if notes:
         table.caption = "; ".join(notes)
     return table

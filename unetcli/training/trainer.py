@@ -260,7 +260,7 @@ class Trainer:
     def _end_epoch(self, epoch_start: float, steps: int) -> dict[str, Any]:
         """Validate, record, write metrics and curves, save ``last.pt`` (and ``best.pt``), log.
         ``steps``: iterations this process trained in the epoch (fewer when resumed in it or out of time)."""
-        t, s = self.cfg.train, self.state
+        s = self.state
         self._check_finite()
         iterations = max(1, s.epoch_iteration)  # an epoch cut short by the time budget has fewer
         train_loss = float(mean_over_ranks(s.loss_sum)) / iterations  # one host sync per epoch
