@@ -232,12 +232,11 @@ def train(
              "train.init": init, "train.freeze_encoder_epochs": freeze_encoder}
     if resume is not None:
         fixed = [name for name, given in (
-            ("--config", config is not None), ("--batch-size", batch_size is not None), ("--lr", lr is not None),
-            ("--patch-size", patch_size is not None), ("--model-skip", model_skip is not None), ("--seed", seed is not None),
-            ("--overwrite", overwrite), ("--out", out is not None and out.resolve() != resume.resolve()),
-            ("--init", init is not None), ("--freeze-encoder", freeze_encoder is not None), ("--plan", plan is not None),
-            ("--preset", preset is not None), ("--no-plan", no_plan),
-        ) if given]
+            ("--config", config), ("--batch-size", batch_size), ("--lr", lr), ("--patch-size", patch_size),
+            ("--model-skip", model_skip), ("--seed", seed), ("--overwrite", overwrite or None),
+            ("--out", out if out is not None and out.resolve() != resume.resolve() else None), ("--init", init),
+            ("--freeze-encoder", freeze_encoder), ("--plan", plan), ("--preset", preset), ("--no-plan", no_plan or None),
+        ) if given is not None]
         overrides = _resume_overrides(fixed, set_, RESUME_KEYS)
         overrides.update({"train.epochs": epochs, "train.time_limit": _duration(time_), "train.device": device,
                           "train.precision": precision, "train.num_threads": num_threads})
@@ -394,12 +393,8 @@ def cv(
     from unetcli.workflows.cv.report import cv_table
     from unetcli.workflows.cv.runner import CVOptions, run_cv
 
-    from unetcli.workflows.cv.runner import fold_time_budget
-
-    fold_seconds = fold_time_budget(_duration(time_), _duration(time_per_fold), folds, fold, parallel,
-                                    len(configs.split(",")) if configs else 1)
-    flags = {"train.epochs": epochs, "train.time_limit": fold_seconds, "train.lr": lr, "train.device": device,
-             "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads}
+    flags = {"train.epochs": epochs, "train.time_limit": _fold_seconds(time_, time_per_fold, folds, fold, parallel, configs),
+             "train.lr": lr, "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads}
     if configs:
         return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
@@ -421,6 +416,13 @@ def cv(
     console.print(cv_table(result))
     console.print(f"out-of-fold scores: {out}/summary.json, {out}/metrics.csv; postprocessing: {result.postprocessing['choice']}; "
                   f"predict with the ensemble: unet predict {out} IN OUT")
+
+
+def _fold_seconds(total: Optional[str], per_fold: Optional[str], folds: int, fold: Optional[int], parallel: Optional[int],
+                  configs: Optional[str]) -> Optional[float]:
+    from unetcli.workflows.cv.runner import fold_time_budget
+
+    return fold_time_budget(_duration(total), _duration(per_fold), folds, fold, parallel, len(configs.split(",")) if configs else 1)
 
 
 def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Path], sets: Optional[list[str]],

@@ -390,17 +390,21 @@ def _check_finite(section: Any, prefix: str) -> None:
                               hint=f"set a real number, e.g. --set {prefix}.{f.name}=...")
 
 
-def validate_config(cfg: RunConfig) -> None:
-    """Value checks that types alone cannot express."""
-    for name in ("data", "model", "train", "infer"):
-        _check_finite(getattr(cfg, name), name)
-    t, m, d = cfg.train, cfg.model, cfg.data
+def _check_budget(t: TrainConfig) -> None:
     if t.epochs is None and t.time_limit is None:
         raise ConfigError("config key 'train.epochs' is empty and no time budget is set: the run would never end",
                           hint="set train.epochs (e.g. --epochs 30) or a time budget (--time 45m / train.time_limit in seconds)")
     if t.time_limit is not None and not t.time_limit > 0:
         raise ConfigError(f"config key 'train.time_limit' must be a positive number of seconds, got {t.time_limit}",
                           hint="e.g. --time 45m or --set train.time_limit=2700")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    for name in ("data", "model", "train", "infer"):
+        _check_finite(getattr(cfg, name), name)
+    t, m, d = cfg.train, cfg.model, cfg.data
+    _check_budget(t)
     positive = {
         "train.epochs": t.epoch_limit,
         "train.iterations_per_epoch": t.iterations_per_epoch,

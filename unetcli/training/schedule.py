@@ -57,7 +57,9 @@ class LRPlan:
     schedule: str
     segments: list[dict[str, Any]] = field(default_factory=list)
     clock: str = "iterations"
-    """``iterations``: segments span iterations. ``seconds``: they span elapsed seconds, and
+    """``iterations``: segments span iterations. ``seconds``: they span elapsed seconds and also
+    iterations (``start_iteration`` .. ``end_iteration``, for ``--epochs`` given beside ``--time``):
+    the progress is whichever is further along, so the decay ends with whichever budget ends first;
     :attr:`warmup` iterations ramp the rate up first."""
     warmup: int = 0
     """Warm-up iterations of a ``seconds`` plan (an ``iterations`` plan keeps them in its first segment)."""
@@ -66,7 +68,8 @@ class LRPlan:
     def new(cls, schedule: str, total: int, warmup: int, seconds: float | None = None) -> "LRPlan":
         """A plan over ``total`` iterations, or over ``seconds`` of training when that is given."""
         if seconds is not None:
-            return cls(schedule, [{"start": 0, "end": float(seconds), "start_factor": 1.0, "warmup": 0}], "seconds", int(warmup))
+            return cls(schedule, [{"start": 0.0, "end": float(seconds), "start_iteration": 0, "end_iteration": int(total),
+                                   "start_factor": 1.0, "warmup": 0}], "seconds", int(warmup))
         return cls(schedule, [{"start": 0, "end": int(total), "start_factor": 1.0, "warmup": int(warmup)}])
 
     @property
@@ -84,29 +87,42 @@ class LRPlan:
         ramp = 1.0
         if self.warmup:  # whichever ends first: the warm-up steps, or the first 1/30 of the budget
             ramp = min(1.0, max((iteration + 1) / self.warmup, elapsed / (TIMED_WARMUP_SHARE * self.segments[0]["end"])))
-        return ramp * self._segment_factor(elapsed)
+        return ramp * self._timed_factor(iteration, elapsed)
 
-    def _segment_factor(self, position: float) -> float:
+    def _segment_at(self, position: float) -> dict[str, Any]:
         segment = self.segments[0]
         for candidate in self.segments:
             if candidate["start"] <= position:
                 segment = candidate
-        start, end = segment["start"], segment["end"]
-        if self.timed:
-            return segment["start_factor"] * decay(self.schedule, (position - start) / max(1e-9, end - start))
-        return segment["start_factor"] * lr_factor(self.schedule, position - start, end - start, segment["warmup"])
+        return segment
 
-    def replan_seconds(self, elapsed: float, new_seconds: float) -> None:
-        """A ``seconds`` plan given another budget after ``elapsed`` seconds: decay on from the current rate."""
-        if new_seconds == self.segments[-1]["end"]:
+    def _segment_factor(self, iteration: int) -> float:
+        segment = self._segment_at(iteration)
+        start, end = segment["start"], segment["end"]
+        return segment["start_factor"] * lr_factor(self.schedule, iteration - start, end - start, segment["warmup"])
+
+    def _timed_factor(self, iteration: int, elapsed: float) -> float:
+        segment = self._segment_at(elapsed)
+        by_time = (elapsed - segment["start"]) / max(1e-9, segment["end"] - segment["start"])
+        by_steps = (iteration - segment["start_iteration"]) / max(1, segment["end_iteration"] - segment["start_iteration"])
+        return segment["start_factor"] * decay(self.schedule, max(by_time, by_steps))
+
+    def replan_timed(self, iteration: int, elapsed: float, new_total: int, new_seconds: float) -> None:
+        """A ``seconds`` plan given another budget (time and/or iterations) after ``iteration`` steps and
+        ``elapsed`` seconds: it decays on from the current rate, never back up."""
+        last = self.segments[-1]
+        if (new_seconds, new_total) == (last["end"], last["end_iteration"]):
             return
-        start_factor = self._segment_factor(elapsed)
+        start_factor = self._timed_factor(max(0, iteration - 1), elapsed)
         self.segments = [s for s in self.segments if s["start"] < elapsed]
-        self.segments.append({"start": float(elapsed), "end": float(new_seconds), "start_factor": float(start_factor), "warmup": 0})
+        self.segments.append({"start": float(elapsed), "end": float(new_seconds), "start_iteration": int(iteration),
+                              "end_iteration": int(new_total), "start_factor": float(start_factor), "warmup": 0})
 
     def replan(self, iteration: int, new_total: int) -> None:
         """Re-plan the iterations from ``iteration`` on so that the schedule ends at ``new_total``."""
-        if self.timed or new_total == self.total:
+        if self.timed:
+            raise ValueError("a plan over time is re-planned with replan_timed")
+        if new_total == self.total:
             return
         if new_total <= iteration:
             raise ValueError(f"cannot end the schedule at iteration {new_total}: {iteration} iterations are done")
@@ -132,8 +148,11 @@ class LRPlan:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "LRPlan":
         clock = str(state.get("clock", "iterations"))  # plans saved before time budgets count iterations
-        number = float if clock == "seconds" else int
-        return cls(str(state["schedule"]), [
-            {"start": number(s["start"]), "end": number(s["end"]), "start_factor": float(s["start_factor"]), "warmup": int(s["warmup"])}
-            for s in state["segments"]
-        ], clock, int(state.get("warmup", 0)))
+        if clock == "seconds":
+            segments = [{"start": float(s["start"]), "end": float(s["end"]), "start_iteration": int(s["start_iteration"]),
+                         "end_iteration": int(s["end_iteration"]), "start_factor": float(s["start_factor"]), "warmup": 0}
+                        for s in state["segments"]]
+        else:
+            segments = [{"start": int(s["start"]), "end": int(s["end"]), "start_factor": float(s["start_factor"]),
+                         "warmup": int(s["warmup"])} for s in state["segments"]]
+        return cls(str(state["schedule"]), segments, clock, int(state.get("warmup", 0)))

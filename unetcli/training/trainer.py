@@ -209,7 +209,7 @@ class Trainer:
     def _out_of_time(self, elapsed: float) -> bool:
         """Whether one more step would leave too little of the budget for the epoch's end (validation, saving)."""
         limit = self.cfg.train.time_limit
-        if limit is None:
+        if limit is None or self.state.iteration == 0:  # one step at least, so that the run folder is complete
             return False
         step = self._elapsed_in_epoch / self._steps_in_epoch if self._steps_in_epoch else 0.0
         return elapsed + step + self.epoch_overhead >= limit
@@ -244,7 +244,8 @@ class Trainer:
             images, labels = rank_share(images, labels)
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=p.memory_format)
             labels = labels.to(self.device, non_blocking=True)
-            self.lr = p.plan.apply(p.optimizer, t.lr, s.iteration, elapsed)
+            # The epoch's end (validation, saving) is reserved, so a time schedule reaches its end at the last step.
+            self.lr = p.plan.apply(p.optimizer, t.lr, s.iteration, elapsed + self.epoch_overhead)
             loss = train_step(p.train_model, images, labels, p.loss_fn, p.optimizer, p.scaler, self.device, self.precision, t.grad_clip)
             s.loss_sum += loss
             s.iteration += 1
@@ -376,9 +377,10 @@ class Trainer:
 
     def _log_resumed(self) -> None:
         s, t = self.state, self.cfg.train
-        self.parts.plan.replan(s.iteration, self.max_iterations)  # a changed --epochs: decay on, never back up
-        if t.time_limit is not None:
-            self.parts.plan.replan_seconds(s.elapsed_before, t.time_limit)  # a changed --time: the same
+        if self.parts.plan.timed:  # a changed --time or --epochs: decay on, never back up
+            self.parts.plan.replan_timed(s.iteration, s.elapsed_before, self.max_iterations, t.time_limit)
+        else:
+            self.parts.plan.replan(s.iteration, self.max_iterations)
         if self.resume is not None and self.resume.precision not in (None, self.precision):
             log.warning("this run trained with %s precision and continues with %s: results will differ from an "
                         "uninterrupted run", self.resume.precision, self.precision)
