@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,7 +141,8 @@ class TrainConfig:
     num_workers: int | None = None
     """Processes building batches; ``None`` = 0 on machines with <= 2 cores, else min(4, cores // 2)."""
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 where the CPU/GPU runs it natively, fp16 on older GPUs, else fp32."""
     channels_last: bool | None = None
@@ -405,6 +407,9 @@ def validate_config(cfg: RunConfig) -> None:
         _check_finite(getattr(cfg, name), name)
     t, m, d = cfg.train, cfg.model, cfg.data
     _check_budget(t)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device.strip().lower()):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'",
+                          hint="e.g. --device cuda:1")
     positive = {
         "train.epochs": t.epoch_limit,
         "train.iterations_per_epoch": t.iterations_per_epoch,

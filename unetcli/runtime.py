@@ -21,13 +21,32 @@ log = logging.getLogger("unetcli")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DEVICE_NAMES = "auto | cpu | cuda | cuda:N | mps"
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda:N`` picks a GPU; ``mps`` Apple's GPU.
+    Asking for a device this machine does not have is an error."""
+    name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available", hint="use --device cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}' is not a device", hint=f"use one of {DEVICE_NAMES}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available", hint="use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}",
+                              hint="pick one of them, or --device cuda for the first")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps was asked for but this torch has no MPS (Apple GPU) support here", hint="use --device cpu")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device '{name}' is not supported", hint=f"use one of {DEVICE_NAMES}")
+    return device
 
 
 @lru_cache(maxsize=1)

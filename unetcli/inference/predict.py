@@ -226,9 +226,10 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
 
     The volume is preprocessed as in training (RAS, crop, resample, normalise), predicted on the
     network grid (3D windows, or slice by slice for a 2D-on-3D model) and mapped back. Without
-    ``keep_probabilities`` windows are reduced to labels slab by slab and labels are resampled
-    by nearest neighbour, so memory does not grow with the number of classes; with it, class
-    probabilities are resampled one class at a time (smoother boundaries, K x the memory).
+    ``keep_probabilities`` the labels go back to the file's grid class by class (each class's
+    indicator resampled linearly, the largest wins: nnU-Net's segmentation resampling), so memory
+    holds two volumes whatever the number of classes; with it, class probabilities are resampled
+    one class at a time (smoother boundaries, K x the memory).
     """
     meta = loaded.metadata
     image, props = read_image(paths)
