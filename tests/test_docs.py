@@ -56,15 +56,31 @@ def markdown_files() -> list[Path]:
     return [README, *sorted(DOCS.glob("*.md"))]
 
 
+def anchors(path: Path) -> set[str]:
+    """The heading anchors GitHub makes for a Markdown file (lower case, punctuation dropped,
+    spaces to hyphens, -1, -2, ... for repeats)."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
 def broken_links(path: Path, root: Path = ROOT) -> list[str]:
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # links in code are not links
     broken = []
     for target in LINK.findall(text):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL, or an anchor in the same file
-        file_part = target.split("#", 1)[0]
-        if not (path.parent / file_part).exists():
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part) if file_part else path
+        if not linked.exists():
             broken.append(f"{path.relative_to(root)}: {target}")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{path.relative_to(root)}: {target} (no such heading)")
     return broken
 
 
@@ -74,5 +90,6 @@ def test_relative_links_point_to_files_that_exist() -> None:
 
 def test_link_checker_sees_a_broken_link(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("[ok](page.md) [web](https://example.org) [gone](missing.md#x) [here](#top)\n```\n[code](nope.md)\n```\n")
-    assert broken_links(page, tmp_path) == ["page.md: missing.md#x"]
+    page.write_text("# Top, of page\n[ok](page.md) [web](https://example.org) [gone](missing.md#x) [here](#top-of-page)"
+                    " [nowhere](#bottom)\n```\n[code](nope.md)\n```\n")
+    assert broken_links(page, tmp_path) == ["page.md: missing.md#x", "page.md: #bottom (no such heading)"]
