@@ -18,25 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-
-def unet(*args: object) -> float:
-    cmd = [sys.executable, "-m", "unetcli", "-q", *[str(a) for a in args]]
-    print("+", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start
+from benchlib.runs import eval_summary, unet
 
 
 def held_out(model: Path, images: Path, labels: Path, out: Path, *extra: str) -> dict[str, float]:
     seconds = unet("predict", model, images, out / "pred", "--overwrite", *extra)
-    unet("eval", out / "pred", labels, "--out", out / "eval", "--overwrite")
-    summary = json.loads((out / "eval" / "summary.json").read_text())
+    summary = eval_summary(out / "pred", labels, out / "eval", quiet=True)
     return {"dice": summary["foreground_mean"]["dice"], "predict_s": seconds}
 
 

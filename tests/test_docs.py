@@ -3,6 +3,7 @@ user's guide that starts with the two set-up commands, and every relative link l
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -93,3 +94,77 @@ def test_link_checker_sees_a_broken_link(tmp_path: Path) -> None:
     page.write_text("# Top, of page\n[ok](page.md) [web](https://example.org) [gone](missing.md#x) [here](#top-of-page)"
                     " [nowhere](#bottom)\n```\n[code](nope.md)\n```\n")
     assert broken_links(page, tmp_path) == ["page.md: missing.md#x", "page.md: #bottom (no such heading)"]
+
+
+# --------------------------------------------------------------------------- scripts/
+
+SCRIPTS = ROOT / "scripts"
+
+
+def script_modules() -> dict[str, Path]:
+    """Module name -> file for scripts/: each script by its stem, the shared library as benchlib.*."""
+    found = {p.stem: p for p in SCRIPTS.glob("*.py")}
+    for p in (SCRIPTS / "benchlib").glob("*.py"):
+        found["benchlib" if p.stem == "__init__" else f"benchlib.{p.stem}"] = p
+    return found
+
+
+def script_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """scripts/ modules that ``path`` imports anywhere in its body (function-level imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names}
+    return {m for m in found if m in modules}
+
+
+def test_scripts_import_only_the_shared_library() -> None:
+    """A script imports benchlib, never another script; benchlib never imports a script."""
+    modules = script_modules()
+    wrong = sorted(f"{name} -> {dep}" for name, path in modules.items()
+                   for dep in script_imports(path, modules) if not dep.startswith("benchlib"))
+    assert wrong == [], "move what scripts share into scripts/benchlib/"
+
+
+def test_scripts_have_no_import_cycle() -> None:
+    modules = script_modules()
+    graph = {name: script_imports(path, modules) - {name} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path + [node, dep]
+            if dep not in state and (found := cycle_from(dep, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state:
+            cycle = cycle_from(name, [])
+            assert cycle is None, "import cycle in scripts/: " + " -> ".join(cycle or [])
+
+
+def test_scripts_do_not_edit_sys_path() -> None:
+    """Scripts run as ``python scripts/NAME.py`` have scripts/ on sys.path already."""
+    edits = []
+    for name, path in script_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend")
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == "path"
+                    and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys"):
+                edits.append(f"{name}:{node.lineno}")
+    assert edits == []
+
+
+def test_scripts_score_dice_with_the_package_metric() -> None:
+    """No hand-written Dice in scripts/ (nnunet_reference.py runs in nnU-Net's own environment, which
+    need not have unetcli, and is the one exception)."""
+    own = [name for name, path in script_modules().items() if name != "nnunet_reference"
+           for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+           if isinstance(node, ast.FunctionDef) and node.name in ("dice", "dice_score", "dice_coefficient")]
+    assert own == []

@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmark scripts in ``scripts/``: machine description, peak-RSS
-bookkeeping, timing and table printing. Not part of the ``unetcli`` package."""
+"""Machine description, peak-RSS bookkeeping, timing and table printing for the scripts in
+``scripts/``."""
 
 from __future__ import annotations
 
