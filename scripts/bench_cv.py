@@ -11,7 +11,9 @@ and prints the out-of-fold table and a held-out table (each fold, their mean, th
     python scripts/bench_cv.py unetcli/demo_data/colin27_lobes_3d \\
         unetcli/demo_data/colin27_lobes_3d/imagesTs unetcli/demo_data/colin27_lobes_3d/labelsTs --folds 3 --out /tmp/bench_cv_3d
 
-Arguments after ``--`` go to ``unet cv`` (budget, --set ...).
+Arguments after ``--`` go to ``unet cv`` (budget, --set ...). Without any, every fold trains
+2 epochs x 20 iterations (``QUICK_BUDGET``), a check that finishes in minutes on 2 CPU cores;
+pass the budget after ``--`` for a real run, as in the first example.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import json
 from pathlib import Path
 
 from benchlib.runs import eval_summary, unet
+
+
+QUICK_BUDGET = ["--epochs", "2", "--set", "train.iterations_per_epoch=20"]
 
 
 def held_out(model: Path, images: Path, labels: Path, out: Path, *extra: str) -> dict[str, float]:
@@ -38,6 +43,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_cv_out"))
     args, rest = parser.parse_known_args()
     args.cv_args = rest[1:] if rest[:1] == ["--"] else rest  # everything after -- goes to unet cv
+    if not args.cv_args:
+        args.cv_args = QUICK_BUDGET
+        print(f"no unet cv arguments after --: a quick run ({' '.join(QUICK_BUDGET)}); pass the budget after -- for a real one")
     cv = args.out / "cv"
     train_s = unet("cv", args.data, "--folds", args.folds, "--out", cv, "--seed", 0, *args.cv_args)
     summary = json.loads((cv / "summary.json").read_text())["cross_validation"]

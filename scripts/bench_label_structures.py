@@ -93,7 +93,8 @@ def bench_sparse(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_labels_out"))
-    parser.add_argument("--iterations", type=int, default=300, help="training iterations per model (a multiple of 50)")
+    parser.add_argument("--iterations", type=int, default=50,
+                        help="training iterations per model, a multiple of 50 (default 50, a short run; docs/benchmarks.md used 250)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--every", type=int, nargs="+", default=[1, 5, 10], help="k values for the sparse part (first = reference)")

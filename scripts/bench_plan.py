@@ -159,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench_plan_out"))
-    parser.add_argument("--iterations", type=int, default=250)
+    parser.add_argument("--iterations", type=int, default=50,
+                        help="training iterations per model (default 50, a short run; docs/benchmarks.md used 250 and 1000)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train the fixed and planned arms once per seed")
     parser.add_argument("--arms", default="fixed,planned", help="which of fixed,planned to train (comma-separated; '' for none)")

@@ -80,7 +80,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="folder written by scripts/prepare_robustness_data.py")
     p.add_argument("--out", type=Path, default=Path("bench_robustness_out"))
-    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--iterations", type=int, default=100,
+                   help="training iterations per model (default 100, a short run; docs/benchmarks.md used 500 and 1650)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
