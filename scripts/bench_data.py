@@ -21,7 +21,6 @@ Read the ratios, not the absolute numbers: other processes on the machine slow e
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +28,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from benchlib.machine import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json  # noqa: E402
-
-from unetcli.config import DataConfig, RunConfig, apply_overrides, resolve_augmentation  # noqa: E402
-from unetcli.data.augment import IntensityAugmentation  # noqa: E402
-from unetcli.data.dataset import discover_dataset  # noqa: E402
-from unetcli.data.sampling import PatchSampler, iterate_batches  # noqa: E402
-from unetcli.data.volumes import load_volume_dataset  # noqa: E402
-from unetcli.models import build_model  # noqa: E402
-from unetcli.training.losses import DiceCELoss  # noqa: E402
+from unetcli.config import DataConfig, RunConfig, apply_overrides, resolve_augmentation
+from unetcli.data.augment import IntensityAugmentation
+from unetcli.data.dataset import discover_dataset
+from unetcli.data.sampling import PatchSampler, iterate_batches
+from unetcli.data.volumes import load_volume_dataset
+from unetcli.models import build_model
+from unetcli.training.losses import DiceCELoss
 
 
 def make_dataset(root: Path, cases: int, shape: tuple[int, int, int], seed: int = 0) -> Path:

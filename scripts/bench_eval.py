@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from benchlib.machine import cpu_model
+
 MONAI_METRICS = ("dice", "hd95", "assd", "nsd")
 
 
@@ -184,14 +186,7 @@ def machine() -> dict[str, object]:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = {}
     for package in ("torch", "monai"):
         try:

@@ -24,7 +24,6 @@ Ratio = PyTorch time / ONNX time (> 1: ONNX Runtime is faster).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,16 +31,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from benchlib.machine import load_note, machine_info, median, print_machine, print_table, spread, write_json
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import load_note, machine_info, median, print_machine, print_table, spread, write_json  # noqa: E402
-
-from unetcli.config import RunConfig, apply_overrides  # noqa: E402
-from unetcli.inference.export import export_run  # noqa: E402
-from unetcli.inference.predict import LoadedModel, load_model, predict, predict_png, predict_volume, window_settings  # noqa: E402
-from unetcli.training.trainer import train  # noqa: E402
-from unetcli.workflows.demo import DEMOS, demo_data_dir, demo_label_names  # noqa: E402
+from unetcli.config import RunConfig, apply_overrides
+from unetcli.inference.export import export_run
+from unetcli.inference.predict import LoadedModel, load_model, predict, predict_png, predict_volume, window_settings
+from unetcli.training.trainer import train
+from unetcli.workflows.demo import DEMOS, demo_data_dir, demo_label_names
 
 CPU = torch.device("cpu")
 SHORT = {"2d": {"train.epochs": 2, "train.iterations_per_epoch": 5},

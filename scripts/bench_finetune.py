@@ -25,24 +25,21 @@ scratch arm ends its budget with; ratio = scratch / init.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib.finetune_data import LABEL_NAMES, build
+from benchlib.machine import load_note, machine_info, print_machine, print_table, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import load_note, machine_info, print_machine, print_table, write_json  # noqa: E402
-from prepare_finetune_demo import LABEL_NAMES, build  # noqa: E402
-
-from unetcli.config import DataConfig, RunConfig, apply_overrides  # noqa: E402
-from unetcli.data.dataset import discover_dataset, load_dataset  # noqa: E402
-from unetcli.inference.predict import load_trained_model  # noqa: E402
-from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
-from unetcli.training.trainer import train  # noqa: E402
-from unetcli.workflows.demo import demo_data_dir, demo_label_names  # noqa: E402
+from unetcli.config import DataConfig, RunConfig, apply_overrides
+from unetcli.data.dataset import discover_dataset, load_dataset
+from unetcli.inference.predict import load_trained_model
+from unetcli.inference.sliding_window import sliding_window_predict
+from unetcli.training.trainer import train
+from unetcli.workflows.demo import demo_data_dir, demo_label_names
 
 
 def brain_dice(preds: list[np.ndarray], truths: list[np.ndarray]) -> float:

@@ -93,16 +93,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchlib import machine as bl
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _benchlib as bl  # noqa: E402
+from unetcli.inference.ensemble import EnsembleNetwork
+from unetcli.inference.sliding_window import sliding_window_predict
+from unetcli.models import UNet, fold_batch_norm
+from unetcli.runtime import autocast, cpu_has_native_bf16, set_heap_reuse
 
-from unetcli.inference.ensemble import EnsembleNetwork  # noqa: E402
-from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
-from unetcli.models import UNet, fold_batch_norm  # noqa: E402
-from unetcli.runtime import autocast, set_heap_reuse  # noqa: E402
 
 @dataclass(frozen=True)
 class Method:
@@ -457,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                    help=f"default: {' '.join(DEFAULT_METHODS)} (CUDA: {' '.join(CUDA_DEFAULT_METHODS)}, ours_bf16 only where "
                         "the GPU has bf16); also ours_nofold, ours_contig, ours_malloc, and ours_fp16 on CUDA")
-    p.add_argument("--rss", nargs="*", default=["monai", "ours", "ours_bf16", "ours_labels"], choices=list(METHODS),
+    p.add_argument("--rss", nargs="*", default=None, choices=list(METHODS),
                    help="methods whose peak RSS is measured in a child process (default: monai ours ours_bf16 ours_labels; "
                         "none: skip; not measured with --device cuda)")
     p.add_argument("--rss-repeats", type=int, default=1, help="children per method for peak RSS (median counts; default 1)")
@@ -465,7 +464,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--emulated-bf16", action="store_true",
+                   help="keep ours_bf16 in the defaults on a CPU without native bf16 (emulated: very slow; left out by default)")
     args = p.parse_args(argv)
+    args.skipped_bf16 = args.device == "cpu" and not cpu_has_native_bf16() and not args.emulated_bf16
+    if args.rss is None:
+        args.rss = [m for m in ("monai", "ours", "ours_bf16", "ours_labels") if m != "ours_bf16" or not args.skipped_bf16]
     if len(args.size) == 1:
         args.size = args.size * 3
     if len(args.size) != 3:
@@ -478,7 +482,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.methods is None:
             args.methods = [m for m in CUDA_DEFAULT_METHODS if m != "ours_bf16" or torch.cuda.is_bf16_supported()]
     else:
-        args.methods = args.methods or DEFAULT_METHODS
+        args.methods = args.methods or [m for m in DEFAULT_METHODS if m != "ours_bf16" or not args.skipped_bf16]
         if "ours_fp16" in args.methods or args.only == "ours_fp16":
             p.error("ours_fp16 needs --device cuda (fp16 autocast is for CUDA GPUs)")
     return args
@@ -491,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         child(args)
         return 0
+    if args.skipped_bf16:
+        print("skipped: ours_bf16; this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated, "
+              "many times slower than fp32; --emulated-bf16 keeps it in the defaults")
     payload = parent(args)
     if args.json:
         bl.write_json(args.json, payload)

@@ -23,26 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchlib.runs import dice_by_class, eval_summary, run, unet
 
 SCRIPTS = Path(__file__).resolve().parent
 REGIONS = {"grey_matter": "1,2,3", "lobe": "2,3", "area": "3"}
-
-
-def run(cmd: list[object], quiet: bool = True) -> float:
-    cmd = [str(c) for c in cmd]
-    print("+", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    if subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None).returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start
-
-
-def unet(*args: object) -> float:
-    return run([sys.executable, "-m", "unetcli", "-q", *args])
 
 
 def train_predict_eval(data: Path, test_images: Path, test_labels: Path, out: Path, args: argparse.Namespace,
@@ -56,10 +43,7 @@ def train_predict_eval(data: Path, test_images: Path, test_labels: Path, out: Pa
         train_s = unet("train", data, "--out", run_dir, "--epochs", epochs, "--set", "train.iterations_per_epoch=50",
                        "--seed", args.seed, "--num-threads", args.threads, "--overwrite")
     unet("predict", run_dir, test_images, out / "pred", "--overwrite")
-    unet("eval", out / "pred", test_labels, "--out", out / "eval", "--overwrite", *eval_args)
-    summary = json.loads((out / "eval" / "summary.json").read_text())
-    dice = {name: values["dice"]["mean"] for name, values in summary["classes"].items()}
-    dice["mean"] = summary["foreground_mean"]["dice"]
+    dice = dice_by_class(eval_summary(out / "pred", test_labels, out / "eval", *eval_args, quiet=True))
     dice["train_s"] = train_s
     return dice
 
@@ -67,7 +51,7 @@ def train_predict_eval(data: Path, test_images: Path, test_labels: Path, out: Pa
 def bench_regions(args: argparse.Namespace) -> None:
     data = args.out / "data" / "colin_regions"
     if not (data / "regions" / "dataset.json").is_file():
-        run([sys.executable, SCRIPTS / "prepare_label_structures.py", "regions", data, "--overwrite"], quiet=False)
+        run([sys.executable, SCRIPTS / "prepare_label_structures.py", "regions", data, "--overwrite"])
     region_args = [a for name, labels in REGIONS.items() for a in ("--region", f"{name}={labels}")]
     rows = {}
     for kind in ("disjoint", "regions"):
@@ -87,13 +71,13 @@ def bench_sparse(args: argparse.Namespace) -> None:
     dense = args.out / "data" / "mni_iso_222"
     if not (dense / "dataset.json").is_file():
         run([sys.executable, SCRIPTS / "prepare_thick_slice_data.py", dense, "--spacing", "2,2,2", "--overlap-mm", "0",
-             "--overwrite"], quiet=False)
+             "--overwrite"])
     rows = {}
     for k in args.every:
         folder = args.out / "data" / f"mni_sparse_{k}"
         if not (folder / "dataset.json").is_file():
             run([sys.executable, SCRIPTS / "prepare_label_structures.py", "sparse", dense, folder, "--every", k,
-                 "--overwrite"], quiet=False)
+                 "--overwrite"])
         rows[k] = train_predict_eval(folder, folder / "imagesTs", folder / "labelsTs", args.out / f"sparse_{k}", args)
     base = rows[args.every[0]]["mean"]
     classes = [c for c in rows[args.every[0]] if c not in ("mean", "train_s")]
@@ -109,7 +93,8 @@ def bench_sparse(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_labels_out"))
-    parser.add_argument("--iterations", type=int, default=300, help="training iterations per model (a multiple of 50)")
+    parser.add_argument("--iterations", type=int, default=50,
+                        help="training iterations per model, a multiple of 50 (default 50, a short run; docs/benchmarks.md used 250)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--every", type=int, nargs="+", default=[1, 5, 10], help="k values for the sparse part (first = reference)")

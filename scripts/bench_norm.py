@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
 from torch import nn
 
+from benchlib.machine import median, spread
 from unetcli.config import ModelConfig, RunConfig
 from unetcli.models import build_model
 from unetcli.models.blocks import InstanceNorm
@@ -109,15 +109,15 @@ def main() -> None:
         ours_norm.load_state_dict(torch_norm.state_dict())
         diff = float((torch_norm(x) - ours_norm(x)).abs().max())
 
-    ref = statistics.median(times["torch InstanceNorm"])
+    ref = median(times["torch InstanceNorm"])
     print(f"{args.dims}D U-Net {args.features}, batch {args.batch} x {args.patch}, precision {precision}, "
           f"channels_last {channels_last}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
     print(f"unetcli InstanceNorm vs torch's on the same input (fp32): max |difference| {diff:.1e}\n")
     print(f"| {'variant':<22} | s / step (median) | spread | ratio |")
     print(f"|{'-' * 24}|---|---|---|")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name:<22} | {med:.3f} | {(max(ts) - min(ts)) / med:.0%} | {ref / med:.2f}x |")
+        med = median(ts)
+        print(f"| {name:<22} | {med:.3f} | {spread(ts):.0%} | {ref / med:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -32,77 +32,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from benchlib.runs import dice_by_class, epoch_records, eval_summary, run, seconds_per_iteration, train_iterations, unet
+from benchlib.scoring import ROBUST_IMAGES, dice_per_set, perturbed_mean
 
 HERE = Path(__file__).resolve().parent
 TEST_SETS = {"as stored": ("imagesTs", "labelsTs"), "reoriented": ("imagesTs_reoriented", "labelsTs_reoriented")}
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    """Run a command (output to the terminal); its wall time, or exit on failure."""
-    print("+", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env={**os.environ, **(env or {})})
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}")
-    return time.perf_counter() - start
-
-
-def unet(*args: object) -> list[str]:
-    return [sys.executable, "-m", "unetcli", "-q", *[str(a) for a in args]]
-
-
 def score(pred: Path, truth: Path, out: Path) -> dict[str, float]:
-    run(unet("eval", pred, truth, "--out", out, "--overwrite"))
-    summary = json.loads((out / "summary.json").read_text())
-    dice = {name: entry["dice"]["mean"] for name, entry in summary["classes"].items()}
-    dice["mean"] = summary["foreground_mean"]["dice"]
-    return dice
+    return dice_by_class(eval_summary(pred, truth, out))
 
 
-def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: int, extra: list[str],
-                  seed: int = 0) -> dict[str, Any]:
+def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: int, extra: list[str], *,
+                  seed: int, threads: int, reuse: bool) -> dict[str, Any]:
     run_dir = out / "runs" / name
     epochs = iterations // per_epoch
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    if args.reuse and records and records[-1]["epoch"] == epochs:
+    records = epoch_records(run_dir)
+    if reuse and records and records[-1]["epoch"] == epochs:
         print(f"reusing the finished run {run_dir}", flush=True)
         wall = records[-1]["elapsed_seconds"]
     else:
-        wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", seed, "--num-threads",
-                        args.threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0",
-                        *extra))
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        wall = train_iterations(data, run_dir, iterations, per_epoch, seed=seed, threads=threads, extra=extra)
     config = (run_dir / "config.yaml").read_text()
     result: dict[str, Any] = {"train_wall_s": round(wall, 1),
-                              "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
+                              "s_per_iteration": seconds_per_iteration(run_dir, iterations),
                               "config": config}
     for label, (images, labels) in TEST_SETS.items():
         if not (data / images).is_dir():
             continue
         pred = out / "pred" / name / images
-        run(unet("predict", run_dir / "checkpoints" / "last.pt", data / images, pred, "--overwrite"))
+        unet("predict", run_dir / "checkpoints" / "last.pt", data / images, pred, "--overwrite", quiet=False)
         result[label] = score(pred, data / labels, out / "eval" / name / images)
     if (data / "robustness_sets.json").is_file():  # DATA from prepare_robustness_data.py: also other scanners' scans
-        from bench_robustness import TEST_IMAGES, dice_per_set
-
-        pred = out / "pred" / name / TEST_IMAGES
-        run(unet("predict", run_dir / "checkpoints" / "last.pt", data / TEST_IMAGES, pred, "--overwrite"))
+        pred = out / "pred" / name / ROBUST_IMAGES
+        unet("predict", run_dir / "checkpoints" / "last.pt", data / ROBUST_IMAGES, pred, "--overwrite", quiet=False)
         result["robust"] = dice_per_set(pred, data)
     return result
 
 
-def train_nnunet(data: Path, out: Path, iterations: int, python: str) -> dict[str, Any]:
+def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int) -> dict[str, Any]:
     work = out / "nnunet"
-    wall = run([python, str(HERE / "nnunet_reference.py"), str(data), "--work-dir", str(work),
-                "--train-iterations", str(iterations), "--threads", str(args.threads)])
+    wall = run([python, HERE / "nnunet_reference.py", data, "--work-dir", work,
+                "--train-iterations", iterations, "--threads", threads])
     summary = json.loads((work / "nnunet_reference_summary.json").read_text())
     result: dict[str, Any] = {"train_wall_s": summary["train"]["train_command_wall_s"],
                               "s_per_iteration": summary["train"]["iteration_s_median_incl_data"],
@@ -112,21 +87,13 @@ def train_nnunet(data: Path, out: Path, iterations: int, python: str) -> dict[st
             pred = Path(summary["predictions"][images]["output"])
             result[label] = score(pred, data / labels, out / "eval" / "nnunet" / images)
     if (data / "robustness_sets.json").is_file():
-        from bench_robustness import TEST_IMAGES, dice_per_set
-
-        result["robust"] = dice_per_set(Path(summary["predictions"][TEST_IMAGES]["output"]), data)
+        result["robust"] = dice_per_set(Path(summary["predictions"][ROBUST_IMAGES]["output"]), data)
     return result
 
 
 def held_out_mean(r: dict[str, Any]) -> float:
     """Mean GM/WM Dice over the held-out thick-slice test sets there are."""
     means = [r[label]["mean"] for label in TEST_SETS if label in r]
-    return sum(means) / len(means)
-
-
-def perturbed_mean(r: dict[str, Any]) -> float:
-    """Mean Dice over the other-scanner sets (all but 'clean'), when DATA has them."""
-    means = [d["mean"] for name, d in r["robust"].items() if name != "clean"]
     return sum(means) / len(means)
 
 
@@ -141,11 +108,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             classes = [v for k, v in r[label].items() if k != "mean"] if label in r else []
             cells.append(" / ".join(f"{v:.3f}" for v in classes) or "-")
         lines.append(f"| {name} | {r['s_per_iteration']:.2f} | {' | '.join(cells)} | **{held_out_mean(r):.3f}** |"
-                     + (f" **{perturbed_mean(r):.3f}** |" if robust else ""))
+                     + (f" **{perturbed_mean(r['robust']):.3f}** |" if robust else ""))
     arms: dict[str, list[tuple[float, float]]] = {}
     for name, r in results.items():
         if ", seed " in name:
-            arms.setdefault(name.split(", seed ")[0], []).append((held_out_mean(r), perturbed_mean(r) if robust else 0.0))
+            arms.setdefault(name.split(", seed ")[0], []).append((held_out_mean(r), perturbed_mean(r['robust']) if robust else 0.0))
     for arm, pairs in arms.items():
         if len(pairs) > 1:
             clean, other = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -155,10 +122,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(args: argparse.Namespace) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    run(unet("plan", args.data, "--out", out / "plans.yaml", "--overwrite"))
+    unet("plan", args.data, "--out", out / "plans.yaml", "--overwrite", quiet=False)
     saved = out / "results.json"
     results: dict[str, dict[str, Any]] = json.loads(saved.read_text()) if saved.is_file() else {}
     per_epoch = min(args.iterations, 25)
@@ -171,13 +138,14 @@ def main() -> None:
         tag = f", seed {seed}" if len(args.seeds) > 1 else ""
         for label, extra, name in chosen:
             results[f"{label}{tag}"] = train_unetcli(f"{name}{tag and f'_s{seed}'}", args.data, out, args.iterations,
-                                                     per_epoch, extra, seed)
+                                                     per_epoch, extra, seed=seed, threads=args.threads, reuse=args.reuse)
             saved.write_text(json.dumps(results, indent=1))
     if args.resenc:
         results["unetcli, planned, --preset resenc-m"] = train_unetcli("resenc", args.data, out, args.iterations, per_epoch,
-                                                                       ["--preset", "resenc-m"])
+                                                                       ["--preset", "resenc-m"], seed=0,
+                                                                       threads=args.threads, reuse=args.reuse)
     if args.nnunet_python:
-        results["nnU-Net v2 3d_fullres"] = train_nnunet(args.data, out, args.iterations, args.nnunet_python)
+        results["nnU-Net v2 3d_fullres"] = train_nnunet(args.data, out, args.iterations, args.nnunet_python, args.threads)
         plans = results["nnU-Net v2 3d_fullres"]["plans"]
         print("\nnnU-Net's plan (array axes z, y, x for RAS files):")
         print(json.dumps(plans, indent=1)[:4000])
@@ -187,11 +155,12 @@ def main() -> None:
     print(f"\nwritten: {saved}, {out / 'plans.yaml'}")
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench_plan_out"))
-    parser.add_argument("--iterations", type=int, default=250)
+    parser.add_argument("--iterations", type=int, default=50,
+                        help="training iterations per model (default 50, a short run; docs/benchmarks.md used 250 and 1000)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train the fixed and planned arms once per seed")
     parser.add_argument("--arms", default="fixed,planned", help="which of fixed,planned to train (comma-separated; '' for none)")
@@ -200,5 +169,8 @@ if __name__ == "__main__":
     parser.add_argument("--reuse", action="store_true", help="do not train again a run folder that finished (predict and score it)")
     parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
     parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
-    args = parser.parse_args()
-    main()
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

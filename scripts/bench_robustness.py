@@ -27,69 +27,36 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
+from benchlib.runs import run, seconds_per_iteration, train_iterations, unet
+from benchlib.scoring import ROBUST_IMAGES, dice_per_set
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_plan import run, unet  # noqa: E402
-
-TEST_IMAGES, TEST_LABELS = "imagesTs_robust", "labelsTs_robust"
-
-
-def dice_per_set(pred_dir: Path, data: Path) -> dict[str, dict[str, float]]:
-    """For each set of ``robustness_sets.json``: mean Dice over its classes per case, then over cases."""
-    sets = json.loads((data / "robustness_sets.json").read_text())
-    out: dict[str, dict[str, float]] = {}
-    for name, entry in sets.items():
-        per_class: dict[str, list[float]] = {c: [] for c in entry["classes"]}
-        for case in entry["cases"]:
-            ref = np.asarray(nib.load(str(data / TEST_LABELS / f"{case}.nii.gz")).dataobj)
-            pred_path = pred_dir / f"{case}.nii.gz"
-            if not pred_path.is_file():
-                sys.exit(f"missing prediction {pred_path}")
-            pred = np.asarray(nib.load(str(pred_path)).dataobj)
-            if pred.shape != ref.shape:
-                sys.exit(f"{pred_path}: shape {pred.shape} differs from the reference's {ref.shape}")
-            scored = ref != entry["ignore"] if entry["ignore"] is not None else np.ones(ref.shape, bool)
-            for cname, value in entry["classes"].items():
-                a, b = (ref == value) & scored, (pred == value) & scored
-                denom = int(a.sum() + b.sum())
-                per_class[cname].append(2.0 * float((a & b).sum()) / denom if denom else 1.0)
-        result = {c: float(np.mean(v)) for c, v in per_class.items()}
-        result["mean"] = float(np.mean(list(result.values())))
-        out[name] = result
-    return out
 
 
 def train_unetcli(name: str, extra: str, data: Path, out: Path, iterations: int, per_epoch: int, threads: int) -> dict[str, Any]:
     run_dir = out / "runs" / name
-    wall = run(unet("train", data, "--out", run_dir, "--overwrite", "--epochs", iterations // per_epoch, "--seed", 0,
-                    "--num-threads", threads, "--set", f"train.iterations_per_epoch={per_epoch}", "--set", "data.val_fraction=0",
-                    *shlex.split(extra)))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"args": extra, "train_wall_s": round(wall, 1),
-            "s_per_iteration": round(sum(r["epoch_seconds"] for r in records) / iterations, 3),
+    wall = train_iterations(data, run_dir, iterations, per_epoch, seed=0, threads=threads, extra=shlex.split(extra))
+    return {"args": extra, "train_wall_s": round(wall, 1), "s_per_iteration": seconds_per_iteration(run_dir, iterations),
             "dice": predict_and_score(name, data, out)}
 
 
 def predict_and_score(name: str, data: Path, out: Path) -> dict[str, dict[str, float]]:
     """Predict every held-out scan with the variant's last checkpoint and score it."""
     pred = out / "pred" / name
-    run(unet("predict", out / "runs" / name / "checkpoints" / "last.pt", data / TEST_IMAGES, pred, "--overwrite"))
+    unet("predict", out / "runs" / name / "checkpoints" / "last.pt", data / ROBUST_IMAGES, pred, "--overwrite", quiet=False)
     return dice_per_set(pred, data)
 
 
 def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int) -> dict[str, Any]:
     work = out / "nnunet"
-    wall = run([python, str(HERE / "nnunet_reference.py"), str(data), "--work-dir", str(work), "--dataset-id", "993",
-                "--name", "MNIRobust", "--train-iterations", str(iterations), "--threads", str(threads)])
+    wall = run([python, HERE / "nnunet_reference.py", data, "--work-dir", work, "--dataset-id", "993",
+                "--name", "MNIRobust", "--train-iterations", iterations, "--threads", threads])
     summary = json.loads((work / "nnunet_reference_summary.json").read_text())
-    pred = Path(summary["predictions"][TEST_IMAGES]["output"])
+    pred = Path(summary["predictions"][ROBUST_IMAGES]["output"])
     return {"args": "nnU-Net v2 3d_fullres, fold all", "train_wall_s": summary["train"]["train_command_wall_s"],
             "s_per_iteration": summary["train"]["iteration_s_median_incl_data"], "script_wall_s": round(wall, 1),
             "dice": dice_per_set(pred, data)}
@@ -113,7 +80,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="folder written by scripts/prepare_robustness_data.py")
     p.add_argument("--out", type=Path, default=Path("bench_robustness_out"))
-    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--iterations", type=int, default=100,
+                   help="training iterations per model (default 100, a short run; docs/benchmarks.md used 500 and 1650)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
@@ -149,7 +117,7 @@ def main() -> None:
         save(name, train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads))
     if "nnU-Net v2" in results and args.rescore:
         save("nnU-Net v2", {**results["nnU-Net v2"],
-                            "dice": dice_per_set(args.out / "nnunet" / "predictions" / TEST_IMAGES, args.data)})
+                            "dice": dice_per_set(args.out / "nnunet" / "predictions" / ROBUST_IMAGES, args.data)})
     if args.nnunet_python and ("nnU-Net v2" not in results or args.retrain):
         save("nnU-Net v2", train_nnunet(args.data, args.out, args.iterations, args.nnunet_python, args.threads))
     print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}; Dice = mean of GM and WM\n")

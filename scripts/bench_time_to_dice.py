@@ -25,24 +25,21 @@ within ``--budget`` seconds is reported with its best Dice.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib.machine import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json
 from skimage.filters import threshold_multiotsu
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json  # noqa: E402
-
-from unetcli.config import DataConfig, RunConfig, apply_overrides  # noqa: E402
-from unetcli.data.dataset import discover_dataset, load_dataset  # noqa: E402
-from unetcli.workflows.demo import DEMOS, demo_data_dir  # noqa: E402
-from unetcli.inference.predict import load_trained_model  # noqa: E402
-from unetcli.inference.sliding_window import sliding_window_predict  # noqa: E402
-from unetcli.training.trainer import train  # noqa: E402
+from unetcli.config import DataConfig, RunConfig, apply_overrides
+from unetcli.data.dataset import discover_dataset, load_dataset
+from unetcli.inference.predict import load_trained_model
+from unetcli.inference.sliding_window import sliding_window_predict
+from unetcli.training.trainer import train
+from unetcli.workflows.demo import DEMOS, demo_data_dir
 
 
 def foreground_dice(preds: list[np.ndarray], truths: list[np.ndarray]) -> float:
@@ -145,7 +142,9 @@ def summarise(name: str, curve: list[tuple[float, float]], target: float) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=400.0, help="training seconds allowed to MONAI")
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="training seconds allowed to MONAI (default 240, so that a run stays within about 10 minutes;"
+                             " docs/benchmarks.md used 300)")
     parser.add_argument("--eval-every", type=int, default=40, help="MONAI iterations between held-out evaluations")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -63,8 +63,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from benchlib.volumes import AAL_COLIN_LICENCE_AND_CITATIONS, extract, read_aal_names
 from PIL import Image
 from skimage.filters import threshold_multiotsu
+
+from unetcli.evaluation.metrics import dice  # NaN when both masks are empty: such slices are left out
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data"
@@ -112,17 +115,6 @@ MULTIPLE = 8  # case shapes are padded to a multiple of this
 
 # ================================================================= helpers
 
-AAL_COLIN_LICENCE_AND_CITATIONS = (
-    "Licence: see `debian-copyright` (the Debian `mricron-data` package's copyright file,\n"
-    "copied here unchanged; BSD-3-clause for the package).\n\n"
-    "Citations (required when using AAL / Colin27):\n"
-    "- Tzourio-Mazoyer N. et al., \"Automated anatomical labeling of activations in SPM\n"
-    "  using a macroscopic anatomical parcellation of the MNI MRI single-subject brain\",\n"
-    "  NeuroImage 15(1):273-289, 2002.\n"
-    "- Holmes C.J. et al., \"Enhancement of MR images using registration for signal\n"
-    "  averaging\", J Comput Assist Tomogr 22(2), 1998.\n\n"
-)
-
 def load_array(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Load a NIfTI file as a numpy array (native dtype) together with its image."""
     img = nib.load(str(path))
@@ -156,14 +148,6 @@ def write_json(path: Path, obj: object) -> None:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks; NaN when both are empty."""
-    denom = int(pred.sum()) + int(ref.sum())
-    if denom == 0:
-        return float("nan")
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / denom
 
 
 # ================================================================= 2D dataset
@@ -275,14 +259,7 @@ def build_mni_2d(source: Path, out: Path) -> None:
 
 
 # ================================================================= 3D dataset
-def read_aal_names(path: Path) -> dict[int, str]:
-    """Parse ``aal.nii.txt`` lines ``<index> <name> [<code>]``."""
-    names: dict[int, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit():
-            names[int(parts[0])] = parts[1]
-    return names
+
 
 
 def aal_lookup(names: dict[int, str]) -> np.ndarray:
@@ -325,13 +302,7 @@ def block_reduce_majority(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.argmax(counts, axis=0).astype(np.uint8)  # ties -> lowest class index
 
 
-def extract(volume: np.ndarray, starts: tuple[int, ...], stops: tuple[int, ...]) -> np.ndarray:
-    """Sub-volume [starts, stops) of ``volume``, zero-filled where it leaves the array."""
-    out = np.zeros(tuple(b - a for a, b in zip(starts, stops)), dtype=volume.dtype)
-    src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(starts, stops, volume.shape))
-    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, starts))
-    out[dst] = volume[src]
-    return out
+
 
 
 def round_up(n: int, multiple: int) -> int:

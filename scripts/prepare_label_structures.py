@@ -102,11 +102,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from benchlib.thick_slices import block_view, regrid_affine, write_nifti_gz
+from benchlib.volumes import AAL_COLIN_LICENCE_AND_CITATIONS, extract, read_aal_names, replace_dir
 from nibabel.orientations import io_orientation
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_demo_data import AAL_COLIN_LICENCE_AND_CITATIONS, extract, read_aal_names  # noqa: E402
-from prepare_thick_slice_data import block_view, regrid_affine, replace_dir, write_nifti_gz  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "colin27_aal"

@@ -64,16 +64,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import zlib
 from pathlib import Path
 
+import benchlib.thick_slices as thick
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prepare_thick_slice_data as thick  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "mni152_2009a"

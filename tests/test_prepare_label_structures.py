@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,9 +17,20 @@ SHAPE = (8, 8, 10)
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("prepare_label_structures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The script as a module. It imports ``benchlib`` from scripts/, which is on ``sys.path`` when
+    the script runs as ``python scripts/prepare_label_structures.py``: here it is put there for
+    the import only."""
+    scripts = str(SCRIPT.parent)
+    added = scripts not in sys.path
+    if added:
+        sys.path.insert(0, scripts)
+    try:
+        spec = importlib.util.spec_from_file_location("prepare_label_structures", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if added:
+            sys.path.remove(scripts)
     return module
 
 

@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmark scripts in ``scripts/``: machine description, peak-RSS
-bookkeeping, timing and table printing. Not part of the ``unetcli`` package."""
+"""Machine description, peak-RSS bookkeeping, timing and table printing for the scripts in
+``scripts/``. Importing it does not import torch (``bench_eval.py`` times worker processes that
+must start before torch is loaded)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from unetcli.runtime import cpu_flags
+if TYPE_CHECKING:
+    import torch
 
 INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -36,6 +36,10 @@ def cpu_model() -> str:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
+    import torch
+
+    from unetcli.runtime import cpu_flags
+
     flags = cpu_flags()  # the same reading --precision auto decides from
     info: dict[str, Any] = {
         "cpu": cpu_model(),
@@ -143,6 +147,8 @@ def with_peak_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
