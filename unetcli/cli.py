@@ -185,7 +185,7 @@ FreezeEncoderOpt = Annotated[Optional[int], typer.Option("--freeze-encoder", met
     "With --init: keep the encoder (stem + down blocks) fixed for the first EPOCHS epochs."))]
 GpusOpt = Annotated[Optional[int], typer.Option(
     help="Train one run on N GPUs of this machine: runs this same command under torchrun with N processes "
-         "(--batch-size stays the global batch). Several nodes or CPU processes: see the README's torchrun lines.",
+         "(--batch-size stays the global batch). Several nodes or CPU processes: torchrun, see docs/architecture.md.",
     show_default=False)]
 
 
