@@ -19,11 +19,11 @@ from unetcli.data.nifti import (
     read_label,
     resample,
     resample_to_shape,
-    target_spacing,
     to_canonical,
     uncrop,
     write_segmentation,
 )
+from unetcli.data.spacing import fullres_spacing
 from unetcli.errors import DataError
 
 SHAPE = (12, 10, 8)
@@ -261,17 +261,20 @@ def test_crop_uncrop_round_trip():
 
 def test_target_spacing_median_rule():
     spacings = [(1.0, 1.0, 1.0), (1.2, 0.8, 1.1), (0.9, 1.0, 2.0)]
-    assert target_spacing(spacings) == pytest.approx((1.0, 1.0, 1.1))
+    assert fullres_spacing(spacings, [(100, 100, 100)] * 3) == pytest.approx((1.0, 1.0, 1.1))
 
 
 def test_target_spacing_anisotropic_uses_10th_percentile():
     zs = [1.5, 3.0, 5.0, 5.0, 6.0]
     spacings = [(0.5, 0.5, z) for z in zs]
-    assert target_spacing(spacings) == pytest.approx((0.5, 0.5, float(np.percentile(zs, 10))))
+    thick_and_short = [(200, 200, 30)] * 5
+    assert fullres_spacing(spacings, thick_and_short) == pytest.approx((0.5, 0.5, float(np.percentile(zs, 10))))
     assert np.percentile(zs, 10) == pytest.approx(2.1)
     # the out-of-plane axis never becomes finer than the in-plane axes
     clamped = [(0.5, 0.9, 0.1)] * 2 + [(0.5, 0.9, 5.0)] * 3  # 10th percentile 0.1 < in-plane 0.9
-    assert target_spacing(clamped) == pytest.approx((0.5, 0.9, 0.9))
+    assert fullres_spacing(clamped, thick_and_short) == pytest.approx((0.5, 0.9, 0.9))
+    # a thick axis that is not short (a large field of view) keeps its median, as nnU-Net does
+    assert fullres_spacing(spacings, [(200, 200, 150)] * 5) == pytest.approx((0.5, 0.5, 5.0))
 
 
 # --------------------------------------------------------------------------- bad files

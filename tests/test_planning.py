@@ -15,6 +15,7 @@ from helpers import error_lines, invoke, invoke_quiet, save_nifti
 
 import unetcli
 from unetcli.config import config_from_dict
+from unetcli.data import spacing
 from unetcli.planning import rules
 from unetcli.planning.apply import apply_plan
 from unetcli.planning.budget import Budget
@@ -55,17 +56,17 @@ def test_short_axis_stops_pooling_and_single_axis_needs_12_voxels() -> None:
 
 
 def test_out_of_plane_axis_needs_both_thick_spacing_and_few_voxels() -> None:
-    assert rules.out_of_plane_axis([1, 1, 4], [100, 100, 25]) == 2
-    assert rules.out_of_plane_axis([1, 1, 4], [100, 100, 100]) is None  # long field of view along z
-    assert rules.out_of_plane_axis([1, 1, 2.5], [100, 100, 20]) is None  # only 2.5x thicker
+    assert spacing.out_of_plane_axis([1, 1, 4], [100, 100, 25]) == 2
+    assert spacing.out_of_plane_axis([1, 1, 4], [100, 100, 100]) is None  # long field of view along z
+    assert spacing.out_of_plane_axis([1, 1, 2.5], [100, 100, 20]) is None  # only 2.5x thicker
 
 
 def test_fullres_spacing_takes_the_10th_percentile_of_the_thick_axis_but_not_below_in_plane() -> None:
     spacings = [[0.8, 0.8, z] for z in (3.0, 4.0, 5.0, 5.0, 6.0)]
     shapes = [[256, 256, 30]] * 5
-    assert rules.fullres_spacing(spacings, shapes) == pytest.approx([0.8, 0.8, np.percentile([3, 4, 5, 5, 6], 10)])
+    assert spacing.fullres_spacing(spacings, shapes) == pytest.approx([0.8, 0.8, np.percentile([3, 4, 5, 5, 6], 10)])
     iso = [[1.0, 1.0, 1.0], [1.2, 1.2, 1.2], [0.9, 0.9, 0.9]]
-    assert rules.fullres_spacing(iso, [[100, 100, 100]] * 3) == pytest.approx([1.0, 1.0, 1.0])
+    assert spacing.fullres_spacing(iso, [[100, 100, 100]] * 3) == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_initial_patch_has_the_same_extent_in_mm_and_is_clipped_to_the_median_image() -> None:
@@ -151,7 +152,7 @@ def test_lowres_configuration_only_when_the_fullres_patch_covers_under_a_quarter
 def test_residual_preset_plans_residual_blocks() -> None:
     plan = make_plan(_fingerprint([1.0] * 3, [96, 96, 96]), Budget(2, memory_bytes=8 * GB), 2, preset="resenc-m")
     full = plan.configurations["3d_fullres"]
-    assert full.encoder == "residual" and full.blocks_per_level == list(rules.RESENC_BLOCKS[: len(full.features)])
+    assert full.encoder == "residual" and full.blocks_per_level == [1, 3, 4, 6, 6, 6][: len(full.features)]
     plain = make_plan(_fingerprint([1.0] * 3, [96, 96, 96]), Budget(2, memory_bytes=8 * GB), 2).configurations["3d_fullres"]
     assert full.parameters > plain.parameters
 

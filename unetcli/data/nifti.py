@@ -504,25 +504,3 @@ def uncrop(
         raise ValueError(f"array of shape {array.shape} does not fit box {box} in {out_shape}")
     out[region] = array
     return out
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def target_spacing(spacings: Sequence[Sequence[float]]) -> tuple[float, float, float]:
-    """Target voxel spacing for a dataset from each case's (canonical) spacing, nnU-Net style.
-
-    The median spacing per axis; when that median is strongly anisotropic (max/min > 3) the
-    out-of-plane (largest) axis uses the 10th percentile of that axis's spacings instead, so
-    thick-slice cases are not thinned further than most of the data needs, but never below
-    the largest in-plane spacing.
-    """
-    values = np.asarray(spacings, dtype=np.float64)
-    if values.ndim != 2 or values.shape[1] != 3 or len(values) == 0:
-        raise ValueError(f"expected a list of 3 spacings per case, got shape {values.shape}")
-    target = np.median(values, axis=0)
-    if target.max() / target.min() > ANISOTROPY_THRESHOLD:
-        axis = int(np.argmax(target))
-        others = np.delete(target, axis)
-        target[axis] = max(float(np.percentile(values[:, axis], 10)), float(others.max()))
-    return (float(target[0]), float(target[1]), float(target[2]))

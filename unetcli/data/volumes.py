@@ -36,11 +36,11 @@ from unetcli.data.nifti import (
     read_label,
     resample,
     resample_to_shape,
-    target_spacing,
     to_canonical,
     uncrop,
 )
 from unetcli.data.preprocessing import normalize_image
+from unetcli.data.spacing import fullres_spacing
 from unetcli.errors import DataError, UnetCliError
 
 log = logging.getLogger("unetcli")
@@ -73,13 +73,17 @@ class VolumeGeometry:
 # --------------------------------------------------------------------------- planning
 
 
-def _header_spacing(path: Path) -> tuple[float, float, float]:
-    """Canonical (RAS) spacing from the header alone (cheap); the full read validates the file later."""
+def _header_geometry(path: Path) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+    """Canonical (RAS) spacing and shape from the header alone (cheap); the full read validates the file later."""
     try:
         img = nib.load(str(path))
         affine = img.affine
         _, canonical_affine = to_canonical(np.zeros((1, 1, 1, 1), np.float32), affine)
-        return tuple(float(v) for v in np.linalg.norm(canonical_affine[:3, :3], axis=0))  # type: ignore[return-value]
+        spacing = tuple(float(v) for v in np.linalg.norm(canonical_affine[:3, :3], axis=0))
+        shape = [0, 0, 0]
+        for axis, (target, _) in enumerate(nib.io_orientation(affine)):
+            shape[int(target)] = int(img.shape[axis])
+        return spacing, tuple(shape)  # type: ignore[return-value]
     except Exception as exc:  # nibabel raises many types for damaged headers
         raise DataError(f"{path}: cannot read the NIfTI header ({type(exc).__name__}: {exc})",
                         hint="re-export or remove the file") from exc
@@ -93,15 +97,18 @@ def channel_schemes(channel_names: list[str], n_channels: int, cfg: DataConfig) 
 
 def plan_preprocessing(files: DatasetFiles, cfg: DataConfig) -> dict[str, Any]:
     """The dataset-level preprocessing parameters (target spacing; CT statistics are added later)."""
-    problems, spacings = [], []
+    problems, spacings, shapes = [], [], []
     for case in files.cases:
         try:
-            spacings.append(_header_spacing(case.images[0]))
+            spacing, shape = _header_geometry(case.images[0])
+            spacings.append(spacing)
+            shapes.append(shape)
         except DataError as exc:
             problems.append(exc.message)
     if problems:
         raise DataError.from_problems(problems, hint="fix or remove these files, then run again")
-    spacing = list(cfg.target_spacing) if cfg.target_spacing else list(target_spacing(spacings))
+    # Without a plan: the planner's rule (data.spacing), on the files' shapes (the plan uses cropped shapes).
+    spacing = list(cfg.target_spacing) if cfg.target_spacing else fullres_spacing(spacings, shapes)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise DataError(f"data.target_spacing {spacing} must be 3 positive numbers (mm)")
     first = files.cases[0]

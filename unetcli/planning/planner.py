@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from unetcli.planning import rules
+from unetcli.data.spacing import fullres_spacing, out_of_plane_axis
+from unetcli.models.unet import resolve_blocks
 from unetcli.planning.budget import Budget
 from unetcli.planning.fingerprint import Fingerprint
 
@@ -78,7 +80,7 @@ def _network(topology: rules.Topology, spatial_dims: int, in_channels: int, num_
     levels = topology.levels
     features = rules.features_per_level(levels, spatial_dims)
     if encoder == "residual":
-        blocks = list(rules.RESENC_BLOCKS[:levels])
+        blocks = resolve_blocks(levels, None)
         convs = [2 * b + (1 if i == 0 else 0) for i, b in enumerate(blocks)]
         return rules.Network(features, topology.kernel_sizes, topology.strides, in_channels, num_classes, convs, 1), blocks
     return rules.Network(features, topology.kernel_sizes, topology.strides, in_channels, num_classes, [2] * levels, 2), None
@@ -121,7 +123,7 @@ def plan_configuration(name: str, spacing: list[float], median_shape: list[int],
 
 def _slice_axis(spacing: list[float], median_shape: list[int]) -> int:
     """``2d`` on volumes: slices across the out-of-plane axis, else axial (RAS axis 2)."""
-    axis = rules.out_of_plane_axis(spacing, median_shape)
+    axis = out_of_plane_axis(spacing, median_shape)
     return 2 if axis is None else axis
 
 
@@ -143,7 +145,7 @@ def make_plan(fp: Fingerprint, budget: Budget, num_classes: int, preset: str = "
     if fp.spatial_dims == 2:
         configs["2d"] = _plan_2d_images(fp, budget, in_channels, num_classes, encoder)
     else:
-        spacing = rules.fullres_spacing(fp.spacings, fp.cropped_shapes)
+        spacing = fullres_spacing(fp.spacings, fp.cropped_shapes)
         shapes = [rules.shape_at_spacing(c.cropped_shape, c.spacing, spacing) for c in fp.cases]
         median = [int(v) for v in np.median(np.asarray(shapes), axis=0)]
         voxels = float(sum(math.prod(s) for s in shapes))

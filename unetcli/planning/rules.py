@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ANISOTROPY_RATIO = 3.0
-"""An axis is out-of-plane when its spacing is more than this many times the others'."""
+
 MIN_FEATURE_EDGE = 4
 """The deepest feature map keeps at least this many voxels per pooled axis."""
 PATCH_VOXELS = {2: 2048**2, 3: 256**3}
 """Starting patch volume before it is clipped to the median image and fitted to the budget."""
 MAX_FEATURES = {2: 512, 3: 320}
 BASE_FEATURES = 32
-RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6)
-"""Residual blocks per encoder stage in nnU-Net's ResEnc presets."""
 MIN_BATCH = 2
 MAX_DATASET_COVERAGE = 0.05
 """A batch covers at most this share of the dataset's voxels (nnU-Net's overfitting guard)."""
@@ -34,34 +31,6 @@ activation outputs for the backward pass), next to the gradient buffers."""
 
 
 # --------------------------------------------------------------------------- spacing
-
-
-def out_of_plane_axis(spacing: Sequence[float], shape: Sequence[float]) -> int | None:
-    """The axis that is both thick (spacing > 3x every other) and short (fewer than a third of the
-    voxels of every other axis), else None. Both conditions, as in nnU-Net: a long thick axis
-    (a coarse but large field of view) is still resampled normally."""
-    spacing, shape = np.asarray(spacing, float), np.asarray(shape, float)
-    if len(spacing) < 2:
-        return None
-    axis = int(np.argmax(spacing))
-    others = np.delete(np.arange(len(spacing)), axis)
-    thick = spacing[axis] > ANISOTROPY_RATIO * spacing[others].max()
-    short = shape[axis] * ANISOTROPY_RATIO < shape[others].min()
-    return axis if thick and short else None
-
-
-def fullres_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> list[float]:
-    """The median spacing per axis; an out-of-plane axis gets the 10th percentile of its spacings
-    instead (the thinnest common slices), never below the largest in-plane spacing, so thick-slice
-    cases are not upsampled into many interpolated slices."""
-    values = np.asarray(spacings, float)
-    target = np.median(values, axis=0)
-    median_shape = np.median(np.asarray(shapes, float), axis=0)
-    axis = out_of_plane_axis(target, median_shape)
-    if axis is not None:
-        others = np.delete(target, axis)
-        target[axis] = max(float(np.percentile(values[:, axis], 10)), float(others.max()))
-    return [float(v) for v in target]
 
 
 def shape_at_spacing(shape: Sequence[float], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
