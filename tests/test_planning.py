@@ -316,3 +316,15 @@ def test_a_cpu_plans_the_same_whatever_its_speed_or_load(tmp_path: Path, monkeyp
     configs = {name: {c: v["config"] for c, v in plan.items()} for name, plan in plans.items()}
     assert configs["idle"] == configs["busy"]  # only the estimates beside them (seconds per step) differ
     assert plans["idle"]["3d_fullres"]["config"]["train"] == {"patch_size": [40, 48, 10], "batch_size": 2}  # nnU-Net's
+
+
+def test_plans_yaml_has_no_aliases_so_one_edit_changes_one_place(tmp_path: Path) -> None:
+    thick = Path(unetcli.__file__).parent / "demo_data" / "mni_thick_3d"
+    out = tmp_path / "plans.yaml"
+    result = invoke("plan", thick, "--memory", "8", "--out", out)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "&id" not in text and "*id" not in text
+    edited = yaml.safe_load(text)
+    edited["configurations"]["3d_fullres"]["config"]["data"]["target_spacing"] = [3.0, 3.0, 8.0]
+    assert edited["configurations"]["2d"]["config"]["data"]["target_spacing"] == [2.0, 2.0, 8.0]

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from unetcli import __version__
-from unetcli.config import RunConfig, apply_overrides, config_file_values, load_config, parse_duration, parse_set_option
+from unetcli.config import RunConfig, apply_overrides, config_file_values, dump_yaml, load_config, parse_duration, parse_set_option
 from unetcli.errors import ConfigError, UnetCliError
 
 err_console = Console(stderr=True)
@@ -269,8 +269,6 @@ def _planned_config(data: Path, config: Optional[Path], sets: Optional[list[str]
                     plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> tuple[RunConfig, dict[str, str], set[str]]:
     """The run config (planned unless --no-plan), the plan as a run file, and the keys the user gave.
     A --config that names a plan configuration (2d, 3d_fullres, 3d_lowres) picks it."""
-    import yaml
-
     from unetcli.planning.apply import planned_run_config
     from unetcli.planning.plan_file import plan_to_dict
 
@@ -288,7 +286,7 @@ def _planned_config(data: Path, config: Optional[Path], sets: Optional[list[str]
     log.info("plan: configuration %s from %s: %s", name, saved.source, saved.config_values(name))
     values = plan_to_dict(fresh) if fresh is not None else {"default": saved.default, "configurations": {
         n: {"config": c} for n, c in saved.configurations.items()}}
-    text = yaml.safe_dump({"used": name, "source": saved.source, **values}, sort_keys=False, default_flow_style=None, width=120)
+    text = dump_yaml({"used": name, "source": saved.source, **values}, flow_lists=True)
     return cfg, {"plans.yaml": text}, explicit
 
 

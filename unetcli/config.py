@@ -463,4 +463,20 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return dump_yaml(config_to_dict(cfg))
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every value in full: no ``&id001`` anchors and ``*id001`` aliases, which would make
+    one hand edit (say of a shared ``target_spacing`` list) change several places at once."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(values: Any, flow_lists: bool = False) -> str:
+    """YAML meant to be read and edited by people (configs, plans): keys in order, no aliases;
+    ``flow_lists`` writes innermost lists on one line (``[2, 2, 8]``)."""
+    return yaml.dump(values, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None if flow_lists else False,
+                     width=120, allow_unicode=True)
+

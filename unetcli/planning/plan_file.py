@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from unetcli.atomic import atomic_write_text
-from unetcli.config import config_from_dict
+from unetcli.config import config_from_dict, dump_yaml
 from unetcli.errors import ConfigError, OutputError
 from unetcli.planning.planner import ConfigurationPlan, Plan
 
@@ -78,7 +78,7 @@ def check_plan_output(path: Path, overwrite: bool) -> None:
 
 
 def write_plan(plan: Plan, path: Path, header: str) -> None:
-    text = yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=None, width=120)
+    text = dump_yaml(plan_to_dict(plan), flow_lists=True)
     atomic_write_text(path, f"# {header}\n# Edit a configuration's config block and pass it back: unet train DATA --plan {path.name}\n{text}")
 
 
