@@ -268,7 +268,7 @@ def test_plan_errors_are_clear(data: Path, tmp_path: Path) -> None:
 
 
 def test_null_config_keys_leave_the_plan_in_charge(tmp_path: Path) -> None:
-    from unetcli.planning.apply import flat_keys
+    from unetcli.config import flat_keys
 
     assert flat_keys({"train": {"patch_size": None, "lr": 0.01}, "model": {"features": [8, 16]}}) == {
         "train.lr", "model.features"}

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import typer
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from unetcli import __version__
-from unetcli.config import RunConfig, apply_overrides, config_file_values, dump_yaml, load_config, parse_duration, parse_set_option
+from unetcli.config import ConfigSources, parse_duration
 from unetcli.errors import ConfigError, UnetCliError
 
 err_console = Console(stderr=True)
@@ -123,17 +123,6 @@ def _floats(text: Optional[str], name: str) -> Optional[list[float]]:
         raise ConfigError(f"{name} '{text}' is not a comma-separated list of numbers", hint=f"e.g. {name} 1.0,1.0") from None
 
 
-def _resolve_config(config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any],
-                    defaults: Optional[dict[str, Any]] = None) -> RunConfig:
-    """Defaults < YAML file < --set < explicit flags."""
-    cfg = load_config(config)
-    if defaults and config is None:
-        cfg = apply_overrides(cfg, defaults)
-    overrides = dict(parse_set_option(item) for item in sets or [])
-    overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
-    return apply_overrides(cfg, overrides)
-
-
 def _use_threads(num_threads: Optional[int]) -> None:
     """--num-threads of a command that computes outside a training run (plan, predict)."""
     if num_threads is None:
@@ -147,15 +136,6 @@ def _use_threads(num_threads: Optional[int]) -> None:
 
 def _duration(text: Optional[str]) -> Optional[float]:
     return None if text is None else parse_duration(text)
-
-
-def _explicit_keys(config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any]) -> set[str]:
-    """The config keys the user gave (config file, --set, flags): a plan never replaces them."""
-    from unetcli.planning.apply import flat_keys
-
-    keys = flat_keys(config_file_values(config)) if config is not None else set()
-    keys |= {parse_set_option(item)[0] for item in sets or []}
-    return keys | {k for k, v in flags.items() if v is not None}
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/png2d.yaml); flags override it.")]
@@ -189,7 +169,6 @@ GpusOpt = Annotated[Optional[int], typer.Option(
     show_default=False)]
 
 
-PLAN_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 TrainConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="A plan configuration (2d | 3d_fullres | 3d_lowres; default: 3d_fullres for volumes, 2d for "
                            "images) or a YAML config file (see configs/png2d.yaml); flags override it.")]
@@ -235,7 +214,7 @@ def train(
     Without --plan the data is planned first (as `unet plan` does); keys you give in a config file, --set or flags win.
     Ctrl-C or SIGTERM saves a checkpoint and stops (exit 130/143); `unet train --resume RUN` continues exactly where it stopped.
     """
-    from unetcli.training.resume import RESUME_KEYS, resume_training
+    from unetcli.workflows.train import ConfigSources, PlanChoice, resume_run, train_new_run
 
     if gpus is not None:
         from unetcli.training.distributed import launch_on_gpus
@@ -246,72 +225,20 @@ def train(
              "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
              "train.init": init, "train.freeze_encoder_epochs": freeze_encoder}
     if resume is not None:
-        fixed = [name for name, given in (
+        refused = [name for name, given in (
             ("--config", config), ("--batch-size", batch_size), ("--lr", lr), ("--patch-size", patch_size),
             ("--model-skip", model_skip), ("--seed", seed), ("--overwrite", overwrite or None),
             ("--out", out if out is not None and out.resolve() != resume.resolve() else None), ("--init", init),
             ("--freeze-encoder", freeze_encoder), ("--plan", plan), ("--preset", preset), ("--no-plan", no_plan or None),
         ) if given is not None]
-        overrides = _resume_overrides(fixed, set_, RESUME_KEYS)
-        overrides.update({"train.epochs": epochs, "train.time_limit": _duration(time_), "train.device": device,
-                          "train.precision": precision, "train.num_threads": num_threads})
-        result = resume_training(resume, data, overrides, progress=_progress())
-        out = resume
+        result, out = resume_run(resume, data, refused, set_ or [], flags, _progress()), resume
     else:
         out = out or Path("runs") / f"{(data or Path('.')).resolve().name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        result = _train_new_run(data, config, set_, flags, out, overwrite, plan, preset, no_plan)
+        result = train_new_run(data, ConfigSources(config, set_ or [], flags), PlanChoice(plan, preset, no_plan), out,
+                               overwrite, _progress())
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         console.print(f"best validation Dice [bold]{result.best_dice:.4f}[/bold] at epoch {result.best_epoch}/{result.epochs} "
                       f"({result.seconds:.0f} s, {result.parameters:,} parameters); run folder: {out}")
-
-
-def _planned_config(data: Path, config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any],
-                    plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> tuple[RunConfig, dict[str, str], set[str]]:
-    """The run config (planned unless --no-plan), the plan as a run file, and the keys the user gave.
-    A --config that names a plan configuration (2d, 3d_fullres, 3d_lowres) picks it."""
-    from unetcli.planning.apply import planned_run_config
-    from unetcli.planning.plan_file import plan_to_dict
-
-    configuration = str(config) if config is not None and str(config) in PLAN_CONFIGURATIONS else None
-    config_file = None if configuration else config
-    if no_plan and (plan_file or configuration or preset):
-        raise ConfigError("--no-plan cannot be combined with --plan, --preset or a plan configuration (--config 2d/3d_*)")
-    cfg = _resolve_config(config_file, sets, flags)
-    explicit = _explicit_keys(config_file, sets, flags)
-    if cfg.train.time_limit is not None and "train.epochs" not in explicit:
-        cfg.train.epochs = None  # a time budget alone: as many epochs as fit
-    if no_plan:
-        return cfg, {}, explicit
-    cfg, saved, fresh, name = planned_run_config(data, cfg, explicit, plan_file, configuration, preset or "plain")
-    log.info("plan: configuration %s from %s: %s", name, saved.source, saved.config_values(name))
-    values = plan_to_dict(fresh) if fresh is not None else {"default": saved.default, "configurations": {
-        n: {"config": c} for n, c in saved.configurations.items()}}
-    text = dump_yaml({"used": name, "source": saved.source, **values}, flow_lists=True)
-    return cfg, {"plans.yaml": text}, explicit
-
-
-def _train_new_run(data: Optional[Path], config: Optional[Path], sets: Optional[list[str]], flags: dict[str, Any], out: Path,
-                   overwrite: bool, plan_file: Optional[Path], preset: Optional[str], no_plan: bool) -> Any:
-    from unetcli.training.trainer import train as run_training
-
-    if data is None:
-        raise ConfigError("missing the DATA folder to train on",
-                          hint="unet train DATA [--out RUN]; or continue a run: unet train --resume RUN")
-    cfg, run_files, _ = _planned_config(data, config, sets, flags, plan_file, preset, no_plan)
-    return run_training(data, cfg, out, overwrite=overwrite, progress=_progress(), run_files=run_files)
-
-
-def _resume_overrides(fixed: list[str], sets: Optional[list[str]], allowed: Sequence[str]) -> dict[str, Any]:
-    """The ``--set`` overrides of a resumed run, refusing every option that would change its config."""
-    parsed = dict(parse_set_option(item) for item in sets or [])
-    fixed = fixed + [f"--set {key}" for key in parsed if key not in allowed]
-    if fixed:
-        raise ConfigError(
-            f"{', '.join(fixed)} cannot be used with --resume: a resumed run keeps the config stored in its checkpoint",
-            hint="with --resume only --epochs, --device, --precision, --num-threads and --set train.checkpoint_interval/"
-                 "num_workers/num_threads may change; to change anything else, start a new run (--out)",
-        )
-    return parsed
 
 
 def _argv_without_option(argv: list[str], option: str) -> list[str]:
@@ -356,7 +283,8 @@ def plan_(
     from unetcli.planning.plan_file import check_plan_output, write_plan
     from unetcli.planning.report import fingerprint_table, plan_table
 
-    cfg = _resolve_config(config, set_, {"train.device": device, "train.precision": precision, "train.num_threads": num_threads})
+    cfg = ConfigSources(config, set_ or [], {"train.device": device, "train.precision": precision,
+                                             "train.num_threads": num_threads}).resolve()
     _use_threads(cfg.train.num_threads)
     if out is not None:
         check_plan_output(out, overwrite)
@@ -406,19 +334,19 @@ def cv(
     score all out-of-fold predictions together (per class mean with 95 % bootstrap CIs, per fold), and choose the
     postprocessing (largest connected component) on them. `unet predict CV IN OUT` then predicts with the folds' ensemble."""
     from unetcli.workflows.cv.report import cv_table
-    from unetcli.workflows.cv.runner import CVOptions, run_cv
+    from unetcli.workflows.cv.runner import CVOptions, prepare_cv, run_cv
+    from unetcli.workflows.train import PlanChoice, planned_config
 
     flags = {"train.epochs": epochs, "train.time_limit": _fold_seconds(time_, time_per_fold, folds, fold, parallel, configs),
              "train.lr": lr, "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads}
     if configs:
         return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
-    cfg, run_files, explicit = _planned_config(data, config, set_, flags, plan, preset, no_plan)
+    cfg, run_files, explicit = planned_config(data, ConfigSources(config, set_ or [], flags), PlanChoice(plan, preset, no_plan))
     options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold,
                         score=not no_scoring)
     if parallel is not None and fold is None:
         from unetcli.workflows.cv.parallel import run_folds_in_parallel
-        from unetcli.workflows.cv.runner import prepare_cv
 
         todo = prepare_cv(data, cfg, out, options, explicit, overwrite)
         run_folds_in_parallel(data, out, options, todo, parallel, num_threads)
@@ -445,6 +373,7 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
                        options: dict[str, Any], overwrite: bool) -> None:
     from unetcli.evaluation.stats import comparison_table
     from unetcli.workflows.cv.runner import CVOptions, run_cv_configurations
+    from unetcli.workflows.train import PlanChoice, planned_config
 
     names = [n.strip() for n in configs.split(",") if n.strip()]
     if config is not None or no_plan or len(names) < 2 or len(set(names)) < len(names):
@@ -452,7 +381,7 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
                           hint="e.g. --configs 2d,3d_fullres")
     planned = {}
     for name in names:
-        cfg, run_files, explicit = _planned_config(data, Path(name), sets, flags, plan, preset, False)
+        cfg, run_files, explicit = planned_config(data, ConfigSources(Path(name), sets or [], flags), PlanChoice(plan, preset))
         planned[name] = (cfg, run_files)
     seed = next(iter(planned.values()))[0].train.seed
     result = run_cv_configurations(data, planned, out, CVOptions(seed=seed, **options), explicit, overwrite, _progress())
@@ -617,11 +546,9 @@ def demo(
 
     kind = "3d" if three_d else "2d"
     out = out or Path("unet-demo-3d" if three_d else "unet-demo")
-    cfg = _resolve_config(config, set_, {"train.epochs": epochs, "train.time_limit": _duration(time_), "train.device": device,
-                                          "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads},
-                          defaults=DEMOS[kind].overrides)
-    if time_ is not None and epochs is None:
-        cfg.train.epochs = None  # your time, not the demo's epochs
+    cfg = ConfigSources(config, set_ or [], {"train.epochs": epochs, "train.time_limit": _duration(time_), "train.device": device,
+                                             "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads},
+                        defaults=DEMOS[kind].overrides).resolve()
     result = run_demo(cfg, out, kind=kind, overwrite=overwrite, progress=_progress())
     console.print(summary_table(result.evaluation))
     dice = result.evaluation.summary["foreground_mean"]["dice"]  # type: ignore[index]
@@ -660,9 +587,9 @@ def compare(
 
     variants = parse_variants(skip)
     study_data = resolve_study_data(data, test, demo)
-    cfg = _resolve_config(config, set_, {"train.epochs": epochs, "train.device": device, "train.precision": precision,
-                                         "train.seed": seed, "train.num_threads": num_threads},
-                          defaults=DEMO_OVERRIDES if demo else None)
+    cfg = ConfigSources(config, set_ or [], {"train.epochs": epochs, "train.device": device, "train.precision": precision,
+                                             "train.seed": seed, "train.num_threads": num_threads},
+                        defaults=DEMO_OVERRIDES if demo else None).resolve()
     plan = make_plan(variants, seeds, cfg, study_data)
     out = out or (Path("unet-compare") if demo else Path(f"compare_{study_data.train.resolve().name}"))
     result = run_study(plan, out, overwrite=overwrite, progress=_progress())

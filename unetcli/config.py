@@ -480,3 +480,45 @@ def dump_yaml(values: Any, flow_lists: bool = False) -> str:
     return yaml.dump(values, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None if flow_lists else False,
                      width=120, allow_unicode=True)
 
+
+def flat_keys(values: dict[str, Any] | None, prefix: str = "") -> set[str]:
+    """Dotted keys of a nested mapping: ``{"train": {"lr": 1}}`` -> ``{"train.lr"}``. A key set to
+    null is left out: null means "the default", which the plan may fill."""
+    keys: set[str] = set()
+    for key, value in (values or {}).items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{dotted}.")
+        elif value is not None:
+            keys.add(dotted)
+    return keys
+
+
+@dataclass
+class ConfigSources:
+    """Where a run's configuration comes from, weakest first: ``defaults`` (a command's own, e.g. the
+    demo's; dropped when a config file is given) < the ``config`` YAML file < ``sets`` (``--set
+    key=value``) < ``flags`` (explicit options; ``None`` = not given)."""
+
+    config: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] | None = None
+
+    def resolve(self) -> RunConfig:
+        cfg = load_config(self.config)
+        if self.defaults and self.config is None:
+            cfg = apply_overrides(cfg, self.defaults)
+        overrides = dict(parse_set_option(item) for item in self.sets)
+        overrides.update({k: v for k, v in self.flags.items() if v is not None})  # explicit flags win over --set
+        cfg = apply_overrides(cfg, overrides)
+        explicit = self.explicit_keys()
+        if "train.time_limit" in explicit and "train.epochs" not in explicit:
+            cfg.train.epochs = None  # your time budget alone: as many epochs as fit (not a command's default epochs)
+        return cfg
+
+    def explicit_keys(self) -> set[str]:
+        """The config keys the user gave (config file, --set, flags): a plan never replaces them."""
+        keys = flat_keys(config_file_values(self.config)) if self.config is not None else set()
+        keys |= {parse_set_option(item)[0] for item in self.sets}
+        return keys | {k for k, v in self.flags.items() if v is not None}

@@ -16,7 +16,6 @@ import math
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from unetcli.config import RunConfig, apply_overrides
 from unetcli.data.dataset import discover_dataset
@@ -31,19 +30,6 @@ log = logging.getLogger("unetcli")
 
 TOPOLOGY_KEYS = ("model.features", "model.kernel_sizes", "model.strides")
 ENCODER_KEYS = ("model.encoder", "model.blocks_per_level", "model.decoder_convs")
-
-
-def flat_keys(values: dict[str, Any] | None, prefix: str = "") -> set[str]:
-    """Dotted keys of a nested mapping: ``{"train": {"lr": 1}}`` -> ``{"train.lr"}``. A key set to
-    null is left out: null means "the default", which the plan may fill."""
-    keys: set[str] = set()
-    for key, value in (values or {}).items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            keys |= flat_keys(value, f"{dotted}.")
-        elif value is not None:
-            keys.add(dotted)
-    return keys
 
 
 def plan_dataset(data: Path, cfg: RunConfig, memory_gb: float | None = None, step_seconds: float | None = None,
