@@ -121,7 +121,10 @@ class TrainConfig:
     intensity_jitter: float | None = None
     """Random scale and shift of intensities, each drawn from U(-j, j)."""
     rotate_scale_prob: float | None = None
-    """Probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch."""
+    """Probability of a random rotation (+-30 deg about each axis) and scaling (0.7..1.4) per patch, in mm
+    about its centre, resampled from the case around it; thick slices (spacing ratio > 3) in-plane only."""
+    elastic_prob: float = 0.0
+    """Probability of a smooth random (elastic) deformation per patch (in-plane only for thick slices)."""
     noise_prob: float | None = None
     blur_prob: float | None = None
     brightness_prob: float | None = None
@@ -378,7 +381,7 @@ def validate_config(cfg: RunConfig) -> None:
     for key, value in {"train.batch_size": t.batch_size, "infer.window_batch_size": cfg.infer.window_batch_size}.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
-    for key in ("foreground_fraction", *AUGMENTATION_PROBABILITIES):
+    for key in ("foreground_fraction", "elastic_prob", *AUGMENTATION_PROBABILITIES):
         if getattr(t, key) is not None and not 0.0 <= getattr(t, key) <= 1.0:
             raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")
     if t.freeze_encoder_epochs < 0:

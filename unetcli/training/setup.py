@@ -128,6 +128,18 @@ def default_patch_3d(shapes: list[tuple[int, ...]], model: SegmentationNetwork, 
     return list(model.input_size_for_output(patch))
 
 
+def grid_spacing(dataset: Dataset) -> list[float] | None:
+    """Voxel spacing (mm) per spatial axis of the grid the cases were resampled to (the target
+    spacing; without the slice axis for 2D-on-3D); ``None`` for PNG data (square pixels)."""
+    plan = dataset.preprocessing
+    if not plan or "target_spacing" not in plan:
+        return None
+    spacing = [float(s) for s in plan["target_spacing"]]
+    if plan.get("slice_axis") is not None:
+        del spacing[int(plan["slice_axis"])]
+    return spacing
+
+
 def default_batch_size(cfg: RunConfig, spatial_dims: int) -> int:
     return cfg.train.batch_size or (8 if spatial_dims == 2 else 2)
 
@@ -175,6 +187,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter,
         intensity=IntensityAugmentation.from_config(t),
         seed=t.seed, foreground=dataset.regions, ignore_index=dataset.ignore_index,
+        elastic_prob=t.elastic_prob, spacing=grid_spacing(dataset),
     )
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
