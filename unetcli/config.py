@@ -108,6 +108,10 @@ class TrainConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     dice_include_background: bool = False
+    deep_supervision: bool = False
+    """Deep supervision (nnU-Net's): the loss also on 1x1-convolution outputs of the decoder levels between
+    full resolution and the lowest, weights 1/2^level normalised, labels down-sampled by nearest neighbour.
+    Training only: prediction, validation and export use the full-resolution output."""
     flips: bool = True
     rotate90: bool = True
     augmentation: Literal["auto", "scanner", "nnunet", "basic"] = "auto"
