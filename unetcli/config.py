@@ -35,7 +35,11 @@ class DataConfig:
     split_seed: int | None = None
     """Seed of the train/validation split; ``None`` uses ``train.seed`` (``unet compare`` fixes it across seeds)."""
     normalization: Literal["zscore", "zscore_nonzero", "minmax", "none"] = "zscore"
-    """Per image and channel: z-score over all pixels, over non-zero pixels, or min-max to [0, 1]."""
+    """Per image and channel: z-score over all pixels, over the foreground (``data.foreground_mask``), or min-max to [0, 1]."""
+    foreground_mask: Literal["robust", "nonzero"] = "robust"
+    """What ``zscore_nonzero`` counts as foreground: ``robust`` = above a low threshold on a smoothed copy (the
+    same whether the background is exact zeros or noise); ``nonzero`` = every non-zero voxel (nnU-Net's rule,
+    and what runs trained before this key existed use)."""
     map_binary_masks: bool = True
     """Treat masks whose values are exactly {0, 255} as binary {0, 1} (logged)."""
     target_spacing: list[float] | None = None

@@ -197,7 +197,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
         "label_values": dataset.label_values, "label_names": dataset.label_names, "channel_names": dataset.channel_names,
-        "normalization": cfg.data.normalization, "patch_size": patch, "layout": layout,
+        "normalization": cfg.data.normalization, "foreground_mask": cfg.data.foreground_mask, "patch_size": patch, "layout": layout,
         "file_format": dataset.file_format, "preprocessing": dataset.preprocessing,
         "regions": dataset.regions, "ignore_index": dataset.ignore_index,
     }
