@@ -126,17 +126,20 @@ def extract_window(array: np.ndarray, starts: Sequence[int], size: Sequence[int]
 
 
 def source_coordinates(starts: Sequence[int], patch: Sequence[int], warp: Warp) -> torch.Tensor:
-    """Where each voxel of the warped patch comes from: (nd, *patch) float64 source voxel indices.
+    """Where each voxel of the warped patch comes from: (nd, *patch) float32 source voxel indices.
 
     The patch centre (``starts + (patch - 1) / 2``) stays in place; other voxels move by ``warp``."""
     nd = len(patch)
-    centre = torch.tensor([s + (p - 1) / 2 for s, p in zip(starts, patch)], dtype=torch.float64)
-    offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float64) - (p - 1) / 2 for p in patch],
-                                         indexing="ij"))
-    coords = torch.einsum("ij,j...->i...", torch.from_numpy(warp.matrix), offsets) + centre.view(nd, *([1] * nd))
+    axes = [torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch]
+    matrix = warp.matrix.astype(np.float32)
+    coords = []
+    for i in range(nd):  # row i of matrix @ offsets, built from broadcast 1D axes (no (nd, *patch) offset grid)
+        row = sum(float(matrix[i, j]) * axes[j].view(*([1] * j), -1, *([1] * (nd - j - 1))) for j in range(nd))
+        coords.append((row + (starts[i] + (patch[i] - 1) / 2)).expand(*patch))
+    out = torch.stack(coords)
     if warp.displacement is not None:
-        coords = coords + warp.displacement.double()
-    return coords
+        out = out + warp.displacement
+    return out
 
 
 def warp_patch(image: np.ndarray, label: np.ndarray, starts: Sequence[int], patch: Sequence[int], warp: Warp,
@@ -155,12 +158,14 @@ def warp_patch(image: np.ndarray, label: np.ndarray, starts: Sequence[int], patc
     size = [h - low for h, low in zip(hi, lo)]
     region = torch.from_numpy(extract_window(image, lo, size, 0.0, lead=1))
     region_label = torch.from_numpy(extract_window(label, lo, size, label_fill).astype(np.int64))
-    local = coords - torch.tensor(lo, dtype=torch.float64).view(nd, *([1] * nd))
+    local = [coords[a] - lo[a] for a in range(nd)]
     # grid_sample's grid: normalised to [-1, 1] (align_corners: -1 and 1 are the first and last voxel
     # centres), coordinate order reversed (x = last axis).
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in size], dtype=torch.float64).view(nd, *([1] * nd))
-    grid = (local * scale - 1.0).flip(0).movedim(0, -1)[None].float()
+    grid = torch.stack([local[a] * (2.0 / max(size[a] - 1, 1)) - 1.0 for a in reversed(range(nd))], dim=-1)[None]
     out = F.grid_sample(region[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     # Nearest neighbour by rounding, in integers: no label value ever goes through a float blend.
-    nearest = [local[a].round().long().clamp(0, size[a] - 1) for a in range(nd)]
-    return out.numpy(), region_label[tuple(nearest)].numpy().astype(label.dtype, copy=False)
+    flat = torch.zeros(tuple(patch), dtype=torch.int64)
+    for a in range(nd):
+        stride = int(np.prod(size[a + 1:]))
+        flat += local[a].round().long().clamp_(0, size[a] - 1) * stride
+    return out.numpy(), region_label.view(-1)[flat].numpy().astype(label.dtype, copy=False)
