@@ -76,9 +76,10 @@ def test_the_loss_is_the_weighted_sum_over_levels_and_a_plain_tensor_gets_the_pl
     assert torch.equal(ds(outputs[0], target), loss(outputs[0], target))
 
 
-def test_valid_padding_network_trains_with_deep_supervision() -> None:
+@pytest.mark.parametrize("kind", [dict(padding="valid"), dict(encoder="residual", blocks_per_level=(1, 1, 1, 1))])
+def test_valid_padding_and_residual_networks_train_with_deep_supervision(kind) -> None:
     torch.manual_seed(0)
-    net = UNet(2, 1, 2, features=(4, 8, 8, 8), padding="valid", deep_supervision=True)
+    net = UNet(2, 1, 2, features=(4, 8, 8, 8), deep_supervision=True, **kind)
     size = net.valid_input_size(44)
     x, target = torch.randn(2, 1, *size), torch.randint(0, 2, (2, *size))
     outputs = net.train()(x)

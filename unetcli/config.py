@@ -118,6 +118,7 @@ class TrainConfig:
     Training only: prediction, validation and export use the full-resolution output."""
     flips: bool = True
     rotate90: bool = True
+    """Turns by multiples of 90 degrees, only in planes of equal voxel spacing and equal patch size."""
     augmentation: Literal["auto", "scanner", "nnunet", "basic"] = "auto"
     """Preset for the keys below left unset: ``scanner`` = nnU-Net's intensity changes (noise 0.1, blur
     0.2, brightness 0.15, contrast 0.15, low resolution 0.25, inverted gamma 0.1, gamma 0.3) plus a
