@@ -36,7 +36,11 @@ class DataConfig:
     split_seed: int | None = None
     """Seed of the train/validation split; ``None`` uses ``train.seed`` (``unet compare`` fixes it across seeds)."""
     normalization: Literal["zscore", "zscore_nonzero", "minmax", "none"] = "zscore"
-    """Per image and channel: z-score over all pixels, over non-zero pixels, or min-max to [0, 1]."""
+    """Per image and channel: z-score over all pixels, over the foreground (``data.foreground_mask``), or min-max to [0, 1]."""
+    foreground_mask: Literal["robust", "nonzero"] = "robust"
+    """What ``zscore_nonzero`` counts as foreground: ``robust`` = above a low threshold on a smoothed copy (the
+    same whether the background is exact zeros or noise); ``nonzero`` = every non-zero voxel (nnU-Net's rule,
+    and what runs trained before this key existed use)."""
     map_binary_masks: bool = True
     """Treat masks whose values are exactly {0, 255} as binary {0, 1} (logged)."""
     target_spacing: list[float] | None = None
@@ -115,8 +119,13 @@ class TrainConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     dice_include_background: bool = False
+    deep_supervision: bool = False
+    """Deep supervision (nnU-Net's): the loss also on 1x1-convolution outputs of the decoder levels between
+    full resolution and the lowest, weights 1/2^level normalised, labels down-sampled by nearest neighbour.
+    Training only: prediction, validation and export use the full-resolution output."""
     flips: bool = True
     rotate90: bool = True
+    """Turns by multiples of 90 degrees, only in planes of equal voxel spacing and equal patch size."""
     augmentation: Literal["auto", "scanner", "nnunet", "basic"] = "auto"
     """Preset for the keys below left unset: ``scanner`` = nnU-Net's intensity changes (noise 0.1, blur
     0.2, brightness 0.15, contrast 0.15, low resolution 0.25, inverted gamma 0.1, gamma 0.3) plus a
@@ -128,7 +137,10 @@ class TrainConfig:
     intensity_jitter: float | None = None
     """Random scale and shift of intensities, each drawn from U(-j, j)."""
     rotate_scale_prob: float | None = None
-    """Probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch."""
+    """Probability of a random rotation (+-30 deg about each axis) and scaling (0.7..1.4) per patch, in mm
+    about its centre, resampled from the case around it; thick slices (spacing ratio > 3) in-plane only."""
+    elastic_prob: float = 0.0
+    """Probability of a smooth random (elastic) deformation per patch (in-plane only for thick slices)."""
     noise_prob: float | None = None
     blur_prob: float | None = None
     brightness_prob: float | None = None
@@ -421,7 +433,7 @@ def validate_config(cfg: RunConfig) -> None:
     for key, value in {"train.batch_size": t.batch_size, "infer.window_batch_size": cfg.infer.window_batch_size}.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
-    for key in ("foreground_fraction", *AUGMENTATION_PROBABILITIES):
+    for key in ("foreground_fraction", "elastic_prob", *AUGMENTATION_PROBABILITIES):
         if getattr(t, key) is not None and not 0.0 <= getattr(t, key) <= 1.0:
             raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")
     if t.freeze_encoder_epochs < 0:

@@ -66,7 +66,7 @@ def load_png_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
             for value, cls in value_to_class.items():
                 lut[value] = cls
             mask = lut[mask]
-        image = normalize_image(images[case.name], cfg.normalization)
+        image = normalize_image(images[case.name], cfg.normalization, cfg.foreground_mask)
         cases.append(Case(case.name, image, mask))
     layout = dataset_label_layout(label_values, cfg, files)
     in_channels = next(iter(channel_counts.values()))

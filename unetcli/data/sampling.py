@@ -9,13 +9,15 @@ run would have drawn.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from unetcli.data.augment import IntensityAugmentation
+from unetcli.data.spatial import (SCALE_RANGE, Warp, extract_window, random_displacement, random_rotation_scale,
+                                  square_planes, warp_patch)
 from unetcli.data.types import Case
 
 
@@ -61,12 +63,19 @@ class PatchSampler:
             leaves an ``ignore`` label (index num_classes) out.
         ignore_index: the ``ignore`` label, if any: where training voxels carry it, crops may hang
             over the image edges by half a patch, filled with ignore (and intensity 0), so that
-            sparse labels do not sit at fixed patch positions.
+            sparse labels do not sit at fixed patch positions. Rotated patches are padded with it
+            beyond the image's edge (else with background).
         margin: voxels a valid-padding network loses per side (per axis); images are mirror-padded by it.
         foreground_fraction: share of patches centred on a voxel of a random foreground class
             present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
-        flips, rotate90: mirror every spatial axis / turn in the last two axes (square patches only).
-        rotate_scale_prob: probability of a random rotation (+-30 deg) and scaling (0.7..1.4) per patch.
+        flips, rotate90: mirror every spatial axis / turn by multiples of 90 degrees in a plane of equal
+            spacing and equal patch size (:func:`~unetcli.data.spatial.square_planes`).
+        rotate_scale_prob: probability of a random rotation (+-30 deg about each axis, in-plane only for
+            thick slices) and scaling (``scale_range``) per patch, in mm about its centre
+            (:mod:`unetcli.data.spatial`).
+        elastic_prob: probability of a smooth random (elastic) deformation per patch.
+        spacing: voxel spacing (mm) per spatial axis of the cases' grid; ``None`` = 1 on every axis.
+        scale_range: the range of the scaling factor (1, 1: rotation only).
         intensity_jitter: random scale and shift of intensities, each from U(-j, j).
         intensity: nnU-Net's intensity changes (noise, blur, brightness, contrast, low resolution,
             gamma), applied to the batch tensor after the spatial transforms.
@@ -91,14 +100,20 @@ class PatchSampler:
         seed: int = 0,
         foreground: Sequence[Sequence[int]] | None = None,
         ignore_index: int | None = None,
+        elastic_prob: float = 0.0,
+        spacing: Sequence[float] | None = None,
+        scale_range: Sequence[float] = SCALE_RANGE,
     ) -> None:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
         self.foreground_fraction = foreground_fraction
         self.flips = flips
-        # 90-degree turns keep the patch shape only when the last two axes are equal.
-        self.rotate90 = rotate90 and self.patch_size[-1] == self.patch_size[-2]
+        self.spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * len(self.patch_size)
+        # 90-degree turns are exact only where both axes have the same spacing and patch size.
+        self.turn_planes = square_planes(self.spacing, self.patch_size) if rotate90 else []
         self.rotate_scale_prob = rotate_scale_prob
+        self.elastic_prob = elastic_prob
+        self.scale_range = tuple(float(s) for s in scale_range)
         self.intensity_jitter = intensity_jitter
         self.intensity = intensity or IntensityAugmentation()
         self.seed = seed
@@ -122,9 +137,9 @@ class PatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
 
-    def _crop(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        image, label = self.images[index], self.labels[index]
-        shape = label.shape
+    def _starts(self, index: int, rng: np.random.Generator) -> list[int]:
+        """Where the patch of case ``index`` starts (per axis; negative = hanging over the edge)."""
+        shape = self.labels[index].shape
         # With an ignore label a crop may hang over each edge by half a patch (filled with 0 / ignore):
         # where the patch spans an axis, a crop inside the image always puts the labelled slices of a
         # sparse annotation at the same patch positions, and the network learns to be right only there.
@@ -133,89 +148,86 @@ class PatchSampler:
         if classes and rng.random() < self.foreground_fraction:
             coords = classes[int(rng.integers(len(classes)))]
             centre = coords[int(rng.integers(len(coords)))]
-            starts = [int(np.clip(c - p // 2, -o, s - p + o)) for c, p, s, o in zip(centre, self.patch_size, shape, over)]
-        else:
-            starts = [int(rng.integers(-o, s - p + o + 1)) for s, p, o in zip(shape, self.patch_size, over)]
-        if any(over):
-            return _extract(image, starts, self.patch_size, 0.0, lead=1), _extract(label, starts, self.patch_size,
-                                                                                   self.ignore_index)  # type: ignore[arg-type]
+            return [int(np.clip(c - p // 2, -o, s - p + o)) for c, p, s, o in zip(centre, self.patch_size, shape, over)]
+        return [int(rng.integers(-o, s - p + o + 1)) for s, p, o in zip(shape, self.patch_size, over)]
+
+    @property
+    def _label_fill(self) -> int:
+        """What labels beyond a case's edge read as: the ignore label if the data has one, else background."""
+        return self.ignore_index if self.ignore_index is not None else 0
+
+    def _crop(self, index: int, starts: list[int], warp: Warp | None) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.images[index], self.labels[index]
+        if warp is not None:
+            return warp_patch(image, label, starts, self.patch_size, warp, self._label_fill)
+        if any(s < 0 or s + p > n for s, p, n in zip(starts, self.patch_size, label.shape)):
+            return (extract_window(image, starts, self.patch_size, 0.0, lead=1),
+                    extract_window(label, starts, self.patch_size, self._label_fill))
         window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
         return np.asarray(image[(slice(None),) + window], dtype=np.float32), np.asarray(label[window])
 
-    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        nd = label.ndim
-        if self.flips:
-            for axis in range(nd):
-                if rng.random() < 0.5:
-                    image, label = np.flip(image, axis + 1), np.flip(label, axis)
-        if self.rotate90:
+    def _draw_warp(self, rng: np.random.Generator) -> Warp | None:
+        """This patch's rotation/scaling and elastic deformation, or None (a plain crop)."""
+        rotate = rng.random() < self.rotate_scale_prob  # drawn for every patch: batches without rotation stay as they were
+        elastic = self.elastic_prob > 0 and rng.random() < self.elastic_prob
+        if not (rotate or elastic):
+            return None
+        nd = len(self.patch_size)
+        matrix = random_rotation_scale(self.spacing, rng, scale_range=self.scale_range) if rotate else np.eye(nd)
+        displacement = random_displacement(self.patch_size, self.spacing, rng) if elastic else None
+        return Warp(matrix, displacement)
+
+    def _draw_augment(self, rng: np.random.Generator, channels: int) -> _Augment:
+        """This patch's flips, 90-degree turn and intensity jitter (drawn in a fixed order)."""
+        nd = len(self.patch_size)
+        flips = [axis for axis in range(nd) if rng.random() < 0.5] if self.flips else []
+        turn = None
+        if self.turn_planes:
             k = int(rng.integers(0, 4))
-            if k:
-                image, label = np.rot90(image, k, axes=(-2, -1)), np.rot90(label, k, axes=(-2, -1))
+            plane = self.turn_planes[int(rng.integers(len(self.turn_planes)))] if len(self.turn_planes) > 1 else self.turn_planes[0]
+            turn = (k, plane) if k else None
+        jitter = None
         if self.intensity_jitter > 0:
-            j = self.intensity_jitter
-            scale = 1.0 + rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
-            shift = rng.uniform(-j, j, size=(image.shape[0],) + (1,) * nd)
-            image = image * scale.astype(np.float32) + shift.astype(np.float32)
-        return image, label
+            j, shape = self.intensity_jitter, (channels,) + (1,) * nd
+            scale = 1.0 + rng.uniform(-j, j, size=shape)
+            jitter = (scale.astype(np.float32), rng.uniform(-j, j, size=shape).astype(np.float32))
+        return _Augment(flips, turn, jitter)
 
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch at ``position`` (deterministic)."""
         rng = np.random.default_rng([self.seed, position])
-        images, labels, transforms = [], [], []
+        images, labels = [], []
         for _ in range(self.batch_size):
             index = int(rng.integers(0, len(self.images)))
-            image, label = self._augment(*self._crop(index, rng), rng)
+            starts = self._starts(index, rng)
+            augment = self._draw_augment(rng, self.images[index].shape[0])
+            # Rotation/scaling come first, resampled from the case around the patch (not from the cropped patch).
+            image, label = augment.apply(*self._crop(index, starts, self._draw_warp(rng)))
             images.append(np.ascontiguousarray(image))
             labels.append(np.ascontiguousarray(label))
-            transforms.append(_random_affine(len(self.patch_size), rng) if rng.random() < self.rotate_scale_prob else None)
         image_t = torch.from_numpy(np.stack(images))
         label_t = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
-        if any(t is not None for t in transforms):
-            image_t, label_t = _apply_affines(image_t, label_t, transforms)
         return self.intensity(image_t, rng), label_t
 
 
-def _extract(array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float, lead: int = 0) -> np.ndarray:
-    """The window ``[starts, starts + size)`` of the trailing axes of ``array``, ``fill`` outside it
-    (float32 with ``lead`` leading axes kept, else the array's own dtype)."""
-    spatial = array.shape[lead:]
-    out = np.full(array.shape[:lead] + tuple(size), fill, dtype=np.float32 if lead else array.dtype)
-    src = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(starts, size, spatial))
-    dst = tuple(slice(r.start - a, r.stop - a) for r, a in zip(src, starts))
-    lead_all = (slice(None),) * lead
-    out[lead_all + dst] = array[lead_all + src]
-    return out
+@dataclass(frozen=True)
+class _Augment:
+    """Drawn flips (axes), 90-degree turn (k, plane) and intensity jitter (scale, shift) of one patch."""
 
+    flips: list[int]
+    turn: tuple[int, tuple[int, int]] | None
+    jitter: tuple[np.ndarray, np.ndarray] | None
 
-def _random_affine(nd: int, rng: np.random.Generator) -> np.ndarray:
-    """An (nd, nd) rotation (+-30 deg about each axis, in-plane only for 2D) times an isotropic scale."""
-    scale = float(rng.uniform(0.7, 1.4))
-    if nd == 2:
-        a = float(rng.uniform(-np.pi / 6, np.pi / 6))
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    else:
-        rot = np.eye(3)
-        for axes in ((1, 2), (0, 2), (0, 1)):
-            a = float(rng.uniform(-np.pi / 6, np.pi / 6))
-            r = np.eye(3)
-            r[np.ix_(axes, axes)] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
-            rot = rot @ r
-    return rot / scale
-
-
-def _apply_affines(images: torch.Tensor, labels: torch.Tensor, transforms: list[np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate/scale the patches that have a transform about their centre (bilinear image, nearest label)."""
-    nd = labels.ndim - 1
-    theta = torch.zeros(len(transforms), nd, nd + 1)
-    for i, t in enumerate(transforms):
-        # affine_grid's coordinate order is reversed (x = last axis): flip the matrix to match.
-        theta[i, :, :nd] = torch.from_numpy(np.flip(t if t is not None else np.eye(nd), (0, 1)).copy())
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    # Zero padding outside would be a fake intensity; border replication is the lesser evil.
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
-    return images, labels[:, 0].long()
+    def apply(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image (C, *S) and label (*S) flipped, turned and jittered."""
+        for axis in self.flips:
+            image, label = np.flip(image, axis + 1), np.flip(label, axis)
+        if self.turn is not None:
+            k, (a, b) = self.turn
+            image, label = np.rot90(image, k, axes=(a + 1, b + 1)), np.rot90(label, k, axes=(a, b))
+        if self.jitter is not None:
+            image = image * self.jitter[0] + self.jitter[1]
+        return image, label
 
 
 class _BatchDataset(torch.utils.data.Dataset):

@@ -116,6 +116,8 @@ def plan_preprocessing(files: DatasetFiles, cfg: DataConfig) -> dict[str, Any]:
     n_channels = len(first.images) if len(first.images) > 1 else (shape[3] if len(shape) == 4 else 1)
     schemes = channel_schemes(files.channel_names or [], n_channels, cfg)
     plan = {"target_spacing": spacing, "crop_to_nonzero": cfg.crop_to_nonzero, "schemes": schemes, "ct_stats": None}
+    if "zscore_nonzero" in schemes:  # only then: other datasets keep their cached volumes
+        plan["foreground_mask"] = cfg.foreground_mask
     if "ct" in schemes:
         plan["ct_stats"] = _ct_statistics(files, [c for c, s in enumerate(schemes) if s == "ct"])
     return plan
@@ -128,7 +130,8 @@ def _normalise(image: np.ndarray, plan: dict[str, Any], mask: np.ndarray | None 
             stats = plan["ct_stats"][c]
             out[c] = (np.clip(image[c], stats["lo"], stats["hi"]) - stats["mean"]) / max(stats["std"], 1e-8)
         else:
-            out[c] = normalize_image(image[c : c + 1], scheme)[0]
+            # Plans (and checkpoints) from before the robust mask lack the key: they keep the non-zero mask.
+            out[c] = normalize_image(image[c : c + 1], scheme, plan.get("foreground_mask", "nonzero"))[0]
     return out
 
 

@@ -196,7 +196,7 @@ def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: di
     meta = loaded.metadata
     image = load_image_channels(paths)
     _check_channels(image, paths[0], meta)
-    image = normalize_image(image, meta["normalization"])
+    image = normalize_image(image, meta["normalization"], meta.get("foreground_mask", "nonzero"))
     probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
     labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
     labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
@@ -255,7 +255,7 @@ def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, w
         if meta.get("file_format", "png") == "png":
             image = load_image_channels(paths)
             _check_channels(image, paths[0], member.metadata)
-            image = normalize_image(image, member.metadata["normalization"])
+            image = normalize_image(image, member.metadata["normalization"], member.metadata.get("foreground_mask", "nonzero"))
             probs = sliding_window_predict(member.model, image, member.metadata["patch_size"], meta["num_classes"], **window).numpy()
         else:
             image, props = read_image(paths)

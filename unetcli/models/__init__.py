@@ -16,7 +16,7 @@ from unetcli.models.network import SegmentationNetwork
 from unetcli.models.unet import UNet
 
 
-def _build_unet(cfg: ModelConfig) -> SegmentationNetwork:
+def _build_unet(cfg: ModelConfig, deep_supervision: bool = False) -> SegmentationNetwork:
     return UNet(
         spatial_dims=cfg.spatial_dims,  # type: ignore[arg-type]
         in_channels=cfg.in_channels,  # type: ignore[arg-type]
@@ -33,20 +33,22 @@ def _build_unet(cfg: ModelConfig) -> SegmentationNetwork:
         encoder=cfg.encoder,
         blocks_per_level=cfg.blocks_per_level,
         decoder_convs=cfg.decoder_convs,
+        deep_supervision=deep_supervision,
     )
 
 
-MODELS: dict[str, Callable[[ModelConfig], SegmentationNetwork]] = {"unet": _build_unet}
+MODELS: dict[str, Callable[..., SegmentationNetwork]] = {"unet": _build_unet}
 
 
-def build_model(cfg: ModelConfig) -> SegmentationNetwork:
-    """Build the network named by ``cfg.name``; spatial dims and channel counts must be resolved."""
+def build_model(cfg: ModelConfig, deep_supervision: bool = False) -> SegmentationNetwork:
+    """Build the network named by ``cfg.name``; spatial dims and channel counts must be resolved.
+    ``deep_supervision`` adds training-only heads (``train.deep_supervision``; prediction builds without)."""
     if cfg.name not in MODELS:
         raise ConfigError(f"unknown model '{cfg.name}'", hint=f"choose one of: {', '.join(MODELS)}")
     missing = [k for k in ("spatial_dims", "in_channels", "out_channels") if getattr(cfg, k) is None]
     if missing:
         raise ConfigError(f"model config needs {', '.join('model.' + k for k in missing)} before building")
-    return MODELS[cfg.name](cfg)
+    return MODELS[cfg.name](cfg, deep_supervision) if deep_supervision else MODELS[cfg.name](cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -93,10 +93,16 @@ class UNet(SegmentationNetwork):
             ``(1, 3, 4, 6, 6, 6, ...)`` truncated to the number of levels. Ignored by the plain encoder.
         decoder_convs: convolutions per decoder block; ``None`` = ``convs_per_level`` with the plain
             encoder, 1 with the residual one (as in nnU-Net's ResEnc presets).
+        deep_supervision: training-only 1x1 heads on the decoder levels between the full-resolution one
+            and the lowest (whose nnU-Net loss weight is 0): in training mode the network then returns
+            ``[full, level 1, level 2, ...]`` logits (level ``i`` pooled by :meth:`level_strides` ``[i]``);
+            in eval mode, and always without them, only the full-resolution logits. A network built
+            without heads loads a state dict that has them (prediction and export ignore them).
 
     Shape:
         (N, in_channels, *S) -> (N, out_channels, *S) with ``same`` padding;
         (N, in_channels, *S) -> (N, out_channels, *[s - 2 * m for s, m in zip(S, margin)]) with ``valid``.
+        With ``deep_supervision`` in training mode: a list of such logits, full resolution first.
 
     Example:
         >>> net = UNet(2, 1, 3, features=(16, 32, 64))
@@ -128,6 +134,7 @@ class UNet(SegmentationNetwork):
         encoder: Encoder = "plain",
         blocks_per_level: Sequence[int] | None = None,
         decoder_convs: int | None = None,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -162,6 +169,29 @@ class UNet(SegmentationNetwork):
             for i in reversed(range(self.depth))
         )
         self.head = conv_nd(spatial_dims)(features[0], out_channels, kernel_size=1)
+        self.deep_supervision = deep_supervision
+        # Heads for decoder levels 1 .. depth-2 only: nnU-Net gives the lowest decoder level weight 0.
+        self.ds_heads = nn.ModuleList(
+            conv_nd(spatial_dims)(features[level], out_channels, kernel_size=1) for level in range(1, self.depth - 1)
+        ) if deep_supervision else None
+        self._register_load_state_dict_pre_hook(self._drop_unused_heads)
+
+    def _drop_unused_heads(self, state: dict, prefix: str, *args: object) -> None:
+        """Deep-supervision heads only help training: a network built without them (prediction,
+        export) loads a checkpoint that has them by leaving them out."""
+        if self.ds_heads is None:
+            for key in [k for k in state if k.startswith(prefix + "ds_heads.")]:
+                del state[key]
+
+    def level_strides(self) -> list[Size]:
+        """Per output of a deep-supervised forward pass, how much it is pooled per axis relative
+        to the full-resolution output (level 0: all 1)."""
+        out, total = [], [1] * self.spatial_dims
+        for level in range(1 + (len(self.ds_heads) if self.ds_heads is not None else 0)):
+            if level:
+                total = [t * s for t, s in zip(total, self.strides[level])]
+            out.append(tuple(total))
+        return out
 
     def _plain_encoder(self, in_channels: int, features: Sequence[int], block: dict) -> None:
         k, st, dims = self.kernel_sizes, self.strides, self.spatial_dims
@@ -182,15 +212,21 @@ class UNet(SegmentationNetwork):
             for i in range(self.depth)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input_shape(tuple(x.shape[2:]))
         skips = [self.stem(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
+        supervised = self.training and self.ds_heads is not None
+        deep = []
         for up in self.ups:
             x = up(x, skips.pop())
-        return self.head(x)
+            level = len(skips)  # the resolution level this decoder block has reached
+            if supervised and 1 <= level <= len(self.ds_heads):  # type: ignore[arg-type]
+                deep.append(self.ds_heads[level - 1](x))  # type: ignore[index]
+        out = self.head(x)
+        return [out, *reversed(deep)] if supervised else out
 
     # ------------------------------------------------------------------ size contract (per axis)
 

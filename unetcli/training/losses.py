@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,3 +154,58 @@ def _soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool, smoo
     intersection = (probs * onehot).sum(dims)
     denominator = probs.sum(dims) + onehot.sum(dims)
     return (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """nnU-Net's weights for outputs at decoder levels 0 (full resolution) .. ``levels - 1``:
+    1 / 2^i, normalised to sum 1. (nnU-Net also lists the lowest decoder level, with weight 0: the
+    network has no head there.)"""
+    raw = [0.5**i for i in range(levels)]
+    return [w / sum(raw) for w in raw]
+
+
+def downsample_target(target: torch.Tensor, shape: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """Integer labels (N, *S) for an output of spatial ``shape`` pooled by ``stride`` per axis.
+
+    The labels under the output (the patch's labels centre-cropped to ``shape * stride``: valid
+    padding loses a border)
+    are sampled at each output voxel's centre (nearest neighbour, as nnU-Net's
+    ``DownsampleSegForDSTransform``): label values, the ignore label included, are never mixed.
+    """
+    cover = [n * s for n, s in zip(shape, stride)]
+    if list(target.shape[1:]) != cover:
+        target = center_crop(target[:, None], cover)[:, 0]
+    picks = (slice(None),) + tuple(slice(s // 2, None, s) for s in stride)
+    return target[picks]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """A loss over the outputs of a deep-supervised network: ``sum_i w_i * loss(output_i, target_i)``
+    with nnU-Net's weights (:func:`deep_supervision_weights`) and the target down-sampled to each
+    output (:func:`downsample_target`). A single tensor (eval-mode output) gets the plain loss.
+
+    Args:
+        loss: the per-output loss (:class:`DiceCELoss`, :class:`RegionDiceBCELoss`), which takes labels.
+        strides: per output, its pooling per axis relative to the full-resolution output.
+
+    Shape:
+        outputs: a list of (N, K, *S_i), full resolution first (or one tensor); target (N, *S).
+    """
+
+    def __init__(self, loss: nn.Module, strides: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        self.loss = loss
+        self.strides = [tuple(int(v) for v in s) for s in strides]
+        self.weights = deep_supervision_weights(len(self.strides))
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        if target.ndim == outputs[0].ndim:
+            target = target[:, 0]
+        total = self.weights[0] * self.loss(outputs[0], target)
+        for weight, output, stride in zip(self.weights[1:], outputs[1:], self.strides[1:]):
+            # With valid padding a coarser output sees more of the patch than the full-resolution one:
+            # its target is cut from the whole patch's labels.
+            total = total + weight * self.loss(output, downsample_target(target.long(), output.shape[2:], stride))
+        return total

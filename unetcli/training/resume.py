@@ -77,6 +77,8 @@ def _resumed_config(point: ResumePoint, run: Path, overrides: dict[str, Any]) ->
                               hint="use the unetcli version that wrote it") from exc
     if "augmentation" not in point.checkpoint["config"].get("train", {}):
         cfg.train.augmentation = "basic"  # written before presets existed: keep the augmentation it trained with
+    if "foreground_mask" not in point.checkpoint["config"].get("data", {}):
+        cfg.data.foreground_mask = "nonzero"  # written before the robust mask: keep the normalisation it trained with
     planned, planned_time = cfg.train.epochs, cfg.train.time_limit
     cfg = apply_overrides(cfg, overrides)
     if planned_time is None and cfg.train.time_limit is not None:

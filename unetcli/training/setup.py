@@ -23,7 +23,7 @@ from unetcli.models import SegmentationNetwork, build_model
 from unetcli.runtime import memory_format, resolve_channels_last
 from unetcli.training.distributed import check_batch_divides, sync_batch_norm, wrap_for_training
 from unetcli.training.init_weights import initialise_from
-from unetcli.training.losses import DiceCELoss, RegionDiceBCELoss
+from unetcli.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from unetcli.training.schedule import LRPlan
 
 log = logging.getLogger("unetcli")
@@ -80,14 +80,19 @@ def resolve_model_config(cfg: RunConfig, dataset: Dataset) -> RunConfig:
     return cfg
 
 
-def make_loss(cfg: RunConfig, dataset: Dataset) -> torch.nn.Module:
-    """Softmax Dice + CE over classes, or sigmoid Dice + BCE over regions; the ignore label left out of both."""
+def make_loss(cfg: RunConfig, dataset: Dataset, model: SegmentationNetwork | None = None) -> torch.nn.Module:
+    """Softmax Dice + CE over classes, or sigmoid Dice + BCE over regions; the ignore label left out of both;
+    over every output of a deep-supervised ``model`` (``train.deep_supervision``)."""
     t = cfg.train
+    loss: torch.nn.Module
     if dataset.regions is not None:
-        return RegionDiceBCELoss(dataset.regions, dice_weight=t.dice_weight, bce_weight=t.ce_weight,
+        loss = RegionDiceBCELoss(dataset.regions, dice_weight=t.dice_weight, bce_weight=t.ce_weight,
                                  ignore_index=dataset.ignore_index)
-    return DiceCELoss(include_background=t.dice_include_background, dice_weight=t.dice_weight, ce_weight=t.ce_weight,
-                      ignore_index=dataset.ignore_index)
+    else:
+        loss = DiceCELoss(include_background=t.dice_include_background, dice_weight=t.dice_weight, ce_weight=t.ce_weight,
+                          ignore_index=dataset.ignore_index)
+    strides = getattr(model, "level_strides", None)
+    return DeepSupervisionLoss(loss, strides()) if t.deep_supervision and strides is not None else loss
 
 
 def resolve_patch_size(cfg: RunConfig, dataset: Dataset, model: SegmentationNetwork) -> list[int]:
@@ -128,6 +133,18 @@ def default_patch_3d(shapes: list[tuple[int, ...]], model: SegmentationNetwork, 
     return list(model.input_size_for_output(patch))
 
 
+def grid_spacing(dataset: Dataset) -> list[float] | None:
+    """Voxel spacing (mm) per spatial axis of the grid the cases were resampled to (the target
+    spacing; without the slice axis for 2D-on-3D); ``None`` for PNG data (square pixels)."""
+    plan = dataset.preprocessing
+    if not plan or "target_spacing" not in plan:
+        return None
+    spacing = [float(s) for s in plan["target_spacing"]]
+    if plan.get("slice_axis") is not None:
+        del spacing[int(plan["slice_axis"])]
+    return spacing
+
+
 def default_batch_size(cfg: RunConfig, spatial_dims: int) -> int:
     return cfg.train.batch_size or (8 if spatial_dims == 2 else 2)
 
@@ -149,7 +166,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     """
     cfg = resolve_model_config(cfg, dataset)
     t = cfg.train
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, deep_supervision=t.deep_supervision)
     if t.init and not resumed:
         initialise_from(model, t.init, cfg.model)
     sync_batch_norm(model, device)
@@ -175,18 +192,19 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter,
         intensity=IntensityAugmentation.from_config(t),
         seed=t.seed, foreground=dataset.regions, ignore_index=dataset.ignore_index,
+        elastic_prob=t.elastic_prob, spacing=grid_spacing(dataset),
     )
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
         "label_values": dataset.label_values, "label_names": dataset.label_names, "channel_names": dataset.channel_names,
-        "normalization": cfg.data.normalization, "patch_size": patch, "layout": layout,
+        "normalization": cfg.data.normalization, "foreground_mask": cfg.data.foreground_mask, "patch_size": patch, "layout": layout,
         "file_format": dataset.file_format, "preprocessing": dataset.preprocessing,
         "regions": dataset.regions, "ignore_index": dataset.ignore_index,
     }
     return TrainComponents(
         config=cfg, model=model, train_model=train_model, memory_format=fmt, patch=patch, train_names=train_names, val_names=val_names,
         sampler=sampler,
-        loss_fn=make_loss(cfg, dataset),
+        loss_fn=make_loss(cfg, dataset, model),
         optimizer=make_optimizer(model, cfg, device),
         plan=LRPlan.new(t.schedule, t.epoch_limit * t.iterations_per_epoch, t.warmup_iterations, t.time_limit),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
