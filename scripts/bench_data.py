@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from benchlib.machine import load_note, machine_info, print_machine, print_table, with_peak_rss, write_json
 
-from unetcli.config import DataConfig, RunConfig, apply_overrides, resolve_augmentation
-from unetcli.data.augment import IntensityAugmentation
+from unetcli.config import DataConfig, RunConfig, apply_overrides
+from unetcli.data.augment import IntensityAugmentation, resolve_augmentation
 from unetcli.data.dataset import discover_dataset
 from unetcli.data.sampling import PatchSampler, iterate_batches
 from unetcli.data.volumes import load_volume_dataset

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from unetcli.config import RunConfig, resolve_augmentation, validate_config
-from unetcli.data.augment import (IntensityAugmentation, adjust_contrast, gamma_keep_stats, gaussian_blur,
+from unetcli.config import RunConfig, validate_config
+from unetcli.data.augment import (IntensityAugmentation, resolve_augmentation, adjust_contrast, gamma_keep_stats, gaussian_blur,
                                   random_bias_field, simulate_low_resolution)
 from unetcli.data.sampling import PatchSampler
 from unetcli.data.types import Case

@@ -195,26 +195,6 @@ def parse_duration(text: str, option: str = "--time") -> float:
     return seconds
 
 
-AUGMENTATION_PROBABILITIES = ("rotate_scale_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
-                              "lowres_prob", "inverted_gamma_prob", "gamma_prob", "bias_field_prob")
-NNUNET_INTENSITY = {"noise_prob": 0.1, "blur_prob": 0.2, "brightness_prob": 0.15, "contrast_prob": 0.15,
-                    "lowres_prob": 0.25, "inverted_gamma_prob": 0.1, "gamma_prob": 0.3}
-"""nnU-Net's intensity changes and their per-patch probabilities (nnUNetTrainer.get_training_transforms)."""
-AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
-    "basic": {"intensity_jitter": 0.1, **{k: 0.0 for k in AUGMENTATION_PROBABILITIES}},
-    "nnunet": {"intensity_jitter": 0.0, "rotate_scale_prob": 0.2, **NNUNET_INTENSITY, "bias_field_prob": 0.0},
-    "scanner": {"intensity_jitter": 0.0, "rotate_scale_prob": 0.0, **NNUNET_INTENSITY, "bias_field_prob": 0.2},
-}
-
-
-def resolve_augmentation(train: TrainConfig, spatial_dims: int) -> None:
-    """Fill the augmentation keys left unset (``None``) from ``train.augmentation``'s preset, in place."""
-    preset = train.augmentation if train.augmentation != "auto" else ("scanner" if spatial_dims == 3 else "basic")
-    for key, value in AUGMENTATION_PRESETS[preset].items():
-        if getattr(train, key) is None:
-            setattr(train, key, value)
-
-
 @dataclass
 class InferConfig:
     """Sliding-window prediction (validation and ``unet predict``)."""
@@ -433,7 +413,7 @@ def validate_config(cfg: RunConfig) -> None:
     for key, value in {"train.batch_size": t.batch_size, "infer.window_batch_size": cfg.infer.window_batch_size}.items():
         if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
-    for key in ("foreground_fraction", "elastic_prob", *AUGMENTATION_PROBABILITIES):
+    for key in ["foreground_fraction"] + [f.name for f in dataclasses.fields(t) if f.name.endswith("_prob")]:
         if getattr(t, key) is not None and not 0.0 <= getattr(t, key) <= 1.0:
             raise ConfigError(f"config key 'train.{key}' must be in [0, 1], got {getattr(t, key)}")
     if t.freeze_encoder_epochs < 0:

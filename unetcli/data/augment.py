@@ -30,6 +30,25 @@ BIAS_FIELD_DEGREE = 3
 PER_CHANNEL_PROB = 0.5
 """Blur and low resolution hit each channel of a chosen patch with this probability (nnU-Net's)."""
 
+AUGMENTATION_PROBABILITIES = ("rotate_scale_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
+                              "lowres_prob", "inverted_gamma_prob", "gamma_prob", "bias_field_prob")
+NNUNET_INTENSITY = {"noise_prob": 0.1, "blur_prob": 0.2, "brightness_prob": 0.15, "contrast_prob": 0.15,
+                    "lowres_prob": 0.25, "inverted_gamma_prob": 0.1, "gamma_prob": 0.3}
+"""nnU-Net's intensity changes and their per-patch probabilities (nnUNetTrainer.get_training_transforms)."""
+AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
+    "basic": {"intensity_jitter": 0.1, **{k: 0.0 for k in AUGMENTATION_PROBABILITIES}},
+    "nnunet": {"intensity_jitter": 0.0, "rotate_scale_prob": 0.2, **NNUNET_INTENSITY, "bias_field_prob": 0.0},
+    "scanner": {"intensity_jitter": 0.0, "rotate_scale_prob": 0.0, **NNUNET_INTENSITY, "bias_field_prob": 0.2},
+}
+
+
+def resolve_augmentation(train: Any, spatial_dims: int) -> None:
+    """Fill the augmentation keys of a ``TrainConfig`` left unset (``None``) from ``train.augmentation``'s preset, in place."""
+    preset = train.augmentation if train.augmentation != "auto" else ("scanner" if spatial_dims == 3 else "basic")
+    for key, value in AUGMENTATION_PRESETS[preset].items():
+        if getattr(train, key) is None:
+            setattr(train, key, value)
+
 
 @dataclass(frozen=True)
 class IntensityAugmentation:
@@ -61,7 +80,7 @@ class IntensityAugmentation:
 
     @classmethod
     def from_config(cls, train: Any) -> IntensityAugmentation:
-        """The changes of a resolved ``TrainConfig`` (:func:`unetcli.config.resolve_augmentation`)."""
+        """The changes of a resolved ``TrainConfig`` (:func:`resolve_augmentation`)."""
         return cls(**{f.name: float(getattr(train, f.name)) for f in fields(cls)})
 
     @property

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetcli.config import RunConfig, resolve_augmentation
-from unetcli.data.augment import IntensityAugmentation
+from unetcli.config import RunConfig
+from unetcli.data.augment import IntensityAugmentation, resolve_augmentation
 from unetcli.data.dataset import expand_to_cases, split_cases
 from unetcli.data.sampling import PatchSampler
 from unetcli.data.types import Dataset
