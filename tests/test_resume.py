@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from helpers import invoke_quiet as invoke
-from unetcli.training.schedule import LRPlan
+from unetcli.training.schedule import LRSchedule
 
 EPOCHS = 4
 ITERATIONS = 10
@@ -156,7 +156,7 @@ def test_extending_a_finished_run_replans_the_schedule_downwards(reference: tupl
     assert (after["epoch"], after["iteration"]) == (2 * EPOCHS, 2 * EPOCHS * ITERATIONS)
     assert after["config"]["train"]["epochs"] == 2 * EPOCHS
 
-    old, new = LRPlan.from_state_dict(before["scheduler"]), LRPlan.from_state_dict(after["scheduler"])
+    old, new = LRSchedule.from_state_dict(before["scheduler"]), LRSchedule.from_state_dict(after["scheduler"])
     end = EPOCHS * ITERATIONS
     assert [new.factor(i) for i in range(end)] == [old.factor(i) for i in range(end)]  # the past is unchanged
     last_before = old.factor(end - 1)

@@ -12,7 +12,7 @@ import torch
 from helpers import error_lines, invoke, make_blobs
 from unetcli.config import parse_duration
 from unetcli.errors import ConfigError
-from unetcli.training.schedule import LRPlan
+from unetcli.training.schedule import LRSchedule
 from unetcli.workflows.cv.runner import fold_time_budget
 
 TINY = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=4", "--batch-size", "2",
@@ -31,25 +31,25 @@ def test_a_duration_without_a_unit_is_refused(text: str) -> None:
 
 
 def test_a_timed_schedule_warms_up_then_decays_to_zero_at_the_budget() -> None:
-    plan = LRPlan.new("poly", total=10**9, warmup=50, seconds=600.0)
+    plan = LRSchedule.new("poly", total=10**9, warmup=50, seconds=600.0)
     assert plan.factor(0, 0.0) == pytest.approx(1 / 50)
     assert plan.factor(49, 5.0) == pytest.approx((1 - 5 / 600) ** 0.9)  # warm-up steps done
     assert plan.factor(3, 20.0) == pytest.approx(1.0 * (1 - 20 / 600) ** 0.9)  # 1/30 of the budget: warm-up over too
     assert plan.factor(10_000, 300.0) == pytest.approx(0.5 ** 0.9)
     assert plan.factor(10_000, 600.0) == 0.0
-    assert LRPlan.from_state_dict(plan.state_dict()) == plan
+    assert LRSchedule.from_state_dict(plan.state_dict()) == plan
 
 
 def test_a_longer_budget_on_resume_continues_from_the_current_rate() -> None:
-    plan = LRPlan.new("cosine", total=10**9, warmup=0, seconds=100.0)
+    plan = LRSchedule.new("cosine", total=10**9, warmup=0, seconds=100.0)
     before = plan.factor(500, 60.0)
-    plan.replan_timed(501, 60.0, 10**9, 200.0)
+    plan.reschedule_timed(501, 60.0, 10**9, 200.0)
     assert plan.factor(501, 60.0) == pytest.approx(before)  # no jump back up
     assert plan.factor(900, 130.0) < before and plan.factor(2000, 200.0) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_with_epochs_beside_the_time_the_decay_ends_with_whichever_budget_ends_first() -> None:
-    plan = LRPlan.new("poly", total=200, warmup=0, seconds=600.0)
+    plan = LRSchedule.new("poly", total=200, warmup=0, seconds=600.0)
     assert plan.factor(100, 30.0) == pytest.approx(0.5 ** 0.9)  # a fast machine: the iterations lead
     assert plan.factor(20, 300.0) == pytest.approx(0.5 ** 0.9)  # a slow one: the time leads
     assert plan.factor(199, 100.0) < 0.01 and plan.factor(10, 599.0) < 0.01
@@ -57,7 +57,7 @@ def test_with_epochs_beside_the_time_the_decay_ends_with_whichever_budget_ends_f
 
 def test_plans_saved_before_time_budgets_still_count_iterations() -> None:
     old = {"schedule": "poly", "segments": [{"start": 0, "end": 100, "start_factor": 1.0, "warmup": 10}]}
-    plan = LRPlan.from_state_dict(old)
+    plan = LRSchedule.from_state_dict(old)
     assert not plan.timed and plan.factor(55) == pytest.approx((1 - 45 / 90) ** 0.9)
 
 

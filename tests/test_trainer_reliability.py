@@ -24,7 +24,7 @@ from helpers import invoke_quiet as invoke
 from unetcli.errors import OutputError
 from unetcli.runlock import LOCK_NAME, RunLock, owner_info
 from unetcli.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from unetcli.training.schedule import LRPlan, lr_factor
+from unetcli.training.schedule import LRSchedule, lr_factor
 
 FLAGS = ["--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=10", "--set", "train.warmup_iterations=5",
          "--batch-size", "2", "--lr", "0.01", "--precision", "fp32", "--device", "cpu", "--num-threads", "1"]
@@ -43,41 +43,41 @@ def finished_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("schedule", ["poly", "cosine", "constant"])
 def test_plan_reproduces_the_schedule_and_resumes_it_exactly(schedule: str) -> None:
-    plan = LRPlan.new(schedule, 100, 10)
+    plan = LRSchedule.new(schedule, 100, 10)
     assert [plan.factor(i) for i in range(101)] == [lr_factor(schedule, i, 100, 10) for i in range(101)]
-    copy = LRPlan.from_state_dict(plan.state_dict())
-    copy.replan(37, 100)  # same total: nothing changes
+    copy = LRSchedule.from_state_dict(plan.state_dict())
+    copy.reschedule(37, 100)  # same total: nothing changes
     assert [copy.factor(i) for i in range(101)] == [plan.factor(i) for i in range(101)]
 
 
 @pytest.mark.parametrize("schedule", ["poly", "cosine"])
 @pytest.mark.parametrize("at", [60, 100])
 def test_extension_continues_downwards_from_the_current_rate(schedule: str, at: int) -> None:
-    plan = LRPlan.new(schedule, 100, 10)
+    plan = LRSchedule.new(schedule, 100, 10)
     before = [plan.factor(i) for i in range(at)]
-    plan.replan(at, 250)
+    plan.reschedule(at, 250)
     assert [plan.factor(i) for i in range(at)] == before
     after = [plan.factor(i) for i in range(at, 250)]
     assert after[0] == pytest.approx(before[-1]) and after[0] <= before[-1]
     assert all(b <= a for a, b in zip(after, after[1:]))
     assert plan.factor(250) == 0.0 and after[-1] < 0.05 * after[0]
-    plan.replan(180, 300)  # a second extension, mid-way
+    plan.reschedule(180, 300)  # a second extension, mid-way
     assert plan.factor(180) <= plan.factor(179) and plan.total == 300
 
 
 def test_extension_during_warmup_keeps_warming_up() -> None:
-    plan = LRPlan.new("poly", 100, 50)
-    plan.replan(20, 400)
+    plan = LRSchedule.new("poly", 100, 50)
+    plan.reschedule(20, 400)
     assert plan.factor(20) == lr_factor("poly", 20, 400, 50)  # as if planned with 400 from the start
     assert max(plan.factor(i) for i in range(400)) == 1.0
 
 
 def test_shortening_decays_to_zero_at_the_new_end() -> None:
-    plan = LRPlan.new("cosine", 100, 0)
-    plan.replan(30, 50)
+    plan = LRSchedule.new("cosine", 100, 0)
+    plan.reschedule(30, 50)
     assert plan.factor(30) <= plan.factor(29) and plan.factor(50) == 0.0
     with pytest.raises(ValueError):
-        plan.replan(60, 40)
+        plan.reschedule(60, 40)
 
 
 # --------------------------------------------------------------------------- RNG state

@@ -1,12 +1,12 @@
-"""The learning-rate schedule: a plain function of the iteration, stored in checkpoints as a plan.
+"""The learning-rate schedule: a plain function of the iteration, stored in checkpoints as its segments.
 
-The rate at iteration ``i`` (0-based step index) is ``train.lr * plan.factor(i)``. A plan is a
+The rate at iteration ``i`` (0-based step index) is ``train.lr * schedule.factor(i)``. A schedule is a
 list of segments; the first is the run's original schedule (linear warm-up, then poly (0.9),
-cosine or constant). Because the factor depends on nothing but the iteration and the plan, a
+cosine or constant). Because the factor depends on nothing but the iteration and the schedule, a
 resumed run uses exactly the rates an uninterrupted run would have used.
 
 When a run is given a different number of epochs after it started (``unet train --resume RUN
---epochs N``), :meth:`LRPlan.replan` appends a segment that starts at the rate of the last step
+--epochs N``), :meth:`LRSchedule.reschedule` appends a segment that starts at the rate of the last step
 taken and decays with the same shape to 0 over the remaining iterations: the rate never jumps
 back up. (While still in warm-up, the warm-up simply continues into the longer schedule, which
 is what a run planned with N epochs from the start would have done.)
@@ -50,7 +50,7 @@ def lr_factor(schedule: str, iteration: int, total: int, warmup: int) -> float:
 
 
 @dataclass
-class LRPlan:
+class LRSchedule:
     """Segments ``{start, end, start_factor, warmup}``; iteration ``i`` uses the last segment with
     ``start <= i``: ``start_factor * lr_factor(schedule, i - start, end - start, warmup)``."""
 
@@ -62,11 +62,11 @@ class LRPlan:
     the progress is whichever is further along, so the decay ends with whichever budget ends first;
     :attr:`warmup` iterations ramp the rate up first."""
     warmup: int = 0
-    """Warm-up iterations of a ``seconds`` plan (an ``iterations`` plan keeps them in its first segment)."""
+    """Warm-up iterations of a ``seconds`` schedule (an ``iterations`` schedule keeps them in its first segment)."""
 
     @classmethod
-    def new(cls, schedule: str, total: int, warmup: int, seconds: float | None = None) -> "LRPlan":
-        """A plan over ``total`` iterations, or over ``seconds`` of training when that is given."""
+    def new(cls, schedule: str, total: int, warmup: int, seconds: float | None = None) -> "LRSchedule":
+        """A schedule over ``total`` iterations, or over ``seconds`` of training when that is given."""
         if seconds is not None:
             return cls(schedule, [{"start": 0.0, "end": float(seconds), "start_iteration": 0, "end_iteration": int(total),
                                    "start_factor": 1.0, "warmup": 0}], "seconds", int(warmup))
@@ -81,7 +81,7 @@ class LRPlan:
         return int(self.segments[-1]["end"])
 
     def factor(self, iteration: int, elapsed: float = 0.0) -> float:
-        """The multiplier at step ``iteration`` (0-based), ``elapsed`` seconds into a ``seconds`` plan."""
+        """The multiplier at step ``iteration`` (0-based), ``elapsed`` seconds into a ``seconds`` schedule."""
         if not self.timed:
             return self._segment_factor(iteration)
         ramp = 1.0
@@ -107,8 +107,8 @@ class LRPlan:
         by_steps = (iteration - segment["start_iteration"]) / max(1, segment["end_iteration"] - segment["start_iteration"])
         return segment["start_factor"] * decay(self.schedule, max(by_time, by_steps))
 
-    def replan_timed(self, iteration: int, elapsed: float, new_total: int, new_seconds: float) -> None:
-        """A ``seconds`` plan given another budget (time and/or iterations) after ``iteration`` steps and
+    def reschedule_timed(self, iteration: int, elapsed: float, new_total: int, new_seconds: float) -> None:
+        """A ``seconds`` schedule given another budget (time and/or iterations) after ``iteration`` steps and
         ``elapsed`` seconds: it decays on from the current rate, never back up."""
         last = self.segments[-1]
         if (new_seconds, new_total) == (last["end"], last["end_iteration"]):
@@ -118,10 +118,10 @@ class LRPlan:
         self.segments.append({"start": float(elapsed), "end": float(new_seconds), "start_iteration": int(iteration),
                               "end_iteration": int(new_total), "start_factor": float(start_factor), "warmup": 0})
 
-    def replan(self, iteration: int, new_total: int) -> None:
-        """Re-plan the iterations from ``iteration`` on so that the schedule ends at ``new_total``."""
+    def reschedule(self, iteration: int, new_total: int) -> None:
+        """Re-schedule the iterations from ``iteration`` on so that the schedule ends at ``new_total``."""
         if self.timed:
-            raise ValueError("a plan over time is re-planned with replan_timed")
+            raise ValueError("a schedule over time is extended with reschedule_timed")
         if new_total == self.total:
             return
         if new_total <= iteration:
@@ -146,7 +146,7 @@ class LRPlan:
         return {"schedule": self.schedule, "segments": [dict(s) for s in self.segments], "clock": self.clock, "warmup": self.warmup}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "LRPlan":
+    def from_state_dict(cls, state: dict[str, Any]) -> "LRSchedule":
         clock = str(state.get("clock", "iterations"))  # plans saved before time budgets count iterations
         if clock == "seconds":
             segments = [{"start": float(s["start"]), "end": float(s["end"]), "start_iteration": int(s["start_iteration"]),

@@ -1,6 +1,6 @@
 """Everything a training run is built from, resolved before its first step: the model config
 completed from the data, the network, the patch and batch size, the split, the sampler, the loss,
-the optimiser, the learning-rate plan and the checkpoint metadata that ``predict`` needs."""
+the optimiser, the learning-rate schedule and the checkpoint metadata that ``predict`` needs."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from unetcli.runtime import memory_format, resolve_channels_last
 from unetcli.training.distributed import check_batch_divides, sync_batch_norm, wrap_for_training
 from unetcli.training.init_weights import initialise_from
 from unetcli.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
-from unetcli.training.schedule import LRPlan
+from unetcli.training.schedule import LRSchedule
 
 log = logging.getLogger("unetcli")
 
@@ -48,7 +48,7 @@ class TrainComponents:
     sampler: PatchSampler
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    plan: LRPlan
+    schedule: LRSchedule
     scaler: torch.amp.GradScaler
     metadata: dict[str, Any]
 
@@ -136,12 +136,12 @@ def default_patch_3d(shapes: list[tuple[int, ...]], model: SegmentationNetwork, 
 def grid_spacing(dataset: Dataset) -> list[float] | None:
     """Voxel spacing (mm) per spatial axis of the grid the cases were resampled to (the target
     spacing; without the slice axis for 2D-on-3D); ``None`` for PNG data (square pixels)."""
-    plan = dataset.preprocessing
-    if not plan or "target_spacing" not in plan:
+    preprocessing = dataset.preprocessing
+    if not preprocessing or "target_spacing" not in preprocessing:
         return None
-    spacing = [float(s) for s in plan["target_spacing"]]
-    if plan.get("slice_axis") is not None:
-        del spacing[int(plan["slice_axis"])]
+    spacing = [float(s) for s in preprocessing["target_spacing"]]
+    if preprocessing.get("slice_axis") is not None:
+        del spacing[int(preprocessing["slice_axis"])]
     return spacing
 
 
@@ -206,7 +206,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         sampler=sampler,
         loss_fn=make_loss(cfg, dataset, model),
         optimizer=make_optimizer(model, cfg, device),
-        plan=LRPlan.new(t.schedule, t.epoch_limit * t.iterations_per_epoch, t.warmup_iterations, t.time_limit),
+        schedule=LRSchedule.new(t.schedule, t.epoch_limit * t.iterations_per_epoch, t.warmup_iterations, t.time_limit),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         metadata=metadata,
     )

@@ -15,7 +15,7 @@ import torch
 
 from unetcli.errors import CheckpointError, DataError
 from unetcli.checkpoint import state_dict_problem
-from unetcli.training.schedule import LRPlan
+from unetcli.training.schedule import LRSchedule
 from unetcli.training.setup import TrainComponents
 
 
@@ -112,7 +112,7 @@ class ResumePoint:
             parts.model.load_state_dict(ckpt["model"])
             parts.optimizer.load_state_dict(ckpt["optimizer"])
             parts.sampler.load_state_dict(ckpt["sampler"])
-            parts.plan = LRPlan.from_state_dict(ckpt["scheduler"])
+            parts.schedule = LRSchedule.from_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler") and parts.scaler.is_enabled():
                 parts.scaler.load_state_dict(ckpt["scaler"])
             return TrainState.from_checkpoint(ckpt, device)

@@ -164,7 +164,7 @@ class Trainer:
         """The time budget is spent (set when the next step would leave too little time to validate and save)."""
         self.epoch_overhead = 0.0
         """Seconds the last epoch end took (validation, metrics, checkpoints): reserved from a time budget."""
-        self.lr = parts.config.train.lr * parts.plan.factor(max(0, self.state.iteration - 1), self.state.elapsed_before)
+        self.lr = parts.config.train.lr * parts.schedule.factor(max(0, self.state.iteration - 1), self.state.elapsed_before)
         """The rate of the last step taken (recorded per epoch)."""
         self._steps_in_epoch, self._elapsed_in_epoch = 0, 0.0
 
@@ -245,7 +245,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=p.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             # The epoch's end (validation, saving) is reserved, so a time schedule reaches its end at the last step.
-            self.lr = p.plan.apply(p.optimizer, t.lr, s.iteration, elapsed + self.epoch_overhead)
+            self.lr = p.schedule.apply(p.optimizer, t.lr, s.iteration, elapsed + self.epoch_overhead)
             loss = train_step(p.train_model, images, labels, p.loss_fn, p.optimizer, p.scaler, self.device, self.precision, t.grad_clip)
             s.loss_sum += loss
             s.iteration += 1
@@ -332,14 +332,14 @@ class Trainer:
             return
         t, s = self.cfg.train, self.state
         at = bad if bad >= 0 else s.iteration
-        raise numerical_fault(at, t.iterations_per_epoch, t.lr * self.parts.plan.factor(at - 1), self.precision, t.lr,
+        raise numerical_fault(at, t.iterations_per_epoch, t.lr * self.parts.schedule.factor(at - 1), self.precision, t.lr,
                               self.out, s.last_saved, bad >= 0)
 
     def _checkpoint(self) -> dict[str, Any]:
         p = self.parts
         checkpoint = {
             "config": config_to_dict(self.cfg), "metadata": p.metadata, "model": p.model.state_dict(),
-            "optimizer": p.optimizer.state_dict(), "scheduler": p.plan.state_dict(), "scaler": p.scaler.state_dict(),
+            "optimizer": p.optimizer.state_dict(), "scheduler": p.schedule.state_dict(), "scaler": p.scaler.state_dict(),
             "sampler": p.sampler.state_dict(), "rng": capture_rng_state(),
             **self.state.to_checkpoint(self._elapsed(), self._finished()),
         }
@@ -377,10 +377,10 @@ class Trainer:
 
     def _log_resumed(self) -> None:
         s, t = self.state, self.cfg.train
-        if self.parts.plan.timed:  # a changed --time or --epochs: decay on, never back up
-            self.parts.plan.replan_timed(s.iteration, s.elapsed_before, self.max_iterations, t.time_limit)
+        if self.parts.schedule.timed:  # a changed --time or --epochs: decay on, never back up
+            self.parts.schedule.reschedule_timed(s.iteration, s.elapsed_before, self.max_iterations, t.time_limit)
         else:
-            self.parts.plan.replan(s.iteration, self.max_iterations)
+            self.parts.schedule.reschedule(s.iteration, self.max_iterations)
         if self.resume is not None and self.resume.precision not in (None, self.precision):
             log.warning("this run trained with %s precision and continues with %s: results will differ from an "
                         "uninterrupted run", self.resume.precision, self.precision)
