@@ -583,16 +583,16 @@ def compare(
     """Compare skip connections (concat / add / none / valid-crop): train each variant with the same data, split, budget
     and seeds, predict and score the held-out cases; writes DIR/report.md with a table (Dice, HD95, NSD), charts and overlays."""
     from unetcli.evaluation.stats import comparison_table
-    from unetcli.workflows.compare import DEMO_OVERRIDES, REPORT_METRICS, make_plan, parse_variants, resolve_study_data, run_study
+    from unetcli.workflows.compare import DEMO_OVERRIDES, REPORT_METRICS, make_study, parse_variants, resolve_study_data, run_study
 
     variants = parse_variants(skip)
     study_data = resolve_study_data(data, test, demo)
     cfg = ConfigSources(config, set_ or [], {"train.epochs": epochs, "train.device": device, "train.precision": precision,
                                              "train.seed": seed, "train.num_threads": num_threads},
                         defaults=DEMO_OVERRIDES if demo else None).resolve()
-    plan = make_plan(variants, seeds, cfg, study_data)
+    study = make_study(variants, seeds, cfg, study_data)
     out = out or (Path("unet-compare") if demo else Path(f"compare_{study_data.train.resolve().name}"))
-    result = run_study(plan, out, overwrite=overwrite, progress=_progress())
+    result = run_study(study, out, overwrite=overwrite, progress=_progress())
     console.print(comparison_table(result.comparison, metrics=REPORT_METRICS))
     console.print(f"{len(result.ran)} run(s) trained, {len(result.skipped)} finished earlier; report: {result.report}")
 

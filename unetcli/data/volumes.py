@@ -95,7 +95,7 @@ def channel_schemes(channel_names: list[str], n_channels: int, cfg: DataConfig) 
     return ["ct" if n.strip().lower() in CT_NAMES else cfg.normalization for n in names]
 
 
-def plan_preprocessing(files: DatasetFiles, cfg: DataConfig) -> dict[str, Any]:
+def preprocessing_parameters(files: DatasetFiles, cfg: DataConfig) -> dict[str, Any]:
     """The dataset-level preprocessing parameters (target spacing; CT statistics are added later)."""
     problems, spacings, shapes = [], [], []
     for case in files.cases:
@@ -287,7 +287,7 @@ def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
 
     All problems are collected and reported together (one line each) before anything trains.
     """
-    plan = plan_preprocessing(files, cfg)
+    plan = preprocessing_parameters(files, cfg)
     cache = default_cache_dir(cfg)
     problems: list[str] = []
     entries: dict[str, dict[str, Any]] = {}

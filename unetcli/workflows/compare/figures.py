@@ -17,13 +17,13 @@ import numpy as np
 from unetcli.atomic import atomic_write_with
 from unetcli.evaluation.overlays import draw_case_view, read_case_view
 from unetcli.evaluation.summary import EvalResult
-from unetcli.workflows.compare.plan import StudyPlan
+from unetcli.workflows.compare.study import Study
 from unetcli.workflows.compare.report import METRIC_TITLES, REPORT_METRICS, StudyScores, metric_digits
 
 N_OVERLAY_CASES = 3
 
 
-def write_curves(plan: StudyPlan, out: Path, histories: dict[str, list[list[dict[str, Any]]]]) -> Path:
+def write_curves(plan: Study, out: Path, histories: dict[str, list[list[dict[str, Any]]]]) -> Path:
     """Validation Dice (and training loss) per epoch: each variant's mean over seeds, min-max band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -119,7 +119,7 @@ def render_case_grid(case: str, results: dict[str, EvalResult], image_dir: Path 
     return path
 
 
-def write_case_grids(plan: StudyPlan, out: Path, scores: StudyScores) -> list[str]:
+def write_case_grids(plan: Study, out: Path, scores: StudyScores) -> list[str]:
     """``overlays/CASE.png`` for the cases where the variants differ most; returns those cases."""
     cases = pick_overlay_cases(scores.averaged)
     (out / "overlays").mkdir(exist_ok=True)

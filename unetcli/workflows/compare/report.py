@@ -24,7 +24,7 @@ from unetcli.evaluation.cases import find_cases
 from unetcli.evaluation.stats import Comparison, compare_results, format_p_value
 from unetcli.evaluation.summary import EvalResult
 from unetcli.checkpoint import load_checkpoint, resolve_checkpoint
-from unetcli.workflows.compare.plan import RunSpec, StudyPlan
+from unetcli.workflows.compare.study import RunSpec, Study
 
 REPORT_METRICS = ("dice", "hd95", "nsd")
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95", "nsd": "NSD"}
@@ -145,7 +145,7 @@ def _cell(mean: float, std: float, low: float, high: float, digits: int, n: int,
     return text + (f" (n={n}/{n_cases})" if n < n_cases else "")
 
 
-def result_table(plan: StudyPlan, comp: Comparison, stats: dict[str, VariantStats]) -> str:
+def result_table(plan: Study, comp: Comparison, stats: dict[str, VariantStats]) -> str:
     """The markdown results table: per variant, parameters, time per epoch and each metric's cell (see :func:`_cell`)."""
     header = ["variant", "parameters", "s / epoch"] + [METRIC_TITLES[m] for m in REPORT_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -190,7 +190,7 @@ def per_seed_table(stats: dict[str, VariantStats]) -> str:
     return "\n".join(lines)
 
 
-def _variant_stats(plan: StudyPlan, variant: str, per_seed: dict[int, EvalResult],
+def _variant_stats(plan: Study, variant: str, per_seed: dict[int, EvalResult],
                    histories: list[list[dict[str, Any]]], state: dict[str, Any]) -> VariantStats:
     runs = {s: {m: _nanmean(per_seed[s].foreground_values(m)) for m in REPORT_METRICS} for s in plan.seeds}
     epoch_means = [float(np.mean([r["epoch_seconds"] for r in h])) for h in histories if h]
@@ -199,7 +199,7 @@ def _variant_stats(plan: StudyPlan, variant: str, per_seed: dict[int, EvalResult
                         {m: _mean_std([runs[s][m] for s in plan.seeds]) for m in REPORT_METRICS}, runs)
 
 
-def read_scores(plan: StudyPlan, out: Path, state: dict[str, Any]) -> StudyScores:
+def read_scores(plan: Study, out: Path, state: dict[str, Any]) -> StudyScores:
     """Every finished run's scores and training history, the seed averages and their comparison."""
     truth = plan.data.test_labels
     per_run = {v: {s: load_eval(out / "runs" / RunSpec(v, s).name, truth) for s in plan.seeds} for v in plan.variants}
@@ -211,7 +211,7 @@ def read_scores(plan: StudyPlan, out: Path, state: dict[str, Any]) -> StudyScore
     return StudyScores(per_run, averaged, comp, histories, stats)
 
 
-def build_report(plan: StudyPlan, out: Path, scores: StudyScores, overlay_cases: list[str]) -> Report:
+def build_report(plan: Study, out: Path, scores: StudyScores, overlay_cases: list[str]) -> Report:
     """The report's contents; ``overlay_cases``: the cases drawn in ``overlays/``."""
     reference = next(iter(scores.averaged))
     table = result_table(plan, scores.comparison, scores.variants)
@@ -224,7 +224,7 @@ def build_report(plan: StudyPlan, out: Path, scores: StudyScores, overlay_cases:
                   conventions if isinstance(conventions, dict) else {}, resolved)
 
 
-def report_markdown(plan: StudyPlan, report: Report) -> str:
+def report_markdown(plan: Study, report: Report) -> str:
     cfg, comp = plan.config, report.comparison
     spacing = (f"Distance spacing: {report.conventions.get('spacing', 'see runs/*/eval/summary.json')}; "
                f"NSD tolerance {report.conventions.get('nsd_tolerance_mm', 1.0)}.")

@@ -41,7 +41,7 @@ from unetcli.checkpoint import load_checkpoint, resolve_checkpoint
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.compare.figures import write_case_grids, write_curves
-from unetcli.workflows.compare.plan import RunSpec, StudyData, StudyPlan
+from unetcli.workflows.compare.study import RunSpec, StudyData, Study
 from unetcli.workflows.compare.report import REPORT_METRICS, Report, build_report, read_scores, report_markdown, results_record
 
 log = logging.getLogger("unetcli")
@@ -58,7 +58,7 @@ def _write_state(out: Path, state: dict[str, Any]) -> None:
     write_json(out / "study.json", state)
 
 
-def _load_state(out: Path, plan: StudyPlan, overwrite: bool) -> dict[str, Any]:
+def _load_state(out: Path, plan: Study, overwrite: bool) -> dict[str, Any]:
     """The study's record: continue it if the plan matches, refuse if not (unless ``overwrite``)."""
     fingerprint = plan.fingerprint()
     fresh = {"version": STUDY_VERSION, "plan": fingerprint,
@@ -127,7 +127,7 @@ class StudyResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def run_study(plan: StudyPlan, out: Path, overwrite: bool = False, progress: bool = True) -> StudyResult:
+def run_study(plan: Study, out: Path, overwrite: bool = False, progress: bool = True) -> StudyResult:
     """Run every unfinished run of ``plan`` into ``out/runs/``, then write the report.
 
     A run is finished when its ``eval/summary.json`` exists and ``study.json`` says this plan
@@ -188,7 +188,7 @@ def _run_record(run_dir: Path, seconds: float | None) -> dict[str, Any]:
     return record
 
 
-def write_report(plan: StudyPlan, out: Path, state: dict[str, Any]) -> Report:
+def write_report(plan: Study, out: Path, state: dict[str, Any]) -> Report:
     """``report.md`` with its figures and ``comparison.csv``; the results go into ``study.json``."""
     scores = read_scores(plan, out, state)
     overlay_cases = write_case_grids(plan, out, scores)

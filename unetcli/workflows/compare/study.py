@@ -108,7 +108,7 @@ class RunSpec:
 
 
 @dataclass
-class StudyPlan:
+class Study:
     variants: list[str]
     seeds: list[int]
     data: StudyData
@@ -143,7 +143,7 @@ class StudyPlan:
         }))
 
 
-def make_plan(variants: Sequence[str], n_seeds: int, cfg: RunConfig, data: StudyData) -> StudyPlan:
+def make_study(variants: Sequence[str], n_seeds: int, cfg: RunConfig, data: StudyData) -> Study:
     """Seeds ``train.seed .. train.seed + n_seeds - 1``; the split seed stays fixed for all runs."""
     if n_seeds < 1:
         raise ConfigError(f"--seeds {n_seeds} must be at least 1")
@@ -153,4 +153,4 @@ def make_plan(variants: Sequence[str], n_seeds: int, cfg: RunConfig, data: Study
     if cfg.data.split_seed is None:
         cfg.data.split_seed = cfg.train.seed
     base = cfg.train.seed
-    return StudyPlan(list(variants), [base + i for i in range(n_seeds)], data, cfg)
+    return Study(list(variants), [base + i for i in range(n_seeds)], data, cfg)
