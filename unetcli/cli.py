@@ -414,14 +414,19 @@ def predict(
     ensemble_with: Annotated[Optional[list[Path]], typer.Option("--ensemble-with", help=(
         "Another model (run, cv folder, checkpoint or export) to average with RUN; repeatable. Configurations may "
         "differ (e.g. 2d and 3d_fullres: averaged on each file's grid)."))] = None,
+    continue_: Annotated[bool, typer.Option("--continue", help=(
+        "Skip cases whose output is already there (outputs are written atomically, so they are complete): rerun an "
+        "interrupted prediction with the same command plus --continue."))] = False,
+    part: Annotated[Optional[str], typer.Option("--part", metavar="I/N", help=(
+        "Predict share I of N (every N-th case by name): N jobs with --part 1/N .. N/N cover every case once."))] = None,
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
-    from unetcli.inference.predict import predict as run_predict
+    from unetcli.inference.predict import parse_part, predict as run_predict
 
     _use_threads(num_threads)
     written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
-                          postprocessing=postprocessing)
+                          postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_)
     console.print(f"wrote {len(written)} mask(s) to {output}")
 
 

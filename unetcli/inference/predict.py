@@ -301,15 +301,45 @@ def _case_predictor(loaded: LoadedModel | list[LoadedModel], device: torch.devic
     return lambda paths, target: predict_one(loaded, paths, target, window, keep_probabilities=probabilities)
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1-based) -> (I, N): this process's share of the cases when N processes share them."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--part '{text}' is not of the form I/N", hint="e.g. --part 2/3 (the second of three shares)") from None
+    if not 1 <= index <= count:
+        raise ConfigError(f"--part {text}: I must be between 1 and N", hint=f"the shares of {count} are 1/{count} .. {count}/{count}")
+    return index, count
+
+
+def select_cases(cases: dict[str, list[Path]], outputs: dict[str, list[Path]], part: tuple[int, int] | None,
+                 resume: bool) -> dict[str, list[Path]]:
+    """The cases this call predicts: share ``I/N`` of them (every N-th case by sorted name, starting at
+    the I-th, so N calls cover each case exactly once), less, with ``resume``, those whose output
+    exists (outputs are written atomically, so an existing file is a complete one)."""
+    names = sorted(cases)
+    if part is not None:
+        index, count = part
+        names = names[index - 1::count]
+    if resume:
+        done = {n for n in names if all(p.exists() for p in outputs[n])}
+        if done:
+            log.info("--continue: %d of %d case(s) already predicted, %d to go", len(done), len(names), len(names) - len(done))
+        names = [n for n in names if n not in done]
+    return {n: cases[n] for n in names}
+
+
 def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_name: str = "auto",
             precision_name: str | None = None, probabilities: bool = False, overwrite: bool = False,
-            mirror: bool | None = None, progress: bool = True, postprocessing: bool = True) -> list[Path]:
+            mirror: bool | None = None, progress: bool = True, postprocessing: bool = True,
+            part: tuple[int, int] | None = None, resume: bool = False) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
     (preprocessing, sliding window and geometry handling are the same for all of them), or a ``unet cv``
     folder (the folds' ensemble; its chosen postprocessing is applied unless ``postprocessing`` is False).
     Several of them are averaged (:func:`combine_models`); no postprocessing is applied then.
+    ``part`` (I, N) predicts share I of N (:func:`select_cases`); ``resume`` skips cases already written.
     """
     device = resolve_device(device_name)
     configure_cpu_allocator()
@@ -324,9 +354,11 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     cases = _group_inputs(input_path, meta["in_channels"], file_format)
     suffix = ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
     targets = {name: output / f"{name}{suffix}" for name in cases}
-    planned = list(targets.values()) + ([output / f"{n}_probabilities.npz" for n in cases] if probabilities else [])
+    outputs = {n: [targets[n]] + ([output / f"{n}_probabilities.npz"] if probabilities else []) for n in cases}
+    cases = select_cases(cases, outputs, part, resume)
+    planned = [p for name in cases for p in outputs[name]]  # this call's cases only: other --part shares write beside them
     existing = [p for p in planned if p.exists()]
-    if existing and not overwrite:
+    if existing and not (overwrite or resume):
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
     predict_case = _case_predictor(loaded, device, precision_name, mirror, probabilities)
