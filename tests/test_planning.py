@@ -328,3 +328,30 @@ def test_plans_yaml_has_no_aliases_so_one_edit_changes_one_place(tmp_path: Path)
     edited = yaml.safe_load(text)
     edited["configurations"]["3d_fullres"]["config"]["data"]["target_spacing"] = [3.0, 3.0, 8.0]
     assert edited["configurations"]["2d"]["config"]["data"]["target_spacing"] == [2.0, 2.0, 8.0]
+
+
+@pytest.mark.parametrize("encoder, tolerance", [("plain", 0.0), ("residual", 0.1)])
+def test_the_cost_model_describes_the_network_the_model_factory_builds(encoder: str, tolerance: float) -> None:
+    """rules.Network re-describes the U-Net for the memory and time estimates: pinned against the real
+    network (convolution weights and every convolution's output size for one patch); the residual
+    encoder's 1x1 shortcut projections are the part the estimate leaves out."""
+    import torch
+
+    from unetcli.models.unet import UNet
+    from unetcli.planning.planner import _network
+
+    topo = rules.topology([2.0, 2.0, 8.0], [40, 48, 10])
+    net, blocks = _network(topo, 3, 1, 3, encoder)
+    model = UNet(3, 1, 3, features=net.features, kernel_sizes=topo.kernel_sizes, strides=topo.strides, encoder=encoder,
+                 blocks_per_level=blocks, norm="instance").eval()
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    outputs: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel())) for m in convs]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, *topo.patch))
+    for hook in hooks:
+        hook.remove()
+    weights = sum(m.weight.numel() for m in convs)
+    estimated_outputs = sum(cout * voxels for _, _, cout, voxels in rules._convs(net, topo.patch))
+    assert abs(rules.parameter_count(net) - weights) <= tolerance * weights
+    assert abs(estimated_outputs - sum(outputs)) <= tolerance * sum(outputs)

@@ -78,6 +78,11 @@ app = typer.Typer(
 )
 
 
+def _examples(*lines: str) -> str:
+    """A command's epilog: one example per line (Typer keeps paragraph breaks)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"unetcli {__version__}")
@@ -139,14 +144,15 @@ def _duration(text: Optional[str]) -> Optional[float]:
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/png2d.yaml); flags override it.")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (each = train.iterations_per_epoch iterations + validation).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(
+    help="Epochs (each = train.iterations_per_epoch iterations + validation).", show_default="30, train.epochs")]
 TimeOpt = Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
     "Train for this long (e.g. 90s, 45m, 2h, 1h30m; validation included): the learning-rate schedule runs over the time, "
     "the run ends with its last validation and checkpoint inside it. With --epochs too, whichever ends first."))]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: auto, a GPU where there is one).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16. auto uses bf16 only where the hardware runs it natively.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (split, sampling, initialisation).")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate.", show_default="3e-3, train.lr")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Any config key: --set section.key=value (repeatable), e.g. --set model.features=[16,32,64,128].")]
@@ -156,8 +162,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 ResumeOpt = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="RUN",
     help="Continue the run in folder RUN from checkpoints/last.pt (after a crash, kill or Ctrl-C), with its own config; "
-         "with a larger --epochs, train a finished run longer. Only --epochs, --device, --precision, --num-threads and "
-         "--set train.checkpoint_interval / train.num_workers may change.")]
+         "with a larger --epochs or --time, train a finished run longer. Only --epochs, --time, --device, --precision, "
+         "--num-threads and --set train.checkpoint_interval / train.num_workers may change.")]
 InitOpt = Annotated[Optional[str], typer.Option("--init", metavar="RUN", help=(
     "Fine-tune: start from this run folder's (best.pt) or checkpoint's weights; tensors that fit are loaded, the first "
     "convolution is adapted to other input channels, the head re-initialised for other classes."))]
@@ -179,9 +185,11 @@ NoPlanOpt = Annotated[bool, typer.Option("--no-plan", help="Do not plan: fixed b
                                                            "kernels, 2x pooling, median-shape patch) plus your config.")]
 
 
-@app.command(epilog="Example: unet train data/ --epochs 20 --out runs/tissue   Thick-slice MRI, own plan: unet plan data/ --out "
-             "plans.yaml; unet train data/ --plan plans.yaml --config 3d_fullres   Continue a stopped run: unet train --resume "
-             "runs/tissue   Train a finished run longer: unet train --resume runs/tissue --epochs 40")
+@app.command(epilog=_examples("unet train data/ --epochs 20 --out runs/tissue",
+                              "unet train data/ --time 45m --out runs/tissue        (a time budget)",
+                              "unet plan data/ --out plans.yaml; unet train data/ --plan plans.yaml --config 3d_fullres",
+                              "unet train --resume runs/tissue                      (continue a stopped run)",
+                              "unet train --resume runs/tissue --epochs 40          (train a finished run longer)"))
 @handle_errors
 def train(
     data: Annotated[Optional[Path], typer.Argument(help="Folder with images/ + masks/ (PNG), or imagesTr/ + labelsTr/ (nnU-Net layout). "
@@ -254,7 +262,9 @@ def _argv_without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
-@app.command("plan", epilog="Example: unet plan data/ --out plans.yaml   then: unet train data/ --plan plans.yaml --config 3d_fullres")
+@app.command("plan", epilog=_examples("unet plan data/ --out plans.yaml",
+                                      "unet train data/ --plan plans.yaml --config 3d_fullres",
+                                      "unet plan data/ --time 30m                (iterations each configuration fits)"))
 @handle_errors
 def plan_(
     data: Annotated[Path, typer.Argument(help="Dataset folder, as for `unet train`.")],
@@ -268,6 +278,9 @@ def plan_(
     time_: Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
         "The training time you have (e.g. 30m): the table adds how many iterations each configuration fits in it "
         "at this machine's estimated speed."))] = None,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help=(
+        "Measure this CPU's speed again for the seconds-per-step estimate (the reading is cached per machine; one taken "
+        "while other jobs ran is too low). The plan itself does not depend on it."))] = False,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
@@ -288,6 +301,10 @@ def plan_(
     _use_threads(cfg.train.num_threads)
     if out is not None:
         check_plan_output(out, overwrite)
+    if remeasure:
+        from unetcli.planning.budget import cpu_convolution_rate
+
+        cpu_convolution_rate(remeasure=True)
     plan = plan_dataset(data, cfg, memory_gb=memory, step_seconds=step_seconds, preset=preset or "plain")
     console.print(fingerprint_table(plan))
     console.print(plan_table(plan, _duration(time_)))
@@ -296,8 +313,10 @@ def plan_(
         console.print(f"wrote {out}; train with: unet train {data} --plan {out} [--config {' | '.join(plan.configurations)}]")
 
 
-@app.command(epilog="Example: unet cv data/ --folds 5 --out cv/   then: unet predict cv/ scans/ predictions/   "
-             "Patients with several scans: unet cv data/ --group-by '^(sub-[0-9]+)'   One fold per machine: unet cv data/ --fold 2")
+@app.command(epilog=_examples("unet cv data/ --folds 5 --out cv/ --time 4h",
+                              "unet predict cv/ scans/ predictions/                (the folds' ensemble)",
+                              "unet cv data/ --out cv/ --group-by '^(sub-[0-9]+)'   (a patient's scans in one fold)",
+                              "unet cv data/ --out cv/ --fold 2                    (one fold per machine)"))
 @handle_errors
 def cv(
     data: Annotated[Path, typer.Argument(help="Dataset folder, as for `unet train`.")],
@@ -395,7 +414,9 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
                   f"predict with it: {command}")
 
 
-@app.command(epilog="Example: unet predict runs/tissue scans/ predictions/   With an exported model: unet predict tissue.onnx scans/ predictions/")
+@app.command(epilog=_examples("unet predict runs/tissue scans/ predictions/",
+                              "unet predict tissue.onnx scans/ predictions/          (an exported model)",
+                              "unet predict runs/tissue scans/ preds/ --part 2/4     (job 2 of 4; add --continue to resume)"))
 @handle_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a `unet cv` folder (the "
@@ -407,7 +428,8 @@ def predict(
     precision: PrecisionOpt = None,
     num_threads: ThreadsOpt = None,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write NAME_probabilities.npz (float16, classes first).")] = False,
-    mirror: Annotated[Optional[bool], typer.Option("--mirror/--no-mirror", help="Average over flipped inputs (slower, often better).")] = None,
+    mirror: Annotated[Optional[bool], typer.Option("--mirror/--no-mirror", help="Average over flipped inputs (slower, often better).",
+                                                   show_default="the model's infer.mirror, off unless set")] = None,
     overwrite: OverwriteOpt = False,
     postprocessing: Annotated[bool, typer.Option("--postprocessing/--no-postprocessing", help=(
         "With a `unet cv` folder: apply the postprocessing it chose (default) or not."))] = True,
@@ -430,7 +452,8 @@ def predict(
     console.print(f"wrote {len(written)} mask(s) to {output}")
 
 
-@app.command(epilog="Example: unet export runs/tissue --format onnx --out tissue.onnx   then: unet predict tissue.onnx scans/ predictions/")
+@app.command(epilog=_examples("unet export runs/tissue --format onnx --out tissue.onnx",
+                              "unet predict tissue.onnx scans/ predictions/"))
 @handle_errors
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt) or a checkpoint .pt file.")],
@@ -464,8 +487,8 @@ def _regions(items: Optional[list[str]]) -> Optional[dict[str, list[int]]]:
     return regions
 
 
-@app.command("eval", epilog="Example: unet eval predictions/ data/test/masks --out eval/ --labels 1,2   "
-             "Compare runs: unet eval runA/preds runB/preds --truth data/labelsTs --out compare/")
+@app.command("eval", epilog=_examples("unet eval predictions/ data/test/masks --out eval/ --labels 1,2",
+                                      "unet eval runA/preds runB/preds --truth data/labelsTs --out compare/   (compare runs)"))
 @handle_errors
 def eval_(
     paths: Annotated[list[Path], typer.Argument(help="PRED TRUTH (folders or files of PNG masks or NIfTI label maps, paired by "
@@ -529,7 +552,7 @@ def eval_(
     console.print(f"wrote {len(outcome.written)} file(s) to {out}" + (f" and {overlays}" if overlays else ""))
 
 
-@app.command(epilog="Example: unet demo --out my-demo   Longer: unet demo --time 10m   3D: unet demo --3d")
+@app.command(epilog=_examples("unet demo --out my-demo", "unet demo --time 10m      (longer)", "unet demo --3d"))
 @handle_errors
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Folder for the run, predictions and scores (default: unet-demo, or unet-demo-3d).")] = None,
@@ -561,8 +584,8 @@ def demo(
                   f"everything is in {out}/ (config.yaml, checkpoints/, metrics.jsonl, curves.png, predictions/, eval/)")
 
 
-@app.command(epilog="Example: unet compare data/ --skip concat,add,none --seeds 3 --out study/   "
-             "(data/ holds train/ and test/; or pass --test)   Demo: unet compare --demo --out study-demo")
+@app.command(epilog=_examples("unet compare data/ --skip concat,add,none --seeds 3 --out study/   (data/ holds train/ and test/)",
+                              "unet compare --demo --out study-demo"))
 @handle_errors
 def compare(
     data: Annotated[Optional[Path], typer.Argument(help="Training folder (as for `unet train`), or a folder with train/ and test/ "

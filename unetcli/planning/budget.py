@@ -104,13 +104,16 @@ def _rate_cache() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "unetcli") / "cpu_rate.json"
 
 
-def cpu_convolution_rate() -> float:
+def cpu_convolution_rate(remeasure: bool = False) -> float:
     """FLOP/s of a 32-channel 3x3x3 convolution's forward + backward on this CPU with torch's
     current threads: the best of a few short runs (about 0.5 s), cached per machine, thread count
-    and torch version so every run (and every process of a multi-process run) plans alike."""
+    and torch version so every run (and every process of a multi-process run) estimates alike.
+    ``remeasure`` replaces the cached reading (one taken while the machine was busy is too low)."""
     key = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
     path = _rate_cache()
     try:
+        if remeasure:
+            raise ValueError("asked to measure again")
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return float(cached["flops_per_second"])
