@@ -168,4 +168,4 @@ def test_help_explains_every_command_with_an_example(command: list[str]) -> None
     assert result.exit_code == 0
     assert "Usage" in result.output
     if command:
-        assert "Example: unet" in result.output
+        assert "Examples:" in result.output and f"unet {command[0]}" in result.output.split("Examples:")[1]
