@@ -10,6 +10,7 @@ import random
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> Any:
+    """The loss scaler fp16 training needs (a pass-through otherwise). ``torch.amp.GradScaler`` exists
+    from torch 2.3; the package allows torch 2.2, whose scaler lives in ``torch.cuda.amp``."""
+    scaler_class = getattr(torch.amp, "GradScaler", None)
+    if scaler_class is None:  # torch 2.2
+        return torch.cuda.amp.GradScaler(enabled=precision == "fp16")
+    return scaler_class(device.type, enabled=precision == "fp16")
 
 
 def seed_everything(seed: int) -> None:

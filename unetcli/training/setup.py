@@ -20,7 +20,7 @@ from unetcli.data.sampling import PatchSampler
 from unetcli.data.types import Dataset
 from unetcli.errors import ConfigError
 from unetcli.models import SegmentationNetwork, build_model
-from unetcli.runtime import memory_format, resolve_channels_last
+from unetcli.runtime import grad_scaler, memory_format, resolve_channels_last
 from unetcli.training.distributed import check_batch_divides, sync_batch_norm, wrap_for_training
 from unetcli.training.init_weights import initialise_from
 from unetcli.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
@@ -49,7 +49,8 @@ class TrainComponents:
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
-    scaler: torch.amp.GradScaler
+    scaler: Any
+    """torch's GradScaler (:func:`unetcli.runtime.grad_scaler`)."""
     metadata: dict[str, Any]
 
 
@@ -207,6 +208,6 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         loss_fn=make_loss(cfg, dataset, model),
         optimizer=make_optimizer(model, cfg, device),
         schedule=LRSchedule.new(t.schedule, t.epoch_limit * t.iterations_per_epoch, t.warmup_iterations, t.time_limit),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        scaler=grad_scaler(device, precision),
         metadata=metadata,
     )

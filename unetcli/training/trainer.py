@@ -62,7 +62,7 @@ class TrainResult:
 
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+               optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device,
                precision: str, grad_clip: float | None) -> torch.Tensor:
     """One optimisation step: forward under ``precision`` autocast, loss, backward, optional
     gradient clipping, update. Returns the detached loss without a host sync."""
