@@ -23,6 +23,8 @@ def _names_from_mapping(labels: object) -> dict[int, str]:
     nnU-Net region entries (``"whole_tumour": [1, 2, 3]``) are skipped.
     """
     out: dict[int, str] = {}
+    if isinstance(labels, list) and all(isinstance(n, str) for n in labels):  # names in label order
+        return {i: n for i, n in enumerate(labels)}
     if not isinstance(labels, dict):
         return out
     for key, value in labels.items():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from unetcli.atomic import atomic_write_text, ensure_writable_folder
-from unetcli.errors import ConfigError, DataError, ModelError, OutputError
+from unetcli.errors import CheckpointError, ConfigError, DataError, ModelError, OutputError
 from unetcli.runlock import LOCK_NAME, RunLock
 from unetcli.training.curves import plot_curves
 
@@ -53,7 +53,7 @@ def claim_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
             raise OutputError(f"{out}: cannot write into the run folder ({exc.strerror})", hint="choose a writable --out") from exc
         try:
             yield
-        except (ConfigError, DataError, ModelError):
+        except (ConfigError, DataError, ModelError, CheckpointError):
             if created and not (out / "checkpoints" / "last.pt").exists():
                 # Refused before training: leave no half-made folder that a corrected rerun would find "not empty".
                 shutil.rmtree(out, ignore_errors=True)
