@@ -60,6 +60,7 @@ class CaseScores:
     counts: dict[str, tuple[int, int]]  # class key -> (prediction voxels, reference voxels)
     spacing: tuple[float, ...] | None
     shape: tuple[int, ...]
+    above_ignore: tuple[int, ...] = ()  # reference label values above the ignore label (refused once, for all cases)
 
 
 # --------------------------------------------------------------------------- one case (worker)
@@ -96,12 +97,9 @@ def _absent_scores(metrics: Sequence[str], keep_empty: bool) -> dict[str, float]
 def score_case(task: _Task) -> CaseScores:
     """Read one pair and compute every metric for every class (in the worker process)."""
     pred, truth, spacing = read_pair(task.pair, task.kind, task.spacing)
+    above: tuple[int, ...] = ()
     if task.ignore_label is not None:  # unlabelled reference voxels: background in both masks, so never scored
-        above = sorted(int(v) for v in np.unique(truth) if v > task.ignore_label)
-        if above:  # nnU-Net's convention; else a real class was named as the ignore label
-            raise ConfigError(f"{task.pair.truth}: holds label value(s) {above[:5]} above the ignore label {task.ignore_label}",
-                              hint="the ignore label must be the highest label value (a real class is never ignored); "
-                                   "check --ignore-label or the 'ignore' entry of dataset.json")
+        above = tuple(sorted(int(v) for v in np.unique(truth) if v > task.ignore_label))
         unlabelled = truth == task.ignore_label
         pred, truth = np.where(unlabelled, 0, pred), np.where(unlabelled, 0, truth)
     if spacing is not None and len(spacing) != pred.ndim:
@@ -119,7 +117,7 @@ def score_case(task: _Task) -> CaseScores:
         for key, (n_pred, n_truth) in counts.items():
             if n_pred == 0 and n_truth == 0:
                 scores[key] = _absent_scores(task.metrics, True)
-    return CaseScores(task.pair.name, scores, counts, spacing, tuple(pred.shape))
+    return CaseScores(task.pair.name, scores, counts, spacing, tuple(pred.shape), above)
 
 
 def _score_task(task: _Task) -> tuple[str, Any]:
@@ -273,6 +271,19 @@ def _check_ignore_label(ignore_label: int | None, labels: Sequence[int] | None, 
                           hint="the ignore label is the highest label value, named 'ignore' in dataset.json")
 
 
+def _refuse_labels_above_ignore(scored: Sequence[CaseScores], ignore_label: int | None, truth: Path) -> None:
+    """nnU-Net's convention: the ignore label is the highest label value. A reference above it means
+    a real class was named as the ignore label; its voxels would silently go unscored."""
+    bad = [case for case in scored if case.above_ignore]
+    if ignore_label is None or not bad:
+        return
+    values = sorted({v for case in bad for v in case.above_ignore})
+    raise ConfigError(f"{truth}: {len(bad)} reference(s) (e.g. {bad[0].name}) hold label value(s) {values[:5]} above the "
+                      f"ignore label {ignore_label}",
+                      hint="the ignore label must be the highest label value (a real class is never ignored); "
+                           "check --ignore-label or the 'ignore' entry of dataset.json")
+
+
 def _check_options(tolerance_mm: float, spacing: Sequence[float] | None, labels: Sequence[int] | None,
                    regions: Mapping[str, Sequence[int]] | None) -> None:
     """Refuse option values no case could be scored with, before any file is read."""
@@ -347,6 +358,7 @@ def evaluate_runs(preds: Sequence[Path], truth: Path, labels: Sequence[int] | No
     else:
         scored = _run_tasks(tasks, jobs, parallel_min_seconds)
 
+    _refuse_labels_above_ignore(scored, ignore_label, truth)
     found = {int(k) for case in scored for k in case.scores} if given is None else set()
     keys, groups, display = _class_layout(labels, regions, found, names)
     if not keys:
