@@ -54,6 +54,8 @@ class Bad:
     """Files whose bytes must be the same after the run."""
     full_disk: bool = False
     """Run with a full disk: every fsync (of atomic writes and lock files) fails with ENOSPC."""
+    absent: list[str] = field(default_factory=list)
+    """Text that must not be in the output (e.g. a plan printed before refusing an option)."""
 
 
 @dataclass
@@ -700,17 +702,25 @@ def cv_splits_that_leave_cases_unvalidated(env: Env) -> Bad:
 @case
 def cv_one_fold(env: Env) -> Bad:
     return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--folds", "1"], ["--folds must be at least 2, got 1"],
-               check=lambda: None)
+               absent=["plan:", "fingerprint"])
 
 
 @case
 def cv_negative_fold(env: Env) -> Bad:
-    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--fold", "-1"], ["--fold -1 is not a fold"])
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--fold", "-1"], ["--fold -1 is not a fold"],
+               absent=["plan:", "fingerprint"])
+
+
+@case
+def cv_fold_beyond_the_folds(env: Env) -> Bad:
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--folds", "2", "--fold", "2"], ["--fold 2 is not a fold"],
+               absent=["plan:", "fingerprint"])
 
 
 @case
 def cv_parallel_zero(env: Env) -> Bad:
-    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--parallel", "0"], ["--parallel must be at least 1"])
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--parallel", "0"], ["--parallel must be at least 1"],
+               absent=["plan:", "fingerprint"])
 
 
 @case
@@ -930,6 +940,26 @@ def dangling_image_symlink(env: Env) -> Bad:
     return Bad(env.train(data), [str(bad), "broken symbolic link"])
 
 
+@case
+def train_onto_a_full_disk(env: Env) -> Bad:
+    run = env.tmp / "run"
+    return Bad(env.train(env.blobs()), [str(run), "No space left on device"], full_disk=True,
+               check=lambda: None if not run.exists() else pytest.fail(f"left {sorted(p.name for p in run.rglob('*'))}"))
+
+
+@case
+def predict_onto_a_full_disk(env: Env) -> Bad:
+    out = env.tmp / "preds"
+    return Bad(env.predict(env.blobs() / "images", out), [str(out), "No space left on device"], full_disk=True,
+               check=lambda: None if not out.exists() or not any(out.iterdir()) else pytest.fail("left files behind"))
+
+
+@case
+def export_into_unwritable_location(env: Env) -> Bad:
+    (blocker := env.tmp / "a-file").write_text("x")
+    return Bad(["export", str(env.run), "--out", str(blocker / "m.pt")], [str(blocker), "cannot create the output folder"])
+
+
 # --------------------------------------------------------------------------- train launcher and fine-tuning
 
 
@@ -1012,6 +1042,7 @@ def test_bad_input(name: str, env: Env, monkeypatch: pytest.MonkeyPatch) -> None
     result = CliRunner().invoke(app, bad.argv)
     torch.set_num_threads(threads)
     assert_one_clear_error(result.output, bad, result.exit_code)
+    assert not [text for text in bad.absent if text in result.output], result.output
     assert {p: p.read_bytes() for p in bad.untouched} == before
     if bad.check is not None:
         bad.check()

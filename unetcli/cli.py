@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Optional
@@ -97,6 +98,14 @@ def root(
     log.handlers = [h for h in log.handlers if not isinstance(h, RichHandler)] + [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                         file: Any = None, line: Optional[str] = None) -> None:
+    """A library's warning as one log line (``UserWarning: ...``), not Python's raw two-line form
+    with a source path, which would precede and obscure a clean ``error:`` line."""
+    log.warning("%s: %s", category.__name__, " ".join(str(message).split()))
 
 
 def _progress() -> bool:
