@@ -675,6 +675,14 @@ def cv_rerun_with_a_damaged_cv_json(env: Env) -> Bad:
 
 
 @case
+def cv_rerun_with_a_damaged_splits_json(env: Env) -> Bad:
+    data, cv = env.cv()
+    (bad := cv / "splits.json").write_text('{"folds": [')
+    return Bad(["cv", str(data), "--out", str(cv), "--folds", "2", *CV_FLAGS], [str(bad), "record of the folds is damaged"],
+               untouched=[cv / "fold_0" / "checkpoints" / "last.pt"])
+
+
+@case
 def cv_group_by_matching_no_case(env: Env) -> Bad:
     out = env.tmp / "cv"
     return Bad(["cv", str(env.blobs()), "--out", str(out), "--folds", "2", "--group-by", "^(sub-[0-9]+)", *CV_FLAGS],

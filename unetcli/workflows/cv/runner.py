@@ -179,7 +179,8 @@ def _get(values: dict[str, Any], dotted: str) -> Any:
 
 def _check_same_splits(out: Path, splits: list[Fold]) -> None:
     path = out / "splits.json"
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("folds") != splits:
+    hint = "rerun with the options that made this folder, or pass --overwrite"
+    if path.is_file() and read_written_json(path, "record of the folds", hint).get("folds") != splits:
         raise OutputError(f"{path}: the folds differ from this command's (another --seed, --group-by or --splits?)",
                           hint="rerun with the options that made this folder, or pass --overwrite")
 
