@@ -922,6 +922,12 @@ def plan_file_of_a_future_format(env: Env) -> Bad:
 
 
 @case
+def plan_file_with_a_python_tag(env: Env) -> Bad:
+    (bad := env.tmp / "plans.yaml").write_text("configurations: !!python/object/apply:os.system ['true']\n")
+    return Bad(env.train(env.blobs(), "--plan", str(bad)), [str(bad), "not valid YAML at line 1", "constructor"])
+
+
+@case
 def config_file_with_a_python_tag(env: Env) -> Bad:
     (bad := env.tmp / "evil.yaml").write_text("train: !!python/object/apply:os.system ['true']\n")
     return Bad(env.train(env.blobs(), "--config", str(bad)), [str(bad), "not valid YAML at line 1"])
