@@ -759,6 +759,15 @@ def ensemble_with_other_class_names(env: Env) -> Bad:
 
 
 @case
+def checkpoint_metadata_disagrees_with_its_network(env: Env) -> Bad:
+    state = load_checkpoint(env.run / "checkpoints" / "best.pt")
+    state["metadata"]["num_classes"] = 2  # the network has 3 outputs
+    save_checkpoint(bad := env.tmp / "edited.pt", {k: v for k, v in state.items() if k not in ("format", "format_version", "unetcli_version")})
+    return Bad(env.predict(env.blobs() / "images", run=bad), [str(bad), "metadata disagrees with the network", "num_classes 2"],
+               check=lambda: None if not (env.tmp / "preds").exists() else pytest.fail("wrote masks"))
+
+
+@case
 def predict_input_is_a_looping_symlink(env: Env) -> Bad:
     (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
     return Bad(env.predict(loop), [str(loop), "broken or looping symbolic link"])

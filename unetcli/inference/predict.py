@@ -57,11 +57,30 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
         msg = exc.message if isinstance(exc, UnetCliError) else state_dict_problem(exc)
         raise CheckpointError(f"{path}: weights do not fit the model described in the checkpoint ({msg[:200]})",
                               hint="the checkpoint may come from another model or unetcli version") from exc
+    check_metadata(path, state.get("metadata"), cfg)
     model = fold_batch_norm(model.eval())
     model.to(device, memory_format=memory_format(cfg.model.spatial_dims, resolve_channels_last(cfg.train.channels_last, device)))
     resume = state.get("resume")
     finished = not isinstance(resume, dict) or bool(resume.get("finished", True))
     return LoadedModel(model, cfg, state["metadata"], path, finished=finished)
+
+
+def check_metadata(path: Path, meta: Any, cfg: RunConfig) -> None:
+    """A checkpoint's metadata (what predict reads: classes, channels, axes, label values) must
+    describe its network; a disagreement would write wrong masks without an error."""
+    hint = "the checkpoint's metadata and network do not belong together; use the run's own checkpoint or train again"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the checkpoint has no metadata", hint=hint)
+    outputs = meta.get("num_classes")
+    pairs = (("num_classes", outputs, cfg.model.out_channels), ("in_channels", meta.get("in_channels"), cfg.model.in_channels),
+             ("spatial_dims", meta.get("spatial_dims"), cfg.model.spatial_dims))
+    differs = [f"{key} {stored!r} but the network has {built!r}" for key, stored, built in pairs if stored != built]
+    values = meta.get("label_values")
+    needed = (outputs + 1 if meta.get("regions") else outputs) if isinstance(outputs, int) else None
+    if needed is not None and (not isinstance(values, list) or len(values) < needed):
+        differs.append(f"label_values {values!r} for {outputs} output(s)")
+    if differs:
+        raise CheckpointError(f"{path}: metadata disagrees with the network ({'; '.join(differs)})", hint=hint)
 
 
 ENSEMBLE_KEYS = ("spatial_dims", "in_channels", "num_classes", "label_values", "label_names", "normalization", "patch_size",
