@@ -739,6 +739,19 @@ def cv_into_unwritable_location(env: Env) -> Bad:
 
 
 @case
+def cv_out_is_a_looping_symlink(env: Env) -> Bad:
+    (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return Bad(["cv", str(env.blobs()), "--out", str(loop), "--folds", "2", *CV_FLAGS], [str(loop), "cross-validation folder"])
+
+
+@case
+def eval_out_is_a_looping_symlink(env: Env) -> Bad:
+    truth = env.blobs() / "masks"
+    (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return Bad(["eval", str(truth), str(truth), "--out", str(loop)], [str(loop), "output folder"])
+
+
+@case
 def cv_onto_a_full_disk(env: Env) -> Bad:
     out = env.tmp / "cv"
     return Bad(["cv", str(env.blobs()), "--out", str(out), "--folds", "2", "--no-plan", *CV_FLAGS],

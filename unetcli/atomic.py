@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -90,14 +89,6 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-
-
-def atomic_write_buffered(path: Path | str, writer: Callable[[io.BytesIO], None]) -> None:
-    """Call ``writer(buffer)`` on an in-memory buffer, then write its bytes atomically: writers in C++
-    (e.g. TorchScript's) may abort the whole process on a full disk; a Python write raises OSError."""
-    buffer = io.BytesIO()
-    writer(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

@@ -15,16 +15,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import os
 import json
+import os
 import logging
 import shutil
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unetcli.atomic import atomic_write_text, output_folder, read_written_json
+from unetcli.atomic import atomic_write_text, output_folder, read_written_json, real_path
 from unetcli.config import RunConfig, config_from_dict, config_to_dict
 from unetcli.data.dataset import discover_dataset
 from unetcli.data.types import DatasetFiles
@@ -151,7 +151,7 @@ def cv_folder_lock(out: Path, options: CVOptions, overwrite: bool) -> Iterator[N
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
-    key = out.resolve()
+    key = real_path(out)
     if key in _HELD:
         yield
         return
