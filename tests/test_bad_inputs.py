@@ -9,6 +9,7 @@ NIfTI reader's fuzz test lives in tests/test_nifti.py.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -33,6 +34,9 @@ from unetcli.data.png import read_png_image, read_png_mask
 from unetcli.errors import DataError
 from unetcli.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 
+CV_FLAGS = ["--epochs", "1", "--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=2",
+            "--set", "train.batch_size=2", "--precision", "fp32", "--device", "cpu", "--num-threads", "1",
+            "--set", "train.num_workers=0"]
 TRAIN_FLAGS = ["--epochs", "1", "--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=2",
                "--batch-size", "2", "--precision", "fp32", "--device", "cpu", "--num-threads", "1",
                "--set", "train.num_workers=0"]
@@ -48,6 +52,10 @@ class Bad:
     """Extra assertions after the run (e.g. nothing was executed / written)."""
     untouched: list[Path] = field(default_factory=list)
     """Files whose bytes must be the same after the run."""
+    full_disk: bool = False
+    """Run with a full disk: every fsync (of atomic writes and lock files) fails with ENOSPC."""
+    absent: list[str] = field(default_factory=list)
+    """Text that must not be in the output (e.g. a plan printed before refusing an option)."""
 
 
 @dataclass
@@ -55,6 +63,13 @@ class Env:
     tmp: Path
     run: Path
     """A trained tiny 2D PNG run (for predict cases)."""
+    request: pytest.FixtureRequest | None = None
+
+    def cv(self) -> tuple[Path, Path]:
+        """(data, a copy of a finished tiny 2-fold `unet cv` folder over it), made once per module."""
+        data, cv = self.request.getfixturevalue("trained_cv")  # type: ignore[union-attr]
+        shutil.copytree(cv, copy := self.tmp / "cv", symlinks=True)
+        return data, copy
 
     def blobs(self, n: int = 4) -> Path:
         return make_blobs(self.tmp / "data", n=n)
@@ -550,6 +565,457 @@ def predict_missing_input(env: Env) -> Bad:
     return Bad(env.predict(env.tmp / "nothing-here"), [str(env.tmp / "nothing-here"), "not found"])
 
 
+# --------------------------------------------------------------------------- cross-validation folders (issue #27)
+
+
+def _unchanged(*paths: Path) -> list[Path]:
+    return [p for p in paths if p.is_file()]
+
+
+def _live_lock(folder: Path) -> None:
+    """A lock held by a live process (this test process), as a running `unet cv` or training leaves it."""
+    from unetcli.runlock import LOCK_NAME, owner_info
+
+    (folder / LOCK_NAME).write_text(json.dumps(owner_info()))
+
+
+@case
+def cv_overwrite_while_another_cv_holds_the_folder(env: Env) -> Bad:
+    data, cv = env.cv()
+    _live_lock(cv)
+    keep = cv / "fold_0" / "checkpoints" / "last.pt"
+    return Bad(["cv", str(data), "--out", str(cv), "--folds", "2", "--overwrite", *CV_FLAGS],
+               [str(cv), "is being written by another training (PID"], untouched=[keep, cv / "cv.json"])
+
+
+@case
+def cv_overwrite_while_a_fold_is_being_trained(env: Env) -> Bad:
+    data, cv = env.cv()
+    _live_lock(cv / "fold_1")
+    keep = cv / "fold_1" / "checkpoints" / "last.pt"
+    return Bad(["cv", str(data), "--out", str(cv), "--folds", "2", "--overwrite", "--set", "train.lr=0.5", *CV_FLAGS],
+               [str(cv), "fold_1 is being trained by another process", "not replacing it"], untouched=[keep, cv / "cv.json"])
+
+
+@case
+def cv_single_fold_while_another_cv_holds_the_folder(env: Env) -> Bad:
+    data, cv = env.cv()
+    _live_lock(cv)
+    return Bad(["cv", str(data), "--out", str(cv), "--folds", "2", "--fold", "1", *CV_FLAGS],
+               [str(cv), "is being written by another unet cv"], untouched=[cv / "fold_1" / "checkpoints" / "last.pt"])
+
+
+def _kill_fold_mid_training(cv: Path) -> Path:
+    last = cv / "fold_1" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["resume"]["finished"] = False
+    save_checkpoint(last, {k: v for k, v in state.items() if k not in ("format", "format_version", "unetcli_version")})
+    return last
+
+
+@case
+def predict_cv_with_a_fold_stopped_mid_training(env: Env) -> Bad:
+    data, cv = env.cv()
+    _kill_fold_mid_training(cv)
+    return Bad(env.predict(data / "images", run=cv), [str(cv), "fold_1 stopped before the last epoch"],
+               check=lambda: None if not (env.tmp / "preds").exists() else pytest.fail("predicted with a half-trained fold"))
+
+
+@case
+def predict_cv_with_a_fold_killed_before_it_finished(env: Env) -> Bad:
+    data, cv = env.cv()
+    (cv / "fold_0" / "oof" / ".complete").unlink()
+    return Bad(env.predict(data / "images", run=cv), [str(cv), "fold_0 did not finish"])
+
+
+@case
+def export_cv_with_a_fold_stopped_mid_training(env: Env) -> Bad:
+    _, cv = env.cv()
+    _kill_fold_mid_training(cv)
+    out = env.tmp / "ensemble.pt"
+    return Bad(["export", str(cv), "--out", str(out)], [str(cv), "fold_1 stopped before the last epoch"],
+               check=lambda: None if not out.exists() else pytest.fail("exported a half-trained fold"))
+
+
+@case
+def predict_cv_truncated_postprocessing_json(env: Env) -> Bad:
+    data, cv = env.cv()
+    (bad := cv / "postprocessing.json").write_text('{"foreground": tr')
+    return Bad(env.predict(data / "images", run=cv), [str(bad), "postprocessing choice is damaged or unreadable"])
+
+
+@case
+def predict_cv_postprocessing_json_of_wrong_types(env: Env) -> Bad:
+    data, cv = env.cv()
+    (bad := cv / "postprocessing.json").write_text(json.dumps({"foreground": "yes", "classes": ["1"]}))
+    return Bad(env.predict(data / "images", run=cv), [str(bad), "postprocessing choice is damaged"])
+
+
+@case
+def export_cv_postprocessing_json_is_a_list(env: Env) -> Bad:
+    _, cv = env.cv()
+    (bad := cv / "postprocessing.json").write_text("[1, 2]")
+    return Bad(["export", str(cv), "--out", str(env.tmp / "m.pt")], [str(bad), "expected a JSON object, found list"])
+
+
+@case
+def predict_cv_with_zero_folds(env: Env) -> Bad:
+    data, cv = env.cv()
+    record = json.loads((cv / "cv.json").read_text())
+    (bad := cv / "cv.json").write_text(json.dumps({**record, "folds": 0}))
+    return Bad(env.predict(data / "images", run=cv), [str(bad), "'folds' is 0"])
+
+
+@case
+def cv_rerun_with_a_damaged_cv_json(env: Env) -> Bad:
+    data, cv = env.cv()
+    (bad := cv / "cv.json").write_bytes(b"\xff\xfe{")
+    return Bad(["cv", str(data), "--out", str(cv), "--folds", "2", *CV_FLAGS], [str(bad), "damaged or unreadable"],
+               untouched=[cv / "fold_0" / "checkpoints" / "last.pt"])
+
+
+@case
+def cv_rerun_with_a_damaged_splits_json(env: Env) -> Bad:
+    data, cv = env.cv()
+    (bad := cv / "splits.json").write_text('{"folds": [')
+    return Bad(["cv", str(data), "--out", str(cv), "--folds", "2", *CV_FLAGS], [str(bad), "record of the folds is damaged"],
+               untouched=[cv / "fold_0" / "checkpoints" / "last.pt"])
+
+
+@case
+def cv_group_by_matching_no_case(env: Env) -> Bad:
+    out = env.tmp / "cv"
+    return Bad(["cv", str(env.blobs()), "--out", str(out), "--folds", "2", "--group-by", "^(sub-[0-9]+)", *CV_FLAGS],
+               ["--group-by '^(sub-[0-9]+)' matches none of the 4 case names"],
+               check=lambda: None if not out.exists() else pytest.fail("left a folder behind"))
+
+
+@case
+def cv_group_by_with_splits(env: Env) -> Bad:
+    (splits := env.tmp / "splits.json").write_text(json.dumps({"folds": []}))
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--splits", str(splits), "--group-by", "^(case)"],
+               ["--group-by cannot be combined with --splits"])
+
+
+@case
+def cv_splits_that_leave_cases_unvalidated(env: Env) -> Bad:
+    out = env.tmp / "cv"
+    (splits := env.tmp / "splits.json").write_text(json.dumps({"folds": [
+        {"train": ["case00", "case01"], "val": ["case02"]}, {"train": ["case02", "case03"], "val": ["case00"]}]}))
+    return Bad(["cv", str(env.blobs()), "--out", str(out), "--splits", str(splits), *CV_FLAGS],
+               [str(splits), "2 case(s) are in no fold's val list: case01, case03"],
+               check=lambda: None if not (out / "fold_0").exists() else pytest.fail("trained before checking the splits"))
+
+
+@case
+def cv_one_fold(env: Env) -> Bad:
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--folds", "1"], ["--folds must be at least 2, got 1"],
+               absent=["plan:", "fingerprint"])
+
+
+@case
+def cv_negative_fold(env: Env) -> Bad:
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--fold", "-1"], ["--fold -1 is not a fold"],
+               absent=["plan:", "fingerprint"])
+
+
+@case
+def cv_fold_beyond_the_folds(env: Env) -> Bad:
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--folds", "2", "--fold", "2"], ["--fold 2 is not a fold"],
+               absent=["plan:", "fingerprint"])
+
+
+@case
+def cv_parallel_zero(env: Env) -> Bad:
+    return Bad(["cv", str(env.blobs()), "--out", str(env.tmp / "cv"), "--parallel", "0"], ["--parallel must be at least 1"],
+               absent=["plan:", "fingerprint"])
+
+
+@case
+def cv_into_unwritable_location(env: Env) -> Bad:
+    (blocker := env.tmp / "a-file").write_text("x")
+    return Bad(["cv", str(env.blobs()), "--out", str(blocker / "cv"), "--folds", "2", *CV_FLAGS],
+               [str(blocker / "cv"), "cannot create the cross-validation folder"])
+
+
+@case
+def cv_out_is_a_looping_symlink(env: Env) -> Bad:
+    (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return Bad(["cv", str(env.blobs()), "--out", str(loop), "--folds", "2", *CV_FLAGS], [str(loop), "cross-validation folder"])
+
+
+@case
+def eval_out_is_a_looping_symlink(env: Env) -> Bad:
+    truth = env.blobs() / "masks"
+    (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return Bad(["eval", str(truth), str(truth), "--out", str(loop)], [str(loop), "output folder"])
+
+
+@case
+def cv_onto_a_full_disk(env: Env) -> Bad:
+    out = env.tmp / "cv"
+    return Bad(["cv", str(env.blobs()), "--out", str(out), "--folds", "2", "--no-plan", *CV_FLAGS],
+               [str(out), "No space left on device"], full_disk=True,
+               check=lambda: None if not out.exists() else pytest.fail(f"left {sorted(out.rglob('*'))} behind"))
+
+
+# --------------------------------------------------------------------------- predict, ensembles and exported models
+
+
+@case
+def ensemble_with_other_class_names(env: Env) -> Bad:
+    state = load_checkpoint(env.run / "checkpoints" / "best.pt")
+    state["metadata"]["label_names"] = ["background", "square", "disc"]  # same values, other meaning
+    save_checkpoint(other := env.tmp / "other.pt", {k: v for k, v in state.items() if k not in ("format", "format_version", "unetcli_version")})
+    return Bad(env.predict(env.blobs() / "images", None, None, "--ensemble-with", str(other)),
+               [str(other), "cannot be ensembled", "label_names"])
+
+
+@case
+def checkpoint_metadata_disagrees_with_its_network(env: Env) -> Bad:
+    state = load_checkpoint(env.run / "checkpoints" / "best.pt")
+    state["metadata"]["num_classes"] = 2  # the network has 3 outputs
+    save_checkpoint(bad := env.tmp / "edited.pt", {k: v for k, v in state.items() if k not in ("format", "format_version", "unetcli_version")})
+    return Bad(env.predict(env.blobs() / "images", run=bad), [str(bad), "metadata disagrees with the network", "num_classes 2"],
+               check=lambda: None if not (env.tmp / "preds").exists() else pytest.fail("wrote masks"))
+
+
+@case
+def predict_input_is_a_looping_symlink(env: Env) -> Bad:
+    (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return Bad(env.predict(loop), [str(loop), "broken or looping symbolic link"])
+
+
+@case
+def predict_output_is_a_looping_symlink(env: Env) -> Bad:
+    (loop := env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return Bad(env.predict(env.blobs() / "images", loop), [str(loop), "broken or looping symbolic link"])
+
+
+def _export_document(env: Env) -> str:
+    exported = env.tmp / "real.pt"
+    assert CliRunner().invoke(app, ["export", str(env.run), "--out", str(exported)]).exit_code == 0
+    extra = {"unetcli.json": ""}
+    torch.jit.load(str(exported), _extra_files=extra)
+    return extra["unetcli.json"]
+
+
+def _crafted_torchscript(env: Env, module: torch.nn.Module) -> Path:
+    document = _export_document(env)
+    torch.jit.save(torch.jit.script(module), str(bad := env.tmp / "crafted.pt"), _extra_files={"unetcli.json": document})
+    return bad
+
+
+@case
+def torchscript_3d_network_with_2d_metadata(env: Env) -> Bad:
+    bad = _crafted_torchscript(env, torch.nn.Conv3d(1, 3, 1))
+    return Bad(env.predict(env.blobs() / "images", run=bad), [str(bad), "metadata"],
+               check=lambda: None if not any((env.tmp / "preds").glob("*.png")) else pytest.fail("wrote masks"))
+
+
+@case
+def torchscript_with_more_outputs_than_its_classes(env: Env) -> Bad:
+    bad = _crafted_torchscript(env, torch.nn.Conv2d(1, 5, 1))
+    return Bad(env.predict(env.blobs() / "images", run=bad), [str(bad), "does not match its metadata", "3 classes"])
+
+
+@case
+def export_overwrite_onto_the_runs_own_last_checkpoint(env: Env) -> Bad:
+    run = env.tmp / "copy"
+    shutil.copytree(env.run, run)
+    last = run / "checkpoints" / "last.pt"
+    return Bad(["export", str(run), "--format", "torchscript", "--out", str(last), "--overwrite"],
+               [str(last), "not a file written by unet export"], untouched=[last])
+
+
+@case
+def export_overwrite_onto_an_image(env: Env) -> Bad:
+    image = env.blobs() / "images" / "case00.png"
+    return Bad(["export", str(env.run), "--format", "torchscript", "--out", str(image), "--overwrite"],
+               [str(image), "not a file written by unet export"], untouched=[image])
+
+
+@case
+def export_with_a_suffix_that_names_no_format(env: Env) -> Bad:
+    return Bad(["export", str(env.run), "--out", str(env.tmp / "m.bin")], ["m.bin", "names no export format"])
+
+
+@case
+def export_torchscript_onto_a_full_disk(env: Env) -> Bad:
+    out = env.tmp / "m.pt"
+    return Bad(["export", str(env.run), "--out", str(out)], [str(out), "No space left on device"], full_disk=True,
+               check=lambda: None if list(env.tmp.glob("*m.pt*")) == [] else pytest.fail(f"left {list(env.tmp.glob('*m.pt*'))}"))
+
+
+@case
+def export_onnx_onto_a_full_disk(env: Env) -> Bad:
+    pytest.importorskip("onnx")
+    out = env.tmp / "m.onnx"
+    return Bad(["export", str(env.run), "--out", str(out)], [str(out), "No space left on device"], full_disk=True,
+               check=lambda: None if list(env.tmp.glob("*m.onnx*")) == [] else pytest.fail("left a file behind"))
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _masks_with_ignore(env: Env) -> tuple[Path, Path]:
+    data = env.blobs()
+    for mask in (data / "masks").iterdir():
+        array = np.asarray(Image.open(mask)).copy()
+        array[:4] = 3  # unlabelled rows
+        save_png(array, mask)
+    return data / "masks", data / "masks"
+
+
+@case
+def eval_ignore_label_zero(env: Env) -> Bad:
+    truth = env.blobs() / "masks"
+    return Bad(["eval", str(truth), str(truth), "--out", str(env.tmp / "e"), "--ignore-label", "0"],
+               ["--ignore-label 0", "0 is background"])
+
+
+@case
+def eval_ignore_label_is_a_real_class(env: Env) -> Bad:
+    truth = env.blobs() / "masks"
+    return Bad(["eval", str(truth), str(truth), "--out", str(env.tmp / "e"), "--ignore-label", "1"],
+               ["4 reference(s)", "label value(s) [2] above the ignore label 1"],
+               check=lambda: None if not (env.tmp / "e").exists() else pytest.fail("wrote scores"))
+
+
+@case
+def eval_ignore_label_named_as_a_class_in_dataset_json(env: Env) -> Bad:
+    data = env.blobs()
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "disc": 1, "square": 2}}))
+    return Bad(["eval", str(data / "masks"), str(data / "masks"), "--out", str(env.tmp / "e"), "--ignore-label", "2"],
+               ["--ignore-label 2 is the class 'square'"])
+
+
+@case
+def eval_into_unwritable_location(env: Env) -> Bad:
+    truth = env.blobs() / "masks"
+    (blocker := env.tmp / "a-file").write_text("x")
+    return Bad(["eval", str(truth), str(truth), "--out", str(blocker / "e")], [str(blocker / "e"), "cannot create the output folder"])
+
+
+@case
+def eval_onto_a_full_disk(env: Env) -> Bad:
+    truth = env.blobs() / "masks"
+    out = env.tmp / "e"
+    return Bad(["eval", str(truth), str(truth), "--out", str(out), "--jobs", "1"], [str(out), "No space left on device"],
+               full_disk=True, check=lambda: None if not out.exists() else pytest.fail("left an empty folder"))
+
+
+# --------------------------------------------------------------------------- plan and dataset.json
+
+
+@case
+def plan_set_key_the_planner_does_not_use(env: Env) -> Bad:
+    return Bad(["plan", str(env.blobs()), "--set", "model.features=[8,16]"], ["--set model.features", "unet plan does not use"])
+
+
+@case
+def plan_invalid_target_spacing(env: Env) -> Bad:
+    return Bad(["plan", str(env.blobs()), "--set", "data.target_spacing=[0,0,0]"], ["--set data.target_spacing"])
+
+
+@case
+def plan_into_unwritable_location(env: Env) -> Bad:
+    (blocker := env.tmp / "a-file").write_text("x")
+    return Bad(["plan", str(env.blobs()), "--out", str(blocker / "plans.yaml")], [str(blocker / "plans.yaml"), "cannot write"])
+
+
+@case
+def plan_onto_a_full_disk(env: Env) -> Bad:
+    out = env.tmp / "plans.yaml"
+    return Bad(["plan", str(env.blobs()), "--out", str(out)], ["No space left on device"], full_disk=True,
+               check=lambda: None if not out.exists() else pytest.fail("wrote a plan"))
+
+
+@case
+def plan_file_not_utf8(env: Env) -> Bad:
+    (bad := env.tmp / "plans.yaml").write_bytes(b"configurations:\n  2d: \xff\xfe\n")
+    return Bad(env.train(env.blobs(), "--plan", str(bad)), [str(bad), "not UTF-8 text"])
+
+
+@case
+def plan_file_of_a_future_format(env: Env) -> Bad:
+    (bad := env.tmp / "plans.yaml").write_text("unetcli_plan: 99\ndefault: 2d\nconfigurations:\n  2d:\n    config: {}\n")
+    return Bad(env.train(env.blobs(), "--plan", str(bad)), [str(bad), "plan format 99 is not supported"])
+
+
+@case
+def plan_file_with_a_python_tag(env: Env) -> Bad:
+    (bad := env.tmp / "plans.yaml").write_text("configurations: !!python/object/apply:os.system ['true']\n")
+    return Bad(env.train(env.blobs(), "--plan", str(bad)), [str(bad), "not valid YAML at line 1", "constructor"])
+
+
+@case
+def config_file_with_a_python_tag(env: Env) -> Bad:
+    (bad := env.tmp / "evil.yaml").write_text("train: !!python/object/apply:os.system ['true']\n")
+    return Bad(env.train(env.blobs(), "--config", str(bad)), [str(bad), "not valid YAML at line 1"])
+
+
+@case
+def dataset_json_channel_names_of_a_wrong_type(env: Env) -> Bad:
+    data = env.blobs()
+    (bad := data / "dataset.json").write_text(json.dumps({"channel_names": 5}))
+    return Bad(env.train(data), [str(bad), "'channel_names' must map channel indices to names"])
+
+
+@case
+def dataset_json_labels_list_of_numbers(env: Env) -> Bad:
+    data = env.blobs()
+    (bad := data / "dataset.json").write_text(json.dumps({"labels": [0, 1, 2]}))
+    return Bad(env.train(data), [str(bad), "'labels' must map names to label values"])
+
+
+@case
+def dangling_image_symlink(env: Env) -> Bad:
+    data = env.blobs()
+    (bad := data / "images" / "case09.png").symlink_to(env.tmp / "gone.png")
+    return Bad(env.train(data), [str(bad), "broken symbolic link"])
+
+
+@case
+def train_onto_a_full_disk(env: Env) -> Bad:
+    run = env.tmp / "run"
+    return Bad(env.train(env.blobs()), [str(run), "No space left on device"], full_disk=True,
+               check=lambda: None if not run.exists() else pytest.fail(f"left {sorted(p.name for p in run.rglob('*'))}"))
+
+
+@case
+def predict_onto_a_full_disk(env: Env) -> Bad:
+    out = env.tmp / "preds"
+    return Bad(env.predict(env.blobs() / "images", out), [str(out), "No space left on device"], full_disk=True,
+               check=lambda: None if not out.exists() or not any(out.iterdir()) else pytest.fail("left files behind"))
+
+
+@case
+def export_into_unwritable_location(env: Env) -> Bad:
+    (blocker := env.tmp / "a-file").write_text("x")
+    return Bad(["export", str(env.run), "--out", str(blocker / "m.pt")], [str(blocker), "cannot create the output folder"])
+
+
+# --------------------------------------------------------------------------- train launcher and fine-tuning
+
+
+@case
+def gpus_zero(env: Env) -> Bad:
+    return Bad(env.train(env.blobs(), "--gpus", "0"), ["--gpus 0 must be at least 1"])
+
+
+@case
+def gpus_negative(env: Env) -> Bad:
+    return Bad(env.train(env.blobs(), "--gpus", "-1"), ["--gpus -1 must be at least 1"])
+
+
+@case
+def init_from_a_missing_run_leaves_no_run_folder(env: Env) -> Bad:
+    run = env.tmp / "run"
+    return Bad(env.train(env.blobs(), "--init", str(env.tmp / "no-such-run")), [str(env.tmp / "no-such-run")],
+               check=lambda: None if not run.exists() else pytest.fail(f"left {sorted(p.name for p in run.rglob('*'))}"))
+
+
 # --------------------------------------------------------------------------- the tests
 
 
@@ -564,10 +1030,29 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def trained_cv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    threads = torch.get_num_threads()
+    data = make_blobs(tmp_path_factory.mktemp("bad-inputs-cv") / "data", n=4)
+    out = data.parent / "cv"
+    result = CliRunner().invoke(app, ["-q", "cv", str(data), "--out", str(out), "--folds", "2", *CV_FLAGS])
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return data, out
+
+
 @pytest.fixture()
-def env(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+def env(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Env:
     monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / "cache"))
-    return Env(tmp_path, trained_run)
+    return Env(tmp_path, trained_run, request)
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fsync fails as on a full disk (where the data of a write meets the device)."""
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
 
 
 def assert_one_clear_error(output: str, bad: Bad, exit_code: int) -> None:
@@ -580,17 +1065,20 @@ def assert_one_clear_error(output: str, bad: Bad, exit_code: int) -> None:
 
 
 def test_corpus_is_large_enough() -> None:
-    assert len(CASES) >= 30
+    assert len(CASES) >= 80
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input(name: str, env: Env) -> None:
+def test_bad_input(name: str, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     threads = torch.get_num_threads()
     bad = CASES[name](env)
     before = {p: p.read_bytes() for p in bad.untouched}
+    if bad.full_disk:
+        full_disk(monkeypatch)
     result = CliRunner().invoke(app, bad.argv)
     torch.set_num_threads(threads)
     assert_one_clear_error(result.output, bad, result.exit_code)
+    assert not [text for text in bad.absent if text in result.output], result.output
     assert {p: p.read_bytes() for p in bad.untouched} == before
     if bad.check is not None:
         bad.check()

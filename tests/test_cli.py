@@ -169,3 +169,26 @@ def test_help_explains_every_command_with_an_example(command: list[str]) -> None
     assert "Usage" in result.output
     if command:
         assert "Examples:" in result.output and f"unet {command[0]}" in result.output.split("Examples:")[1]
+
+
+def test_a_library_warning_is_one_log_line_before_the_error(blobs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's raw warning form (path:line: UserWarning: ... plus the source line) would precede and
+    obscure the one `error:` line; it is logged as one line instead."""
+    import warnings
+
+    from unetcli.errors import ConfigError
+    from unetcli.workflows import eval as eval_workflow
+
+    def warns_then_fails(*args: object, **kwargs: object) -> None:
+        warnings.warn("a library\nnotice", UserWarning)
+        raise ConfigError("refused")
+
+    monkeypatch.setattr(eval_workflow, "run_evaluation", warns_then_fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["eval", str(blobs / "masks"), str(blobs / "masks"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert any("UserWarning: a library notice" in line for line in lines), result.output
+    assert not any("warnings.warn" in line or ".py:" in line for line in lines), result.output
+    assert [line for line in lines if line.startswith("error:")] == ["error: refused"]

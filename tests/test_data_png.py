@@ -368,3 +368,17 @@ def test_split_keeps_at_least_one_case_on_each_side():
 
 def test_single_case_validates_on_itself():
     assert split_cases(["only"], 0.2, seed=0) == (["only"], ["only"])
+
+
+@pytest.mark.parametrize(("meta", "labels", "channels"), [
+    ({"channel_names": "CT", "labels": ["background", "disc", "square"]}, ["background", "disc", "square"], ["CT"]),
+    ({"channel_names": ["CT"], "labels": {"0": "background", "1": "disc", "2": "square"}}, ["background", "disc", "square"], ["CT"]),
+    ({"modality": {"0": "CT"}, "labels": {}}, None, ["CT"]),
+])
+def test_unambiguous_dataset_json_forms_are_read(tmp_path: Path, meta: dict, labels: list | None, channels: list) -> None:
+    """A single channel name as a string and label names as a list in label order are what they say;
+    silently ignoring them would lose a CT dataset's CT normalisation and the class names."""
+    from unetcli.data.dataset import _read_dataset_json
+
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    assert _read_dataset_json(tmp_path)[:2] == (labels, channels)

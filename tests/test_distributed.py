@@ -85,6 +85,21 @@ def test_an_error_on_one_rank_ends_every_rank_with_one_clear_line(tmp_path: Path
     assert not any("Traceback" in err for _, err in results)
 
 
+def test_a_batch_every_rank_refuses_gives_one_error_line(data: Path, tmp_path: Path) -> None:
+    """Every rank refuses the same config at once: one `error: rank N: ...` line in all, not a rank
+    killed by another's failure report before it could print (or a line per rank)."""
+    flags = [f if f != "4" else "3" for f in FLAGS]  # --batch-size 3 for 2 processes
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "unetcli",
+               "train", str(data), "--out", "run", "--epochs", "1", *flags]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: rank ") and "train.batch_size 3 cannot be shared equally by 2 processes" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_that_cannot_be_shared_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from unetcli.errors import ConfigError
     from unetcli.training import distributed

@@ -402,3 +402,24 @@ def test_errors_in_worker_processes_are_reported_like_in_process(tmp_path: Path)
     save_nii(p / "c2.nii.gz", cube(), origin=(1.0, 0.0, 0.0))
     with pytest.raises(DataError, match="c2.nii.gz: affine differs from reference"):
         evaluate(p, t, jobs=2, parallel_min_seconds=0.0)
+
+
+def test_the_ignore_label_is_never_a_class_and_is_recorded(tmp_path: Path) -> None:
+    """Unlabelled reference voxels (value 3 here, from --ignore-label and from dataset.json alike) are
+    neither scored nor a class of their own, even where a prediction holds that value."""
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[2:6, 2:6, 2:6], truth[7:10, 7:10, 7:10], truth[:, :, 11] = 1, 2, 3
+    pred = truth.copy()
+    pred[0, 0, 0] = 3  # a prediction may hold the ignore value where the reference is labelled
+    save_nii(tmp_path / "t" / "c.nii.gz", truth)
+    save_nii(tmp_path / "p" / "c.nii.gz", pred)
+    result = invoke("eval", tmp_path / "p", tmp_path / "t", "--out", tmp_path / "e", "--ignore-label", 3, "--jobs", 1)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert list(summary["classes"]) == ["1", "2"] and summary["ignore_label"] == 3
+    assert summary["foreground_mean"]["dice"] == pytest.approx(1.0)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}}))
+    result = invoke("eval", tmp_path / "p", tmp_path / "t", "--out", tmp_path / "e2", "--jobs", 1)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "e2" / "summary.json").read_text())
+    assert list(summary["classes"]) == ["a", "b"] and summary["ignore_label"] == 3

@@ -167,3 +167,15 @@ def test_torchscript_file_from_another_tool_is_refused(exported, tmp_path: Path)
     assert result.exit_code == 2
     lines = error_lines(result.output)
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: has no unetcli metadata (TorchScript extra file unetcli.json)")
+
+
+@pytest.mark.parametrize(("out", "fmt"), [(None, "onnx"), ("m.onnx", "onnx"), ("m.pt", "torchscript"), ("m.pth", "torchscript"),
+                                          ("m.ts", "torchscript")])
+def test_format_follows_the_suffix_and_another_suffix_is_refused(out: str | None, fmt: str) -> None:
+    from unetcli.errors import ConfigError
+    from unetcli.inference.export import resolve_format
+
+    assert resolve_format(None, Path(out) if out else None) == fmt
+    with pytest.raises(ConfigError, match="names no export format"):
+        resolve_format(None, Path("m.bin"))
+    assert resolve_format("torchscript", Path("m.bin")) == "torchscript"

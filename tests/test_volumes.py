@@ -71,6 +71,16 @@ def test_preprocessing_is_cached_and_reused(tmp_path: Path, cache: Path, monkeyp
     assert np.array_equal(first.cases[1].image, second.cases[1].image)
 
 
+def test_a_damaged_cache_entry_is_prepared_again(tmp_path: Path, cache: Path) -> None:
+    """The cache is the tool's own file: a truncated entry (killed mid-write, full disk) is made again."""
+    files = discover_dataset(make_nnunet(tmp_path / "d", n=2))
+    first = load_dataset(files, DataConfig())
+    for entry in cache.glob("*.json"):
+        entry.write_text('{"shape": [')
+    second = load_dataset(files, DataConfig())
+    assert np.array_equal(first.cases[1].image, second.cases[1].image)
+
+
 def test_every_bad_case_is_listed_before_training(tmp_path: Path, cache: Path) -> None:
     root = make_nnunet(tmp_path / "d", n=4)
     save_nifti(np.zeros((20, 24, 16), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0]), root / "labelsTr" / "case1.nii.gz")

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from unetcli import __version__
-from unetcli.config import ConfigSources, parse_duration
+from unetcli.config import ConfigSources, parse_duration, parse_set_option
 from unetcli.errors import ConfigError, UnetCliError
 
 err_console = Console(stderr=True)
@@ -42,6 +43,8 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
         except UnetCliError as exc:
             if _state["debug"]:
                 raise
+            if exc.quiet:
+                raise typer.Exit(exc.exit_code) from None
             rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
             for line in exc.message.splitlines() or [exc.message]:
                 if rank and not line.startswith("rank "):
@@ -104,6 +107,14 @@ def root(
     log.handlers = [h for h in log.handlers if not isinstance(h, RichHandler)] + [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                         file: Any = None, line: Optional[str] = None) -> None:
+    """A library's warning as one log line (``UserWarning: ...``), not Python's raw two-line form
+    with a source path, which would precede and obscure a clean ``error:`` line."""
+    log.warning("%s: %s", category.__name__, " ".join(str(message).split()))
 
 
 def _progress() -> bool:
@@ -292,10 +303,11 @@ def plan_(
     """Plan training from the data, as nnU-Net does: fingerprint the dataset (spacing, shapes, intensities, classes), then
     per configuration (2d, 3d_fullres, 3d_lowres) the target spacing, network topology (per-axis kernels and pooling),
     patch and batch size for the budget, and normalisation. Prints the plan; --out writes plans.yaml for `unet train --plan`."""
-    from unetcli.planning.apply import plan_dataset
+    from unetcli.planning.apply import check_planning_keys, plan_dataset
     from unetcli.planning.plan_file import check_plan_output, write_plan
     from unetcli.planning.report import fingerprint_table, plan_table
 
+    check_planning_keys(parse_set_option(item)[0] for item in set_ or [])
     cfg = ConfigSources(config, set_ or [], {"train.device": device, "train.precision": precision,
                                              "train.num_threads": num_threads}).resolve()
     _use_threads(cfg.train.num_threads)
@@ -353,11 +365,12 @@ def cv(
     score all out-of-fold predictions together (per class mean with 95 % bootstrap CIs, per fold), and choose the
     postprocessing (largest connected component) on them. `unet predict CV IN OUT` then predicts with the folds' ensemble."""
     from unetcli.workflows.cv.report import cv_table
-    from unetcli.workflows.cv.runner import CVOptions, prepare_cv, run_cv
+    from unetcli.workflows.cv.runner import CVOptions, run_cv
     from unetcli.workflows.train import PlanChoice, planned_config
 
     flags = {"train.epochs": epochs, "train.time_limit": _fold_seconds(time_, time_per_fold, folds, fold, parallel, configs),
              "train.lr": lr, "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads}
+    CVOptions(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold).check(parallel)  # before planning
     if configs:
         return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
@@ -365,12 +378,11 @@ def cv(
     options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold,
                         score=not no_scoring)
     if parallel is not None and fold is None:
-        from unetcli.workflows.cv.parallel import run_folds_in_parallel
+        from unetcli.workflows.cv.parallel import run_cv_in_parallel
 
-        todo = prepare_cv(data, cfg, out, options, explicit, overwrite)
-        run_folds_in_parallel(data, out, options, todo, parallel, num_threads)
-        overwrite = False  # the folds are the ones just trained
-    result = run_cv(data, cfg, out, options, explicit, overwrite=overwrite, progress=_progress(), run_files=run_files)
+        result = run_cv_in_parallel(data, cfg, out, options, explicit, overwrite, parallel, num_threads, _progress(), run_files)
+    else:
+        result = run_cv(data, cfg, out, options, explicit, overwrite=overwrite, progress=_progress(), run_files=run_files)
     if result.oof is None:
         console.print(f"trained fold(s) {result.trained or '-'} (done earlier: {result.skipped or '-'}); scoring runs once "
                       f"every fold is done; folder: {out}")
@@ -457,7 +469,8 @@ def predict(
 @handle_errors
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt) or a checkpoint .pt file.")],
-    format_: Annotated[Optional[str], typer.Option("--format", help="onnx | torchscript (default: from --out's suffix, else onnx).")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", help="onnx | torchscript (default: from --out's suffix: .onnx -> onnx, "
+                                                                     ".pt/.pth/.ts -> torchscript; without --out, onnx).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="File to write (default: RUN/model.onnx or RUN/model.pt).")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:

@@ -312,19 +312,26 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: what`` on one line (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{where}: {' '.join(str(problem).split())}"
+
+
 def config_file_values(path: Path) -> dict[str, Any]:
     """The raw mapping in a YAML config file (safe loader), unvalidated: :func:`load_config` checks it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})", hint="pass a YAML config file") from exc
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML{yaml_problem(exc)}") from exc
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, infer)")
     if isinstance(values, dict) and "configurations" in values and "unetcli_plan" in values:

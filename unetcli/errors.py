@@ -11,6 +11,8 @@ class UnetCliError(Exception):
     """
 
     exit_code: int = 2
+    quiet: bool = False
+    """Exit with ``exit_code`` but print nothing: another process (a torchrun rank) already printed it."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

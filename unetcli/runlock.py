@@ -107,7 +107,12 @@ class RunLock:
             try:
                 os.write(fd, json.dumps(info).encode("utf-8"))
                 os.fsync(fd)
-            finally:
+            except OSError as exc:  # e.g. a full disk: no half-written lock is left behind
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise OutputError(f"{self.run_dir}: cannot write the lock file {self.path.name} ({exc.strerror or exc})",
+                                  hint="check the free space and permissions of the folder") from exc
+            else:
                 os.close(fd)
             self.held = True
             self.owner = info
@@ -170,3 +175,21 @@ class RunLock:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def live_holder(folder: Path) -> dict[str, Any] | None:
+    """The holder of ``folder/.lock`` when it is (or may be: another host) a live process; None when
+    there is no lock or only a stale one."""
+    try:
+        holder = json.loads((Path(folder) / LOCK_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        try:  # an unreadable lock: held while it is being written, stale afterwards
+            fresh = time.time() - (Path(folder) / LOCK_NAME).stat().st_mtime < _FRESH_SECONDS
+        except OSError:
+            return None
+        return {"pid": "?", "since": "just now"} if fresh else None
+    if not isinstance(holder, dict):
+        return None
+    return holder if holder_is_alive(holder) is not False else None

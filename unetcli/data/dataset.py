@@ -13,6 +13,7 @@ Reading and validating the cases is done by :mod:`unetcli.data.png_dataset` (2D)
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -36,7 +37,12 @@ def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
     niftis: dict[str, Path] = {}
     duplicates: list[str] = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():  # a dangling link is a missing case, not "no file"
+            duplicates.append(f"{p}: broken symbolic link (its target {os.readlink(p)} does not exist)")
+            continue
+        if not p.is_file():
             continue
         if p.suffix.lower() == PNG_SUFFIX:
             found, stem = pngs, p.stem
@@ -49,7 +55,8 @@ def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
             continue
         found[stem] = p
     if duplicates:
-        raise DataError.from_problems(duplicates, hint="keep one file per case name (remove or rename the duplicate)")
+        raise DataError.from_problems(duplicates, hint="keep one file per case name (remove or rename the duplicate); "
+                                                       "fix or remove broken links")
     if pngs and niftis:
         raise DataError(f"{folder}: holds both PNG and NIfTI files", hint="keep one file format per dataset")
     return (niftis, "nifti") if niftis else (pngs, "png")
@@ -66,24 +73,54 @@ def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None, 
         return None, None, None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, found {type(meta).__name__}")
         labels = meta.get("labels")
-        channels = meta.get("channel_names") or meta.get("modality")
+        channels = meta.get("channel_names") if meta.get("channel_names") is not None else meta.get("modality")
         label_names, regions = None, None
         if isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values()):
             label_names, regions = parse_region_labels(labels, meta.get("regions_class_order"))
-        elif isinstance(labels, dict) and labels:
-            # nnU-Net v2 maps name -> index; the Decathlon maps "index" -> name.
-            if all(isinstance(v, int) for v in labels.values()):
-                by_index = {int(v): str(k) for k, v in labels.items()}
-            else:
-                by_index = {int(k): str(v) for k, v in labels.items()}
-            if sorted(by_index) != list(range(len(by_index))):
-                raise ValueError(f"label indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
-            label_names = [by_index[i] for i in range(len(by_index))]
-        channel_names = [str(channels[k]) for k in sorted(channels, key=int)] if isinstance(channels, dict) else None
+        elif labels not in (None, {}, []):
+            label_names = _label_names(labels)
+        channel_names = _channel_names(channels)
     except (ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: cannot read labels/channel_names ({exc})", hint="see the nnU-Net dataset.json format") from exc
     return label_names, channel_names, regions
+
+
+def _label_names(labels: object) -> list[str]:
+    """nnU-Net v2 ``{"name": index}``, the Decathlon's ``{"index": "name"}``, or a list of names in
+    index order; anything else is refused (it would silently give class_0, class_1, ...)."""
+    if isinstance(labels, list) and labels and all(isinstance(n, str) and n.strip() for n in labels):
+        return [n.strip() for n in labels]
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"'labels' must map names to label values ({{\"background\": 0, \"tumour\": 1}}) or list the names "
+                         f"in label order, got {json.dumps(labels)[:60]}")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        by_index = {int(v): str(k) for k, v in labels.items()}
+    elif all(isinstance(v, str) for v in labels.values()):
+        by_index = {int(k): str(v) for k, v in labels.items()}
+    else:
+        raise ValueError("'labels' mixes names and label values; use {\"name\": value, ...}")
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(f"label indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def _channel_names(channels: object) -> list[str] | None:
+    """``{"0": "CT", "1": "T2"}``, a list in channel order, or one name (a single channel)."""
+    if channels is None:
+        return None
+    if isinstance(channels, str) and channels.strip():
+        return [channels.strip()]
+    if isinstance(channels, list) and channels and all(isinstance(n, str) for n in channels):
+        return [str(n) for n in channels]
+    if isinstance(channels, dict) and channels and all(isinstance(n, str) for n in channels.values()):
+        keys = sorted(channels, key=int)
+        if [int(k) for k in keys] != list(range(len(keys))):
+            raise ValueError(f"channel indices {[int(k) for k in keys]} are not 0..{len(keys) - 1}")
+        return [str(channels[k]) for k in keys]
+    raise ValueError(f"'channel_names' must map channel indices to names ({{\"0\": \"CT\"}}), got {json.dumps(channels)[:60]}")
 
 
 def discover_dataset(root: Path) -> DatasetFiles:

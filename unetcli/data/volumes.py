@@ -296,8 +296,11 @@ def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
             key = _cache_key(case, plan)
             meta_path = cache / f"{key}.json"
             if meta_path.is_file():
-                entries[case.name] = {"key": key, **json.loads(meta_path.read_text())}
-                continue
+                try:
+                    entries[case.name] = {"key": key, **json.loads(meta_path.read_text(encoding="utf-8"))}
+                    continue
+                except (OSError, ValueError, TypeError):
+                    log.warning("%s: damaged preprocessing cache entry; preparing the case again", meta_path)
             image, props, label = _read_case(case)
             image_pp, label_pp, geometry = preprocess(image, props, plan, label)
         except UnetCliError as exc:

@@ -23,6 +23,8 @@ def _names_from_mapping(labels: object) -> dict[int, str]:
     nnU-Net region entries (``"whole_tumour": [1, 2, 3]``) are skipped.
     """
     out: dict[int, str] = {}
+    if isinstance(labels, list) and all(isinstance(n, str) for n in labels):  # names in label order
+        return {i: n for i, n in enumerate(labels)}
     if not isinstance(labels, dict):
         return out
     for key, value in labels.items():
@@ -66,6 +68,8 @@ def dataset_regions_and_ignore(truth: Path) -> tuple[dict[str, list[int]] | None
     and the ``ignore`` label value from the ``dataset.json`` next to the references."""
     found = _dataset_json(truth)
     labels = found[1].get("labels") if found else None
+    if isinstance(labels, list) and "ignore" in labels:  # names in label order
+        return None, labels.index("ignore")
     if not isinstance(labels, dict):
         return None, None
     ignore = labels.get("ignore")

@@ -60,6 +60,7 @@ class CaseScores:
     counts: dict[str, tuple[int, int]]  # class key -> (prediction voxels, reference voxels)
     spacing: tuple[float, ...] | None
     shape: tuple[int, ...]
+    above_ignore: tuple[int, ...] = ()  # reference label values above the ignore label (refused once, for all cases)
 
 
 # --------------------------------------------------------------------------- one case (worker)
@@ -96,7 +97,9 @@ def _absent_scores(metrics: Sequence[str], keep_empty: bool) -> dict[str, float]
 def score_case(task: _Task) -> CaseScores:
     """Read one pair and compute every metric for every class (in the worker process)."""
     pred, truth, spacing = read_pair(task.pair, task.kind, task.spacing)
+    above: tuple[int, ...] = ()
     if task.ignore_label is not None:  # unlabelled reference voxels: background in both masks, so never scored
+        above = tuple(sorted(int(v) for v in np.unique(truth) if v > task.ignore_label))
         unlabelled = truth == task.ignore_label
         pred, truth = np.where(unlabelled, 0, pred), np.where(unlabelled, 0, truth)
     if spacing is not None and len(spacing) != pred.ndim:
@@ -104,8 +107,8 @@ def score_case(task: _Task) -> CaseScores:
                           hint="give one spacing per axis (PNG: ROW,COL; NIfTI: X,Y,Z)")
     c_pred, c_truth = _label_counts(pred), _label_counts(truth)
     groups = task.groups
-    if groups is None:
-        groups = {str(v): [v] for v in sorted((set(c_pred) | set(c_truth)) - {0})}
+    if groups is None:  # the ignore label is no class, even where a prediction holds its value
+        groups = {str(v): [v] for v in sorted((set(c_pred) | set(c_truth)) - {0, task.ignore_label})}
     scores = case_metrics(pred, truth, groups, spacing=spacing, tolerance_mm=task.tolerance_mm,
                           metrics=task.metrics) if groups else {}
     counts = {key: (sum(c_pred.get(v, 0) for v in vals), sum(c_truth.get(v, 0) for v in vals))
@@ -114,7 +117,7 @@ def score_case(task: _Task) -> CaseScores:
         for key, (n_pred, n_truth) in counts.items():
             if n_pred == 0 and n_truth == 0:
                 scores[key] = _absent_scores(task.metrics, True)
-    return CaseScores(task.pair.name, scores, counts, spacing, tuple(pred.shape))
+    return CaseScores(task.pair.name, scores, counts, spacing, tuple(pred.shape), above)
 
 
 def _score_task(task: _Task) -> tuple[str, Any]:
@@ -250,6 +253,37 @@ def _class_layout(labels: Sequence[int] | None, regions: Mapping[str, Sequence[i
     return list(groups), groups, display
 
 
+def _check_ignore_label(ignore_label: int | None, labels: Sequence[int] | None, regions: Mapping[str, Sequence[int]] | None,
+                        names: Mapping[int, str] | None) -> None:
+    """The ignore label marks unlabelled voxels: never background, never a class that is scored or named."""
+    if ignore_label is None:
+        return
+    if ignore_label <= 0:
+        raise ConfigError(f"--ignore-label {ignore_label}: must be a label value > 0 (0 is background)",
+                          hint="the ignore label is the highest label value, marking unlabelled voxels")
+    scored = [int(v) for v in labels or []] + [int(v) for values in (regions or {}).values() for v in values]
+    if ignore_label in scored:
+        raise ConfigError(f"--ignore-label {ignore_label} is also a label to score (--labels / --region)",
+                          hint="unlabelled voxels are never scored; drop it from --labels / --region")
+    name = (names or {}).get(ignore_label)
+    if name is not None and name.strip().lower() != "ignore":
+        raise ConfigError(f"--ignore-label {ignore_label} is the class '{name}' of the class names given",
+                          hint="the ignore label is the highest label value, named 'ignore' in dataset.json")
+
+
+def _refuse_labels_above_ignore(scored: Sequence[CaseScores], ignore_label: int | None, truth: Path) -> None:
+    """nnU-Net's convention: the ignore label is the highest label value. A reference above it means
+    a real class was named as the ignore label; its voxels would silently go unscored."""
+    bad = [case for case in scored if case.above_ignore]
+    if ignore_label is None or not bad:
+        return
+    values = sorted({v for case in bad for v in case.above_ignore})
+    raise ConfigError(f"{truth}: {len(bad)} reference(s) (e.g. {bad[0].name}) hold label value(s) {values[:5]} above the "
+                      f"ignore label {ignore_label}",
+                      hint="the ignore label must be the highest label value (a real class is never ignored); "
+                           "check --ignore-label or the 'ignore' entry of dataset.json")
+
+
 def _check_options(tolerance_mm: float, spacing: Sequence[float] | None, labels: Sequence[int] | None,
                    regions: Mapping[str, Sequence[int]] | None) -> None:
     """Refuse option values no case could be scored with, before any file is read."""
@@ -313,6 +347,7 @@ def evaluate_runs(preds: Sequence[Path], truth: Path, labels: Sequence[int] | No
     """
     _check_options(tolerance_mm, spacing, labels, regions)
     names = dict(enumerate(label_names)) if isinstance(label_names, Sequence) else (dict(label_names) if label_names else None)
+    _check_ignore_label(ignore_label, labels, regions, names)
     kind, runs = _pair_runs(preds, truth)
     given = _class_layout(labels, regions, [], names)[1] if labels is not None or regions else None
     sp = _spacing_per_axis(spacing, kind)
@@ -323,6 +358,7 @@ def evaluate_runs(preds: Sequence[Path], truth: Path, labels: Sequence[int] | No
     else:
         scored = _run_tasks(tasks, jobs, parallel_min_seconds)
 
+    _refuse_labels_above_ignore(scored, ignore_label, truth)
     found = {int(k) for case in scored for k in case.scores} if given is None else set()
     keys, groups, display = _class_layout(labels, regions, found, names)
     if not keys:
@@ -335,6 +371,7 @@ def evaluate_runs(preds: Sequence[Path], truth: Path, labels: Sequence[int] | No
         offset += len(pairs)
         results.append(_assemble(cases, pairs, kind, keys, groups, display, list(metrics), keep_empty,
                                  tolerance_mm, sp, pred, truth, run_name))
+        results[-1].summary["ignore_label"] = ignore_label  # recorded: the scores exclude those voxels
     return results
 
 

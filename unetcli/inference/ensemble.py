@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unetcli.atomic import read_written_json
 from unetcli.errors import CheckpointError
 from unetcli.models.network import SegmentationNetwork
 
@@ -50,20 +51,45 @@ CV_FILE = "cv.json"
 """Marks a cross-validation folder written by ``unet cv``: ``{"folds": k, ...}`` and ``fold_0 .. fold_{k-1}/``."""
 
 
+FOLD_DONE = Path("oof") / ".complete"
+"""Written into a fold's run folder once it finished training and predicted its held-out cases."""
+
+
 def cv_fold_runs(folder: Path) -> list[Path] | None:
     """The fold run folders of a ``unet cv`` folder, or None when ``folder`` is not one. Every fold
-    must be trained: an ensemble of some folds would silently be another model."""
+    must have finished: an ensemble of some folds, or with a fold killed mid-training, would
+    silently be another model."""
     marker = folder / CV_FILE
     if not marker.is_file():
         return None
-    try:
-        folds = int(json.loads(marker.read_text(encoding="utf-8"))["folds"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{marker}: not a readable cross-validation record ({exc})",
-                              hint="rerun `unet cv` into this folder") from exc
+    state = read_written_json(marker, "cross-validation record", hint="rerun `unet cv` into this folder")
+    folds = state.get("folds")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise CheckpointError(f"{marker}: cross-validation record is damaged ('folds' is {folds!r}, expected a number >= 2)",
+                              hint="rerun `unet cv` into this folder")
     runs = [folder / f"fold_{k}" for k in range(folds)]
     missing = [r.name for r in runs if not (r / "checkpoints" / "last.pt").is_file()]
     if missing:
         raise CheckpointError(f"{folder}: fold(s) {', '.join(missing)} not trained yet",
                               hint=f"finish the cross-validation first: rerun `unet cv` with --out {folder}")
+    unfinished = [r.name for r in runs if not (r / FOLD_DONE).is_file()]
+    if unfinished:
+        raise CheckpointError(f"{folder}: fold(s) {', '.join(unfinished)} did not finish (stopped during training or "
+                              "before predicting their held-out cases)",
+                              hint=f"finish the cross-validation first: rerun the same `unet cv` command with --out {folder}")
     return runs
+
+
+def read_postprocessing(folder: Path) -> dict | None:
+    """``CV/postprocessing.json`` (written by ``unet cv``), checked; None when there is none."""
+    path = folder / "postprocessing.json"
+    if not path.exists():
+        return None
+    hint = f"rerun the same `unet cv` command with --out {folder} to write it again, or predict with --no-postprocessing"
+    values = read_written_json(path, "postprocessing choice", hint)
+    foreground, classes = values.get("foreground", False), values.get("classes", [])
+    if not isinstance(foreground, bool) or not isinstance(classes, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in classes) or set(values) - {"foreground", "classes"}:
+        raise CheckpointError(f"{path}: postprocessing choice is damaged (expected {{\"foreground\": true/false, "
+                              f"\"classes\": [class indices > 0]}}, found {json.dumps(values)[:80]})", hint=hint)
+    return values

@@ -10,6 +10,7 @@ PyTorch network it came from; a file that disagrees is never written.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from unetcli.inference.exported import (INPUT_NAME, INSTALL_HINT, METADATA_KEY, 
 from unetcli.inference.predict import LoadedModel, load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 """Export formats and the suffix of their default file name."""
 TOLERANCE = 1e-3
 """Largest |exported - PyTorch| logit accepted, relative to the largest logit (float32 reorderings give ~1e-6)."""
@@ -41,9 +43,16 @@ class ExportResult:
 
 
 def resolve_format(model_format: str | None, out: Path | None) -> str:
-    """``--format``, else the one ``--out``'s suffix names, else ONNX."""
+    """``--format``, else the one ``--out``'s suffix names (.onnx, or .pt / .pth / .ts for TorchScript),
+    else ONNX; another suffix names no format and is refused rather than guessed."""
     if model_format is None:
-        return "onnx" if out is None or out.suffix.lower() == ".onnx" else "torchscript"
+        suffix = out.suffix.lower() if out is not None else ".onnx"
+        if suffix in TORCHSCRIPT_SUFFIXES:
+            return "torchscript"
+        if suffix != ".onnx":
+            raise ConfigError(f"--out {out}: the suffix '{out.suffix}' names no export format (.onnx for ONNX; .pt, .pth or .ts "  # type: ignore[union-attr]
+                              "for TorchScript)", hint="pass --format onnx or --format torchscript, or use one of these suffixes")
+        return "onnx"
     fmt = model_format.lower()
     if fmt not in FORMATS:
         raise ConfigError(f"--format {model_format} is not an export format", hint=f"choose one of: {', '.join(FORMATS)}")
@@ -64,6 +73,10 @@ def check_output(out: Path, fmt: str, checkpoint: Path, overwrite: bool) -> None
         raise OutputError(f"{out}: is a folder", hint=f"pass a file name, e.g. --out {out / ('model' + FORMATS[fmt])}")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists", hint="pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not is_exported_model(out):
+        # --overwrite replaces an earlier export only: never a checkpoint a run needs, an image or a config.
+        raise OutputError(f"{out}: exists and is not a file written by unet export; not replacing it, even with --overwrite",
+                          hint="choose another --out")
     ensure_writable_folder(out.parent, "output folder", hint="choose a writable --out location")
 
 
@@ -83,7 +96,11 @@ def _traced(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptMo
 
 
 def _write_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, text: str, dynamic_spatial: bool) -> None:
-    torch.jit.save(_traced(model, example), str(path), _extra_files={TORCHSCRIPT_EXTRA: text})
+    # Into memory first: torch.jit.save writing to a full disk aborts the process from C++;
+    # a Python write raises OSError, which the atomic write turns into one clear error.
+    buffer = io.BytesIO()
+    torch.jit.save(_traced(model, example), buffer, _extra_files={TORCHSCRIPT_EXTRA: text})
+    path.write_bytes(buffer.getvalue())
 
 
 def _write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, text: str, dynamic_spatial: bool) -> None:
@@ -96,13 +113,14 @@ def _write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, text:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes about the Python size checks, and exporter notices
         # The TorchScript-based exporter: it needs neither onnxscript nor symbolic shapes in forward().
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        buffer = io.BytesIO()  # into memory first, like TorchScript: the file is written by Python only
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: dict(axes)})
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(proto, {METADATA_KEY: text})
     proto.doc_string = "unetcli U-Net: input N, C, *spatial (normalised as in metadata 'unetcli'), output class logits"
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    path.write_bytes(proto.SerializeToString())
 
 
 def _verify(path: Path, model: torch.nn.Module, example: torch.Tensor) -> float:

@@ -65,19 +65,40 @@ class ExportedNetwork(nn.Module):
 
     fixed_precision: str | None = None
 
-    def __init__(self, margin: list[int] | tuple[int, ...]) -> None:
+    def __init__(self, margin: list[int] | tuple[int, ...], num_outputs: int | None = None, source: Path | None = None) -> None:
         super().__init__()
         self.margin = tuple(int(m) for m in margin)
         self.spatial_dims = len(self.margin)
+        self.num_outputs = num_outputs
+        self.source = source
+
+    def checked(self, x: torch.Tensor, run: Any) -> torch.Tensor:
+        """``run(x)``, refusing a network whose output disagrees with the file's own metadata (another
+        number of classes, axes or size): its masks would be silently wrong."""
+        try:
+            logits = run(x)
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{self.source}: the network does not run on the {self.spatial_dims}D input its metadata "
+                                  f"describes ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+                                  hint="the file's network and metadata do not belong together; export it again with `unet export RUN`") from exc
+        expected = (x.shape[0], self.num_outputs or logits.shape[1] if logits.ndim > 1 else -1,
+                    *[s - 2 * m for s, m in zip(x.shape[2:], self.margin)])
+        if tuple(logits.shape) != tuple(expected):
+            raise CheckpointError(f"{self.source}: the network's output {tuple(logits.shape)} does not match its metadata "
+                                  f"({self.num_outputs} classes, {self.spatial_dims}D: expected {tuple(expected)} for input "
+                                  f"{tuple(x.shape)})",
+                                  hint="the file's network and metadata do not belong together; export it again with `unet export RUN`")
+        return logits
 
 
 class TorchScriptNetwork(ExportedNetwork):
-    def __init__(self, module: torch.jit.ScriptModule, margin: list[int]) -> None:
-        super().__init__(margin)
+    def __init__(self, module: torch.jit.ScriptModule, margin: list[int], num_outputs: int | None = None,
+                 source: Path | None = None) -> None:
+        super().__init__(margin, num_outputs, source)
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return self.checked(x, self.module)
 
 
 class OnnxNetwork(ExportedNetwork):
@@ -85,14 +106,20 @@ class OnnxNetwork(ExportedNetwork):
 
     fixed_precision = "fp32"
 
-    def __init__(self, session: Any, margin: list[int]) -> None:
-        super().__init__(margin)
+    def __init__(self, session: Any, margin: list[int], num_outputs: int | None = None, source: Path | None = None) -> None:
+        super().__init__(margin, num_outputs, source)
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.checked(x, self._run)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = self.session.run(None, {self.input_name: array})
+        try:
+            (logits,) = self.session.run(None, {self.input_name: array})
+        except Exception as exc:  # onnxruntime's own exception types: a shape the graph does not take
+            raise RuntimeError(str(exc)) from exc
         return torch.from_numpy(logits).to(x.device)
 
 
@@ -154,6 +181,19 @@ def _margin_of(document: dict[str, Any], path: Path) -> list[int]:
     return margin
 
 
+def _outputs_of(document: dict[str, Any], path: Path) -> int:
+    meta = document["metadata"]
+    count, dims = meta.get("num_classes"), meta.get("spatial_dims")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1 or dims not in (2, 3):
+        raise CheckpointError(f"{path}: its unetcli metadata gives no valid num_classes / spatial_dims "
+                              f"({count!r} / {dims!r})", hint="export the model again with `unet export RUN`")
+    for key in ("label_values", "label_names"):
+        if not isinstance(meta.get(key), list) or len(meta[key]) < (count if not meta.get("regions") else count + 1):
+            raise CheckpointError(f"{path}: its unetcli metadata's {key} do not cover its {count} output(s)",
+                                  hint="export the model again with `unet export RUN`")
+    return count
+
+
 def load_torchscript(path: Path, device: torch.device) -> ExportedModel:
     extra = {TORCHSCRIPT_EXTRA: ""}
     try:
@@ -162,7 +202,7 @@ def load_torchscript(path: Path, device: torch.device) -> ExportedModel:
         raise CheckpointError(f"{path}: not a readable TorchScript file ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
                               hint="export it again with `unet export RUN --format torchscript`") from exc
     document = parse_document(extra[TORCHSCRIPT_EXTRA], path, f"TorchScript extra file {TORCHSCRIPT_EXTRA}")
-    network = TorchScriptNetwork(module.eval(), _margin_of(document, path))
+    network = TorchScriptNetwork(module.eval(), _margin_of(document, path), _outputs_of(document, path), path)
     return ExportedModel(network, _config_of(document, path), document["metadata"], document)
 
 
@@ -190,7 +230,7 @@ def load_onnx(path: Path, device: torch.device) -> ExportedModel:
     session = onnx_session(path, device)
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     document = parse_document(text, path, f"ONNX metadata_props key '{METADATA_KEY}'")
-    network = OnnxNetwork(session, _margin_of(document, path))
+    network = OnnxNetwork(session, _margin_of(document, path), _outputs_of(document, path), path)
     return ExportedModel(network, _config_of(document, path), document["metadata"], document)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unetcli.atomic import atomic_path, ensure_writable_folder
+from unetcli.atomic import atomic_path, ensure_writable_folder, real_path
 from unetcli.config import RunConfig, config_from_dict
 from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
 from unetcli.data.png import PNG_SUFFIX, write_png_mask
@@ -22,7 +21,7 @@ from unetcli.data.png_dataset import load_image_channels
 from unetcli.data.volumes import preprocess, restore_label_map, restore_labels, restore_probabilities
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
-from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs
+from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs, read_postprocessing
 from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
 from unetcli.inference.postprocessing import Postprocessing, apply_postprocessing
 from unetcli.inference.sliding_window import paint_regions, sliding_window_predict
@@ -42,6 +41,8 @@ class LoadedModel:
     metadata: dict[str, Any]
     checkpoint: Path
     postprocessing: Postprocessing | None = None
+    finished: bool = True
+    """False for a checkpoint of a run stopped before its last epoch (``last.pt`` of a killed run)."""
 
 
 def load_trained_model(run: Path, device: torch.device, which: str = "best") -> LoadedModel:
@@ -56,12 +57,33 @@ def load_trained_model(run: Path, device: torch.device, which: str = "best") -> 
         msg = exc.message if isinstance(exc, UnetCliError) else state_dict_problem(exc)
         raise CheckpointError(f"{path}: weights do not fit the model described in the checkpoint ({msg[:200]})",
                               hint="the checkpoint may come from another model or unetcli version") from exc
+    check_metadata(path, state.get("metadata"), cfg)
     model = fold_batch_norm(model.eval())
     model.to(device, memory_format=memory_format(cfg.model.spatial_dims, resolve_channels_last(cfg.train.channels_last, device)))
-    return LoadedModel(model, cfg, state["metadata"], path)
+    resume = state.get("resume")
+    finished = not isinstance(resume, dict) or bool(resume.get("finished", True))
+    return LoadedModel(model, cfg, state["metadata"], path, finished=finished)
 
 
-ENSEMBLE_KEYS = ("spatial_dims", "in_channels", "num_classes", "label_values", "normalization", "patch_size",
+def check_metadata(path: Path, meta: Any, cfg: RunConfig) -> None:
+    """A checkpoint's metadata (what predict reads: classes, channels, axes, label values) must
+    describe its network; a disagreement would write wrong masks without an error."""
+    hint = "the checkpoint's metadata and network do not belong together; use the run's own checkpoint or train again"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the checkpoint has no metadata", hint=hint)
+    outputs = meta.get("num_classes")
+    pairs = (("num_classes", outputs, cfg.model.out_channels), ("in_channels", meta.get("in_channels"), cfg.model.in_channels),
+             ("spatial_dims", meta.get("spatial_dims"), cfg.model.spatial_dims))
+    differs = [f"{key} {stored!r} but the network has {built!r}" for key, stored, built in pairs if stored != built]
+    values = meta.get("label_values")
+    needed = (outputs + 1 if meta.get("regions") else outputs) if isinstance(outputs, int) else None
+    if needed is not None and (not isinstance(values, list) or len(values) < needed):
+        differs.append(f"label_values {values!r} for {outputs} output(s)")
+    if differs:
+        raise CheckpointError(f"{path}: metadata disagrees with the network ({'; '.join(differs)})", hint=hint)
+
+
+ENSEMBLE_KEYS = ("spatial_dims", "in_channels", "num_classes", "label_values", "label_names", "normalization", "patch_size",
                  "file_format", "preprocessing", "regions")
 """What every member of an ensemble must share: they see the same windows of the same preprocessed input."""
 
@@ -79,10 +101,18 @@ def load_ensemble(folder: Path, runs: list[Path], device: torch.device, which: s
     """The runs of a cross-validation folder as one model (see :class:`EnsembleNetwork`), with the
     postprocessing ``unet cv`` chose (``postprocessing.json``)."""
     members = [load_trained_model(run, device, which) for run in runs]
+    unfinished = [run.name for run, member in zip(runs, members) if not member.finished]
+    if unfinished:
+        raise CheckpointError(f"{folder}: fold(s) {', '.join(unfinished)} stopped before the last epoch (their last.pt is "
+                              "a checkpoint of an unfinished training)",
+                              hint=f"finish the cross-validation first: rerun the same `unet cv` command with --out {folder}")
     first = members[0]
     check_ensemble(runs, members, ENSEMBLE_KEYS, "ensemble runs trained with the same configuration on the same data")
-    choice = folder / "postprocessing.json"
-    post = Postprocessing.from_dict(json.loads(choice.read_text())) if choice.is_file() else None
+    choice = read_postprocessing(folder)
+    post = Postprocessing.from_dict(choice) if choice is not None else None
+    if post is not None and any(c >= int(first.metadata["num_classes"]) for c in post.classes):
+        raise CheckpointError(f"{folder / 'postprocessing.json'}: names class(es) {post.classes}, the models have "
+                              f"{first.metadata['num_classes']}", hint="rerun `unet cv` to choose the postprocessing again")
     ensemble = EnsembleNetwork([m.model for m in members], output_activation(first.metadata))  # type: ignore[misc]
     log.info("ensemble of %d models from %s%s", len(members), folder,
              f"; postprocessing {post.to_dict()}" if post and post.active else "")
@@ -122,6 +152,8 @@ def _input_files(input_path: Path, file_format: str) -> list[Path]:
             raise DataError(f"{input_path}: the model was trained on {kind} files, this is not one",
                             hint=f"pass {kind} input (a {'3D volume' if file_format == 'nifti' else '2D image'})")
         return [input_path]
+    if input_path.is_symlink() and not input_path.exists():
+        raise DataError(f"{input_path}: is a broken or looping symbolic link", hint="pass an image file or a folder of images")
     if not input_path.is_dir():
         raise DataError(f"{input_path}: input not found")
     files = sorted(p for p in input_path.iterdir() if wanted(p) and not p.name.startswith("."))
@@ -154,11 +186,13 @@ def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") 
 
 def check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse to write into (or above) an input folder; refuse to replace files without ``overwrite``."""
-    out = output.resolve()
+    out = real_path(output)
+    if output.is_symlink() and not output.exists():
+        raise OutputError(f"{output}: is a broken or looping symbolic link", hint="pass a folder for the predictions")
     for inp in inputs:
         # A folder input may not contain the output (predictions would become inputs next time);
         # a file input only may not share its folder with the output (same name, same place).
-        folder = inp.resolve() if inp.is_dir() else inp.resolve().parent
+        folder = real_path(inp) if inp.is_dir() else real_path(inp).parent
         if out == folder or (inp.is_dir() and folder in out.parents):
             raise OutputError(f"{output}: output folder is (inside) the input folder {inp}",
                               hint="write predictions to a separate folder; inputs are never overwritten")
@@ -270,7 +304,7 @@ def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, w
     write_png_mask(values, target) if props is None else write_segmentation(values, props, target)
 
 
-MIXED_KEYS = ("in_channels", "num_classes", "label_values", "file_format", "regions")
+MIXED_KEYS = ("in_channels", "num_classes", "label_values", "label_names", "file_format", "regions")
 """What models of different configurations must share to be averaged on the file's grid."""
 
 

@@ -32,6 +32,21 @@ TOPOLOGY_KEYS = ("model.features", "model.kernel_sizes", "model.strides")
 ENCODER_KEYS = ("model.encoder", "model.blocks_per_level", "model.decoder_convs")
 
 
+PLANNING_KEYS = ("data.crop_to_nonzero", "train.device", "train.precision", "train.num_threads")
+"""The config keys ``unet plan`` itself uses; every other key is what the plan decides (or ignores)."""
+
+
+def check_planning_keys(keys: Iterable[str]) -> None:
+    """Refuse ``unet plan --set`` keys the planner does not use: the printed plan would silently
+    differ from what the user asked for (a train key wins over the plan in ``unet train`` instead)."""
+    unused = sorted(k for k in keys if k not in PLANNING_KEYS)
+    if unused:
+        raise ConfigError(f"--set {', '.join(unused)}: unet plan does not use {'this key' if len(unused) == 1 else 'these keys'}; "
+                          "the plan chooses the network, patch, spacing and batch itself",
+                          hint="pass the key to `unet train --plan plans.yaml --set ...` (it wins over the plan), or edit the "
+                               f"configuration in plans.yaml; unet plan takes --set {', '.join(PLANNING_KEYS)}")
+
+
 def plan_dataset(data: Path, cfg: RunConfig, memory_gb: float | None = None, step_seconds: float | None = None,
                  preset: str = "plain") -> Plan:
     """Fingerprint ``data`` (cached) and plan it for the device and precision ``cfg`` trains with."""

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from unetcli.atomic import atomic_write_text
-from unetcli.config import config_from_dict, dump_yaml
+from unetcli.config import config_from_dict, dump_yaml, yaml_problem
 from unetcli.errors import ConfigError, OutputError
 from unetcli.planning.planner import ConfigurationPlan, Plan
 
@@ -88,11 +88,17 @@ def read_plan(path: Path) -> SavedPlan:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read plan file {path}: {exc.strerror or exc}", hint="pass a plans.yaml written by unet plan") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"plan file {path} is not UTF-8 text (byte {exc.start})", hint="pass a plans.yaml written by unet plan") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"plan file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"plan file {path} is not valid YAML{yaml_problem(exc)}", hint="pass a plans.yaml written by unet plan") from exc
     if not isinstance(values, dict) or not isinstance(values.get("configurations"), dict):
         raise ConfigError(f"{path} is not a plan: it has no 'configurations' mapping",
                           hint="write one with `unet plan DATA --out plans.yaml`; a config file goes to --config")
+    version = values.get("unetcli_plan", PLAN_FORMAT)
+    if version != PLAN_FORMAT:
+        raise ConfigError(f"{path}: plan format {version!r} is not supported by this unetcli (it reads format {PLAN_FORMAT})",
+                          hint="write the plan again with `unet plan DATA --out plans.yaml`, or use the unetcli version that wrote it")
     configurations = {}
     for name, entry in values["configurations"].items():
         config = entry.get("config") if isinstance(entry, dict) else None

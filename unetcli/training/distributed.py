@@ -89,20 +89,26 @@ def join_world(device_name: str) -> World:
     return world
 
 
-def report_failure(exc: BaseException) -> None:
+def report_failure(exc: BaseException) -> bool:
     """Tell the other ranks that this one failed, so they exit within a second instead of
-    waiting in a collective until it times out. Safe to call in any state."""
+    waiting in a collective until it times out. Safe to call in any state. Returns False when
+    another rank reported a failure first (e.g. every rank refused the same config): that rank
+    prints the one error line, this one exits quietly."""
     world = current_world()
     if not world.distributed:
-        return
+        return True
+    _watch_stop.set()  # this rank reports (and prints) its own failure: its watch must not end it first
     message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
     code = getattr(exc, "exit_code", 1)
     try:
-        _store().set(FAILURE_KEY, f"{world.rank}|{code}|{message}")
+        first = int(_store().add(FAILURE_KEY + "/count", 1)) == 1
+        if first:
+            _store().set(FAILURE_KEY, f"{world.rank}|{code}|{message}")
     except Exception:  # the store may be gone already (the launcher died); the timeout still ends the wait
-        return
+        return True
     # The store may live in this process (rank 0 without torchrun's agent): stay until the others read it.
     time.sleep(3 * WATCH_INTERVAL)
+    return first
 
 
 def _store() -> Any:
@@ -282,6 +288,8 @@ def my_share(names: Sequence[str]) -> list[str]:
 def launch_on_gpus(gpus: int, argv: Sequence[str]) -> int:
     """``unet train ... --gpus N``: run the same command under ``torchrun`` with N processes on
     this machine; returns torchrun's exit code."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus} must be at least 1", hint="leave --gpus out to train in this process")
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > available:
         raise ConfigError(f"--gpus {gpus} asks for more CUDA GPUs than this machine has ({available})",

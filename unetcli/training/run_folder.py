@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from unetcli.atomic import atomic_write_text, ensure_writable_folder
-from unetcli.errors import ConfigError, DataError, ModelError, OutputError
+from unetcli.atomic import atomic_write_text, output_folder
+from unetcli.errors import CheckpointError, ConfigError, DataError, ModelError, OutputError
 from unetcli.runlock import LOCK_NAME, RunLock
 from unetcli.training.curves import plot_curves
 
@@ -45,17 +45,17 @@ def claim_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
     created = not out.exists()
-    ensure_writable_folder(out, "run folder", hint="choose a writable --out")
-    with RunLock(out):
+    with output_folder(out, "run folder", hint="choose a writable --out"), RunLock(out):
         try:
             _prepare_run_dir(out, overwrite)
         except PermissionError as exc:
             raise OutputError(f"{out}: cannot write into the run folder ({exc.strerror})", hint="choose a writable --out") from exc
         try:
             yield
-        except (ConfigError, DataError, ModelError):
+        except (ConfigError, DataError, ModelError, CheckpointError, OutputError):
             if created and not (out / "checkpoints" / "last.pt").exists():
-                # Refused before training: leave no half-made folder that a corrected rerun would find "not empty".
+                # Refused or failed before the first checkpoint: leave no half-made folder that a corrected
+                # rerun would find "not empty" (and whose hint, --resume, could not work either).
                 shutil.rmtree(out, ignore_errors=True)
             raise
 

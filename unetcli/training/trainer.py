@@ -30,7 +30,7 @@ from unetcli.config import RunConfig, config_to_dict, dump_config
 from unetcli.data.dataset import discover_dataset, load_dataset
 from unetcli.data.sampling import iterate_batches
 from unetcli.data.types import Dataset
-from unetcli.errors import DataError, OutputError, TrainingError
+from unetcli.errors import DataError, OutputError, TrainingError, UnetCliError
 from unetcli.models import count_parameters
 from unetcli.runtime import autocast, configure_cpu_allocator, configure_threads, resolve_device, resolve_precision, seed_everything
 from unetcli.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
@@ -96,7 +96,8 @@ def train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool = False, pr
         return _train(data_dir, cfg, out, overwrite, progress and world.is_main, on_epoch, resume, start, run_files or {}, split)
     except BaseException as exc:
         # Under torchrun, the other ranks would otherwise wait in their next collective until it times out.
-        report_failure(exc)
+        if not report_failure(exc) and isinstance(exc, UnetCliError):
+            exc.quiet = True  # another rank failed first and prints the one error line
         if isinstance(exc, RuntimeError) and world.distributed:
             raise (collective_timeout(exc) or TrainingError(
                 f"rank {world.rank}: a collective operation failed ({str(exc).splitlines()[0][:200]})",

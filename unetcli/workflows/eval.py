@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unetcli.atomic import output_folder, real_path
 from unetcli.errors import ConfigError, DataError, OutputError
 from unetcli.evaluation.cases import unique_run_names
 from unetcli.evaluation.labels import dataset_label_names, dataset_regions_and_ignore, metadata_label_names
@@ -73,9 +74,9 @@ def _check_outputs(out: Path, inputs: Sequence[Path], names: Sequence[str], over
                    overwrite: bool) -> None:
     """Refuse, before scoring, outputs inside an input folder, and (without ``overwrite``) outputs that exist."""
     for target in [out] + ([overlays] if overlays else []):
-        resolved = target.resolve()
+        resolved = real_path(target)
         for inp in inputs:
-            folder = inp.resolve() if inp.is_dir() else inp.resolve().parent
+            folder = real_path(inp) if inp.is_dir() else real_path(inp).parent
             if resolved == folder or folder in resolved.parents:
                 raise OutputError(f"{target}: output folder is (inside) the input folder {inp}",
                                   hint="write evaluation outputs to a separate folder (--out / --overlays)")
@@ -126,10 +127,11 @@ def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: P
     _check_outputs(out, [*preds, truth] + ([image_dir] if image_dir else []), names, overlays, overwrite)
     results = evaluate_runs(preds, truth, **with_dataset_label_structure(truth, options))
     outcome = EvalOutcome(results)
-    if compare:
-        _write_comparison_reports(results, truth, out, outcome)
-    else:
-        outcome.written.extend(write_reports(results[0], out))
+    with output_folder(out, "output folder", hint="choose a writable --out"):  # a failed write leaves no empty folder
+        if compare:
+            _write_comparison_reports(results, truth, out, outcome)
+        else:
+            outcome.written.extend(write_reports(results[0], out))
     if overlays is not None:
         for result in results:
             outcome.written.extend(write_overlays(result, overlays / result.name if compare else overlays,

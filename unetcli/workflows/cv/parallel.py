@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from unetcli.errors import ConfigError, TrainingError
-from unetcli.workflows.cv.runner import CVOptions
+from unetcli.config import RunConfig
+from unetcli.workflows.cv.runner import CVOptions, CVResult, cv_folder_lock, prepare_cv, run_cv
 
 log = logging.getLogger("unetcli")
 
@@ -65,3 +66,14 @@ def run_folds_in_parallel(data: Path, out: Path, options: CVOptions, folds: list
     if failed:
         raise TrainingError(f"{'; '.join(failed)}; the other folds were stopped (their checkpoints are kept)",
                             hint="see the fold's error above, fix it, and rerun the same command to continue")
+
+
+def run_cv_in_parallel(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: set[str], overwrite: bool,
+                       parallel: int, num_threads: int | None, progress: bool, run_files: dict[str, str]) -> CVResult:
+    """``unet cv --parallel N``: the folds in N processes, then the scoring here; this process holds
+    the folder's lock throughout (its fold processes know it as their parent)."""
+    with cv_folder_lock(out, options, overwrite):
+        todo = prepare_cv(data, cfg, out, options, explicit, overwrite)
+        run_folds_in_parallel(data, out, options, todo, parallel, num_threads)
+        # overwrite=False: the folds are the ones just trained
+        return run_cv(data, cfg, out, options, explicit, overwrite=False, progress=progress, run_files=run_files)

@@ -12,21 +12,24 @@ best-by-validation one was chosen on those very cases).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
+import os
 import logging
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unetcli.atomic import atomic_write_text
+from unetcli.atomic import atomic_write_text, output_folder, read_written_json, real_path
 from unetcli.config import RunConfig, config_from_dict, config_to_dict
 from unetcli.data.dataset import discover_dataset
 from unetcli.data.types import DatasetFiles
-from unetcli.errors import ConfigError, OutputError
+from unetcli.errors import CheckpointError, ConfigError, OutputError
 from unetcli.evaluation.labels import metadata_eval_options
 from unetcli.evaluation.scoring import evaluate
 from unetcli.evaluation.stats import Comparison, compare_results, comparison_csv_text
@@ -34,6 +37,7 @@ from unetcli.evaluation.summary import EvalResult, write_json, write_reports
 from unetcli.inference.ensemble import CV_FILE
 from unetcli.inference.predict import predict
 from unetcli.checkpoint import load_checkpoint
+from unetcli.runlock import LOCK_NAME, RunLock, live_holder
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
@@ -57,6 +61,18 @@ class CVOptions:
     # so that two folds finishing together do not both rewrite CV/oof.
     score: bool = True
 
+    def check(self, parallel: int | None = None) -> None:
+        """The options' own consistency, before any planning or training."""
+        if self.splits_file is None and self.folds < 2:
+            raise ConfigError(f"--folds must be at least 2, got {self.folds}")
+        if self.only_fold is not None and (self.only_fold < 0 or (self.splits_file is None and self.only_fold >= self.folds)):
+            raise ConfigError(f"--fold {self.only_fold} is not a fold of this cross-validation (0..{self.folds - 1})")
+        if parallel is not None and parallel < 1:
+            raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+        if self.group_by is not None and self.splits_file is not None:
+            raise ConfigError("--group-by cannot be combined with --splits: the splits file fixes the folds",
+                              hint="keep a patient's scans together in the splits file itself, or drop --splits")
+
 
 @dataclass
 class CVResult:
@@ -79,8 +95,12 @@ def _load_or_start(out: Path, data: Path, cfg: RunConfig, explicit: set[str], sp
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
     if path.is_file() and not overwrite:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        stored = config_from_dict(state["config"])
+        state = read_written_json(path, "cross-validation record", hint="pass --overwrite to start it again, or choose another --out")
+        try:
+            stored = config_from_dict(state["config"])
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise CheckpointError(f"{path}: cross-validation record is damaged (no valid 'config')",
+                                  hint="pass --overwrite to start it again, or choose another --out") from exc
         old, new = config_to_dict(stored), config_to_dict(cfg)
         differs = [k for k in sorted(explicit) if _get(old, k) != _get(new, k) and k not in RUNTIME_KEYS]
         for key in RUNTIME_KEYS:  # where and how fast a fold runs is this process's business
@@ -93,16 +113,63 @@ def _load_or_start(out: Path, data: Path, cfg: RunConfig, explicit: set[str], sp
                               hint="rerun with the same options to continue it, choose another --out, or pass --overwrite")
         _check_same_splits(out, splits)
         return stored, state
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not overwrite:
             raise OutputError(f"{out}: folder is not empty and holds no {CV_FILE}", hint="choose another --out or pass --overwrite")
-        if path.is_file():  # only ever remove what an earlier `unet cv` wrote
-            shutil.rmtree(out)
-        else:
+        if not path.is_file():  # only ever remove what an earlier `unet cv` wrote
             raise OutputError(f"{out}: is not a cross-validation folder; not replacing it", hint="choose another --out")
+        _clear_cv_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(fresh, indent=1))
     return cfg, fresh
+
+
+def _clear_cv_folder(out: Path) -> None:
+    """``--overwrite``: remove an earlier cross-validation, but never one that a live process still
+    trains or predicts into (its folds' locks), and keep this process's own lock."""
+    for lock in sorted(out.rglob(LOCK_NAME)):
+        holder = live_holder(lock.parent) if lock.parent != out else None
+        if holder is not None:
+            raise OutputError(f"{out}: {lock.parent.relative_to(out)} is being trained by another process (PID "
+                              f"{holder.get('pid')}, since {holder.get('since')}); not replacing it",
+                              hint="wait for it to finish or stop it, or choose another --out")
+    for child in out.iterdir():
+        if child.name != LOCK_NAME:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+_HELD: set[Path] = set()
+"""Cross-validation folders whose lock this process holds (the lock is taken once per command)."""
+
+
+@contextlib.contextmanager
+def cv_folder_lock(out: Path, options: CVOptions, overwrite: bool) -> Iterator[None]:
+    """Hold ``CV/.lock`` for the block, so that two ``unet cv`` commands never write one folder and
+    ``--overwrite`` never deletes one that another process is using. A single-fold process
+    (``--fold k``, e.g. one of ``--parallel``'s) takes its fold's lock only, and refuses a folder
+    whose lock another command (not its parent) holds. A folder this block created and left
+    empty is removed again."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder", hint="choose another --out")
+    key = real_path(out)
+    if key in _HELD:
+        yield
+        return
+    if options.only_fold is not None and not overwrite:
+        holder = live_holder(out) if out.is_dir() else None
+        if holder is not None and holder.get("pid") != os.getppid():
+            raise OutputError(f"{out} is being written by another unet cv (PID {holder.get('pid')}, since {holder.get('since')})",
+                              hint="wait for it to finish, or choose another --out")
+        yield
+        return
+    with output_folder(out, "cross-validation folder", hint="choose a writable --out"):
+        _HELD.add(key)
+        try:
+            with RunLock(out):
+                yield
+        finally:
+            _HELD.discard(key)
 
 
 def _get(values: dict[str, Any], dotted: str) -> Any:
@@ -113,7 +180,8 @@ def _get(values: dict[str, Any], dotted: str) -> Any:
 
 def _check_same_splits(out: Path, splits: list[Fold]) -> None:
     path = out / "splits.json"
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("folds") != splits:
+    hint = "rerun with the options that made this folder, or pass --overwrite"
+    if path.is_file() and read_written_json(path, "record of the folds", hint).get("folds") != splits:
         raise OutputError(f"{path}: the folds differ from this command's (another --seed, --group-by or --splits?)",
                           hint="rerun with the options that made this folder, or pass --overwrite")
 
@@ -159,6 +227,7 @@ def run_fold(k: int, fold: Fold, data: Path, files: DatasetFiles, cfg: RunConfig
     state = run_progress(run_dir)
     if state == "finished" and done.is_file():
         return False
+    done.unlink(missing_ok=True)  # the fold is (re)trained or (re)predicted: not done until both are
     if state == "partial":
         log.info("fold %d: continuing from checkpoints/last.pt", k)
         resume_training(run_dir, data, {"train.device": cfg.train.device, "train.num_threads": cfg.train.num_threads},
@@ -181,8 +250,9 @@ def prepare_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explic
     this cross-validation) and return the folds not finished yet."""
     files = discover_dataset(data)
     splits = make_splits(files, options)
-    _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
-    _write_splits(out, splits, options)
+    with cv_folder_lock(out, options, overwrite):
+        _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
+        _write_splits(out, splits, options)
     return [k for k in range(len(splits))
             if not (run_progress(out / f"fold_{k}") == "finished" and (out / f"fold_{k}" / "oof" / ".complete").is_file())]
 
@@ -198,16 +268,17 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
     splits = make_splits(files, options)
     if options.only_fold is not None and not 0 <= options.only_fold < len(splits):
         raise ConfigError(f"--fold {options.only_fold} is not a fold of this cross-validation (0..{len(splits) - 1})")
-    cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
-    _write_splits(out, splits, options)
-    result = CVResult(out)
-    for k, fold in enumerate(splits):
-        if options.only_fold is not None and k != options.only_fold:
-            continue
-        ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
-        (result.trained if ran else result.skipped).append(k)
-    if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
-        _score(out, files, splits, result)
+    with cv_folder_lock(out, options, overwrite):
+        cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
+        _write_splits(out, splits, options)
+        result = CVResult(out)
+        for k, fold in enumerate(splits):
+            if options.only_fold is not None and k != options.only_fold:
+                continue
+            ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
+            (result.trained if ran else result.skipped).append(k)
+        if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
+            _score(out, files, splits, result)
     return result
 
 

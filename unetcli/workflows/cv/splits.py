@@ -41,6 +41,11 @@ def kfold_splits(names: list[str], folds: int, seed: int, group_by: str | None =
     are dealt out (largest first, each to the fold with the fewest cases so far, ties by seeded order),
     so cases sharing a group (e.g. one patient's scans) never sit on both sides of a fold."""
     pattern = compile_group_pattern(group_by)
+    if pattern is not None and not any(pattern.search(name) for name in names):
+        # A typo would otherwise quietly give an ungrouped CV: one patient's scans on both sides of a fold.
+        raise ConfigError(f"--group-by '{group_by}' matches none of the {len(names)} case names (e.g. {sorted(names)[0]})",
+                          hint=r"fix the regular expression, e.g. --group-by '^(sub-\d+)' for sub-01_ses-1; case names are "
+                               "file names without _0000 and extension")
     groups: dict[str, list[str]] = {}
     for name in sorted(names):
         groups.setdefault(case_group(name, pattern), []).append(name)
@@ -88,4 +93,22 @@ def read_splits(path: Path, names: list[str]) -> list[Fold]:
         if not train or not val:
             raise ConfigError(f"{path}: fold {k} has an empty train or val list")
         out.append({"train": sorted(train), "val": sorted(val)})
+    _check_coverage(path, out, names)
     return out
+
+
+def _check_coverage(path: Path, folds: list[Fold], names: list[str]) -> None:
+    """Every case must be validated by exactly one fold: its out-of-fold prediction is what is scored."""
+    seen: dict[str, int] = {}
+    for k, fold in enumerate(folds):
+        for name in fold["val"]:
+            if name in seen:
+                raise ConfigError(f"{path}: case {name} is in the val lists of folds {seen[name]} and {k}",
+                                  hint="every case must be validated by exactly one fold")
+            seen[name] = k
+    missing = sorted(set(names) - set(seen))
+    if missing:
+        raise ConfigError(f"{path}: {len(missing)} case(s) are in no fold's val list: {', '.join(missing[:5])}"
+                          + (" ..." if len(missing) > 5 else ""),
+                          hint="every case must be validated by exactly one fold (its out-of-fold prediction is scored); "
+                               "add them to a val list, or remove them from the data folder")
