@@ -34,6 +34,7 @@ from unetcli.evaluation.summary import EvalResult, write_json, write_reports
 from unetcli.inference.ensemble import CV_FILE
 from unetcli.inference.predict import predict
 from unetcli.checkpoint import load_checkpoint
+from unetcli.tracking import cv_group, log_cv_summary
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
@@ -183,6 +184,8 @@ def prepare_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explic
     splits = make_splits(files, options)
     _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
     _write_splits(out, splits, options)
+    with cv_group(cfg.train.trackers, out, data.resolve().name):  # the parent run exists before the fold processes start
+        pass
     return [k for k in range(len(splits))
             if not (run_progress(out / f"fold_{k}") == "finished" and (out / f"fold_{k}" / "oof" / ".complete").is_file())]
 
@@ -201,13 +204,15 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
     cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
     _write_splits(out, splits, options)
     result = CVResult(out)
-    for k, fold in enumerate(splits):
-        if options.only_fold is not None and k != options.only_fold:
-            continue
-        ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
-        (result.trained if ran else result.skipped).append(k)
+    with cv_group(cfg.train.trackers, out, data.resolve().name):  # one tracked run per fold, grouped
+        for k, fold in enumerate(splits):
+            if options.only_fold is not None and k != options.only_fold:
+                continue
+            ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
+            (result.trained if ran else result.skipped).append(k)
     if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
         _score(out, files, splits, result)
+        log_cv_summary(cfg.train.trackers, out, data.resolve().name, result.pooled, result.folds)
     return result
 
 
