@@ -170,3 +170,30 @@ def test_resume_continues_the_same_tracked_runs(run: Path, env: Path) -> None:
     events.Reload()
     assert [e.step for e in events.Scalars("val/dice_mean")] == [4, 8, 12]
     assert len(list((run / "wandb").glob(f"offline-run-*-{before['wandb']['id']}"))) == 2  # offline: one folder per session, one id
+
+
+def test_cv_tracks_one_run_per_fold_under_the_cross_validation(env: Path, data: Path) -> None:
+    out = env / "cv"
+    flags = ["--epochs", "1", "--set", "train.iterations_per_epoch=2", "--set", "model.features=[4,8,16]", "--set", "train.batch_size=2",
+             "--precision", "fp32", "--device", "cpu", "--num-threads", "1", "--set", "train.num_workers=0"]
+    result = invoke("cv", data, "--folds", "2", "--out", out, "--log-to", "mlflow,wandb,tensorboard", *flags)
+    assert result.exit_code == 0, result.output
+    parent = json.loads((out / "trackers.json").read_text())["mlflow"]
+    c = client(env)
+    assert c.get_run(parent["run_id"]).data.metrics["oof/dice_mean"] == pytest.approx(
+        json.loads((out / "summary.json").read_text())["cross_validation"]["dice_with_95ci"]["mean"]["mean"])
+    children = c.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    assert sorted(r.info.run_name for r in children) == ["cv-fold_0", "cv-fold_1"]
+    assert all("val/dice_mean" in r.data.metrics for r in children)
+    for k in range(2):
+        fold_id = json.loads((out / f"fold_{k}" / "trackers.json").read_text())["wandb"]["id"]
+        (log,) = (out / f"fold_{k}" / "wandb").glob(f"offline-run-*-{fold_id}/run-{fold_id}.wandb")
+        assert b"val/dice_mean" in log.read_bytes()
+    summary_id = json.loads((out / "trackers.json").read_text())["wandb"]["id"]
+    (log,) = (out / "wandb").glob(f"offline-run-*-{summary_id}/run-{summary_id}.wandb")
+    assert b"oof/dice_mean" in log.read_bytes()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert "oof/dice_mean" in events.Tags()["scalars"]
