@@ -68,6 +68,8 @@ class RunTracking:
         self.every, self.batch_size = max(1, every), batch_size
         self._loss: Any = None
         self._count, self._since = 0, time.perf_counter()
+        self.seconds = 0.0
+        """Time spent in the trackers' calls (logged at the end: the overhead tracking adds)."""
 
     @property
     def active(self) -> bool:
@@ -98,6 +100,7 @@ class RunTracking:
         return tracking
 
     def _guard(self, backend: Backend, method: str, *args: Any) -> Any:
+        began = time.perf_counter()
         try:
             result = getattr(backend, method)(*args)
             return {} if result is None else result
@@ -107,6 +110,8 @@ class RunTracking:
             if backend in self.backends:
                 self.backends.remove(backend)
             return None
+        finally:
+            self.seconds += time.perf_counter() - began
 
     def _each(self, method: str, *args: Any, files_only: bool = False) -> None:
         for backend in list(self.backends):
@@ -157,7 +162,10 @@ class RunTracking:
             self._each("summary", summary)
         if artifact is not None and artifact.is_file():
             self._each("artifact", artifact, "model", files_only=True)
+        names = ", ".join(b.name for b in self.backends)
         self._each("finish", ok)
+        if names:
+            log.info("tracking: %.2f s in the calls to %s (start, logging, final upload)", self.seconds, names)
         self.backends = []
 
 
@@ -206,7 +214,7 @@ def log_cv_summary(names: Sequence[str], folder: Path, experiment: str, pooled: 
     values = {f"oof/dice_{cls}": v["mean"] for cls, v in pooled.items()}
     values.update({f"oof/dice_{cls}_ci_low": v["ci_low"] for cls, v in pooled.items()})
     values.update({f"oof/dice_{cls}_ci_high": v["ci_high"] for cls, v in pooled.items()})
-    rows = [[f["fold"], f["cases"], *(f["dice"].get(c, float("nan")) for c in pooled)] for f in folds]
+    rows = [[f["fold"], f["cases"], *(_plain(f["dice"].get(c)) for c in pooled)] for f in folds]
     info = RunInfo(folder, f"{folder.name}-summary", experiment, job="cross-validation", group=folder.name)
     tracking = RunTracking.open(names, info)
     tracking.metrics(values, 0)

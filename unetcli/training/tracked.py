@@ -6,6 +6,7 @@ the end the best figures, the run folder and ``best.pt``. Under torchrun rank 0 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,7 +77,9 @@ def track_epoch(trainer: Any, record: dict[str, Any]) -> None:
     tracking.epoch(record)
     every = trainer.cfg.train.track_image_epochs
     if every and (record["epoch"] % every == 0 or trainer._finished()):
+        began = time.perf_counter()
         rgb = validation_overlay(trainer)
+        tracking.seconds += time.perf_counter() - began  # part of what tracking costs
         if rgb is not None:
             tracking.image("val/overlay", rgb, int(record["iteration"]))
         tracking.restart_window()
