@@ -43,8 +43,8 @@ from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
 log = logging.getLogger("unetcli")
 
 CV_VERSION = 1
-RUNTIME_KEYS = ("train.num_threads", "train.device", "train.num_workers")
-"""May differ between the processes and reruns of one cross-validation."""
+RUNTIME_KEYS = ("train.num_threads", "train.device", "train.num_workers", "train.trackers")
+"""May differ between the processes and reruns of one cross-validation (--log-to: where it is tracked)."""
 
 
 @dataclass
@@ -162,8 +162,8 @@ def run_fold(k: int, fold: Fold, data: Path, files: DatasetFiles, cfg: RunConfig
         return False
     if state == "partial":
         log.info("fold %d: continuing from checkpoints/last.pt", k)
-        resume_training(run_dir, data, {"train.device": cfg.train.device, "train.num_threads": cfg.train.num_threads},
-                        progress=progress)
+        resume_training(run_dir, data, {"train.device": cfg.train.device, "train.num_threads": cfg.train.num_threads,
+                                        "train.trackers": cfg.train.trackers}, progress=progress)
     elif state == "none":
         log.info("fold %d: training on %d cases, validating on %d", k, len(fold["train"]), len(fold["val"]))
         train(data, copy.deepcopy(cfg), run_dir, overwrite=True, progress=progress, run_files=run_files,
