@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "unetcli"
-LAYERS = {"data": 1, "models": 1, "planning": 2, "inference": 2, "evaluation": 2, "training": 3, "workflows": 4, "cli": 5, "__main__": 5}
+LAYERS = {"data": 1, "models": 1, "tracking": 1,
+          "planning": 2, "inference": 2, "evaluation": 2, "training": 3, "workflows": 4, "cli": 5, "__main__": 5}
 """Rank of each top-level room; a module may import only modules of a lower or equal rank.
 Core modules (errors, config, atomic, runtime, runlock, checkpoint) rank 0. Training ranks above
 inference (its validation runs the sliding window); both read checkpoints from the core, so

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from unetcli import __version__
 from unetcli.config import ConfigSources, parse_duration, parse_set_option
@@ -49,9 +50,9 @@ def handle_errors(command: Callable[..., None]) -> Callable[..., None]:
             for line in exc.message.splitlines() or [exc.message]:
                 if rank and not line.startswith("rank "):
                     line = rank + line
-                err_console.print(f"[bold red]error:[/bold red] {line}", highlight=False, soft_wrap=True, markup=True)
-            if exc.hint:
-                err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True, markup=True)
+            if exc.hint:  # escaped: text such as pip install 'unetcli[mlflow]' is not markup
+                err_console.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/bold red]")
@@ -168,6 +169,20 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Any config key: --set section.key=value (repeatable), e.g. --set model.features=[16,32,64,128].")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing.")]
+LogToOpt = Annotated[Optional[str], typer.Option("--log-to", metavar="TRACKERS", help=(
+    "Experiment trackers, comma-separated: tensorboard (RUN/tensorboard/), mlflow (MLFLOW_TRACKING_URI or ./mlruns), wandb "
+    "(WANDB_MODE, e.g. offline); each is an extra: pip install 'unetcli[mlflow]'. See docs/tracking.md."))]
+
+
+def _trackers(text: Optional[str]) -> Optional[list[str]]:
+    """--log-to: the tracker names, refused early (one error line) when unknown or not installed."""
+    if text is None:
+        return None
+    from unetcli.tracking import parse_trackers, require_installed
+
+    names = parse_trackers(text)
+    require_installed(names)
+    return names
 
 
 ResumeOpt = Annotated[Optional[Path], typer.Option(
@@ -227,6 +242,7 @@ def train(
     plan: PlanOpt = None,
     preset: PresetOpt = None,
     no_plan: NoPlanOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Train a U-Net on a folder of images + masks; writes config, plan, checkpoints, metrics and curves to a run folder.
 
@@ -242,7 +258,7 @@ def train(
     flags = {"train.epochs": epochs, "train.time_limit": _duration(time_), "train.batch_size": batch_size, "train.lr": lr,
              "train.patch_size": _ints(patch_size, "--patch-size"), "model.skip": model_skip,
              "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
-             "train.init": init, "train.freeze_encoder_epochs": freeze_encoder}
+             "train.init": init, "train.freeze_encoder_epochs": freeze_encoder, "train.trackers": _trackers(log_to)}
     if resume is not None:
         refused = [name for name, given in (
             ("--config", config), ("--batch-size", batch_size), ("--lr", lr), ("--patch-size", patch_size),
@@ -359,7 +375,7 @@ def cv(
     num_threads: ThreadsOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again: replace an earlier cross-validation in --out.")] = False,
-    no_scoring: Annotated[bool, typer.Option("--no-scoring", hidden=True)] = False,
+    log_to: LogToOpt = None, no_scoring: Annotated[bool, typer.Option("--no-scoring", hidden=True)] = False,
 ) -> None:
     """K-fold cross-validation: train every fold (normal run folders, resumable), predict each fold's held-out cases,
     score all out-of-fold predictions together (per class mean with 95 % bootstrap CIs, per fold), and choose the
@@ -369,14 +385,14 @@ def cv(
     from unetcli.workflows.train import PlanChoice, planned_config
 
     flags = {"train.epochs": epochs, "train.time_limit": _fold_seconds(time_, time_per_fold, folds, fold, parallel, configs),
-             "train.lr": lr, "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads}
+             "train.lr": lr, "train.device": device, "train.precision": precision, "train.seed": seed, "train.num_threads": num_threads,
+             "train.trackers": _trackers(log_to)}
     CVOptions(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold).check(parallel)  # before planning
     if configs:
         return _cv_configurations(data, out, configs, config, set_, flags, plan, preset, no_plan,
                                   dict(folds=folds, group_by=group_by, splits_file=splits, only_fold=fold), overwrite)
     cfg, run_files, explicit = planned_config(data, ConfigSources(config, set_ or [], flags), PlanChoice(plan, preset, no_plan))
-    options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold,
-                        score=not no_scoring)
+    options = CVOptions(folds=folds, seed=cfg.train.seed, group_by=group_by, splits_file=splits, only_fold=fold, score=not no_scoring)
     if parallel is not None and fold is None:
         from unetcli.workflows.cv.parallel import run_cv_in_parallel
 
@@ -532,6 +548,7 @@ def eval_(
     ignore_label: Annotated[Optional[int], typer.Option(help="Reference value of unlabelled voxels, never scored (default: the "
                                                              "'ignore' label of dataset.json in/next to TRUTH).")] = None,
     overwrite: OverwriteOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Score predictions against references: Dice, IoU, precision, recall, volume difference, HD, HD95, ASSD, NSD
     (distances in mm); or compare several runs with bootstrap confidence intervals and paired tests."""
@@ -552,12 +569,10 @@ def eval_(
     first = preds[0].resolve()
     out = out or (first.parent / "comparison_eval" if len(preds) > 1 else first.parent / f"{first.stem}_eval")
     names = resolve_label_names(label_names.split(",") if label_names else None, run, truth)
-    outcome = run_evaluation(
-        preds, truth, out, overlays=overlays, worst=worst, image_dir=image_dir, overwrite=overwrite,
-        labels=_ints(labels, "--labels"), label_names=names, regions=_regions(region),
-        spacing=_floats(spacing, "--spacing"), tolerance_mm=tolerance, keep_empty=keep_empty,
-        jobs=jobs or default_jobs(), progress=_progress(), ignore_label=ignore_label,
-    )
+    outcome = run_evaluation(preds, truth, out, overlays=overlays, worst=worst, image_dir=image_dir, overwrite=overwrite,
+                             labels=_ints(labels, "--labels"), label_names=names, regions=_regions(region),
+                             spacing=_floats(spacing, "--spacing"), tolerance_mm=tolerance, keep_empty=keep_empty, jobs=jobs or default_jobs(),
+                             progress=_progress(), ignore_label=ignore_label, trackers=_trackers(log_to) or [])
     if outcome.comparison is None:
         console.print(summary_table(outcome.results[0]))
     else:

@@ -171,6 +171,13 @@ class TrainConfig:
     the rest (e.g. the head for other classes) is re-initialised (:mod:`unetcli.training.init_weights`)."""
     freeze_encoder_epochs: int = 0
     """With ``init``: keep the encoder (stem + down blocks) fixed for this many epochs."""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers to log to (``--log-to``): ``RUN/tensorboard/``, MLflow (``MLFLOW_TRACKING_URI`` or
+    ``./mlruns``), W&B (``WANDB_MODE``); each needs its extra, e.g. ``pip install 'unetcli[mlflow]'`` (docs/tracking.md)."""
+    track_interval: int = 10
+    """Trackers get the loss, learning rate and images per second every this many iterations."""
+    track_image_epochs: int = 5
+    """Trackers get a validation overlay every this many epochs and after the last (0: never)."""
 
     @property
     def epoch_limit(self) -> int:
@@ -398,6 +405,8 @@ def _check_budget(t: TrainConfig) -> None:
     if t.time_limit is not None and not t.time_limit > 0:
         raise ConfigError(f"config key 'train.time_limit' must be a positive number of seconds, got {t.time_limit}",
                           hint="e.g. --time 45m or --set train.time_limit=2700")
+    if t.track_image_epochs < 0:
+        raise ConfigError(f"config key 'train.track_image_epochs' must be 0 or more, got {t.track_image_epochs}")
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -412,6 +421,7 @@ def validate_config(cfg: RunConfig) -> None:
     positive = {
         "train.epochs": t.epoch_limit,
         "train.iterations_per_epoch": t.iterations_per_epoch,
+        "train.track_interval": t.track_interval,
         "model.convs_per_level": m.convs_per_level,
     }
     for key, value in positive.items():

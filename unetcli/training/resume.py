@@ -20,7 +20,7 @@ from unetcli.training.trainer import EpochCallback, TrainResult, train
 log = logging.getLogger("unetcli")
 
 RESUME_KEYS = ("train.epochs", "train.time_limit", "train.device", "train.precision", "train.num_threads", "train.num_workers",
-               "train.checkpoint_interval")
+               "train.checkpoint_interval", "train.trackers", "train.track_interval", "train.track_image_epochs")
 """Config keys a resumed run may change: none of them alters the model, the data or the optimisation
 (except --epochs and --time, whose schedule change is re-planned; and --precision, which changes the arithmetic)."""
 

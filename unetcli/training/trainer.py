@@ -41,6 +41,7 @@ from unetcli.training.interrupts import StopRequest, interrupted, numerical_faul
 from unetcli.training.run_folder import claim_run_dir, is_main_process, run_log_file, write_metrics
 from unetcli.training.setup import TrainComponents, build_components, default_num_workers
 from unetcli.training.state import ResumePoint, TrainState
+from unetcli.training.tracked import run_tracking, track_epoch
 from unetcli.training.validation import validate
 
 log = logging.getLogger("unetcli")
@@ -174,8 +175,8 @@ class Trainer:
     def run(self, progress: bool = True, on_epoch: EpochCallback | None = None) -> TrainResult:
         t, s = self.cfg.train, self.state
         total = None if t.time_limit is not None else self.max_iterations
-        with self.stop, tqdm(total=total, initial=s.iteration, disable=not progress, unit="it",
-                             dynamic_ncols=True, leave=False) as self.bar:
+        with self.stop, run_tracking(self) as self.tracking, tqdm(total=total, initial=s.iteration, disable=not progress, unit="it",
+                                                                  dynamic_ncols=True, leave=False) as self.bar:
             self.parts.model.train()
             batches = self._batches()
             while s.epoch < t.epoch_limit and not self.time_up:
@@ -188,6 +189,7 @@ class Trainer:
                     break
                 self._stop_if_requested()  # before validation, which can take a while
                 record = self._end_epoch(epoch_start, steps)
+                track_epoch(self, record)
                 if on_epoch is not None:
                     on_epoch(record)
                 self._stop_if_requested()
@@ -251,6 +253,7 @@ class Trainer:
             s.loss_sum += loss
             s.iteration += 1
             s.epoch_iteration += 1
+            self.tracking.step(s.iteration, loss, self.lr)
             self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad >= 0), self.first_bad, s.iteration)
             self.bar.update(1)
             self._steps_in_epoch += 1

@@ -108,7 +108,7 @@ def _write_comparison_reports(results: list[EvalResult], truth: Path, out: Path,
 
 def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: Path | None = None,
                    worst: int = 5, image_dir: Path | None = None, overwrite: bool = False,
-                   **options: Any) -> EvalOutcome:
+                   trackers: Sequence[str] = (), **options: Any) -> EvalOutcome:
     """``unet eval``: score, write the reports (and in compare mode the comparison), draw overlays.
 
     One prediction folder: ``out/metrics.csv`` + ``out/summary.json``. Several (compare mode):
@@ -132,8 +132,34 @@ def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: P
             _write_comparison_reports(results, truth, out, outcome)
         else:
             outcome.written.extend(write_reports(results[0], out))
+    track_evaluation(trackers, results, truth, out)
     if overlays is not None:
         for result in results:
             outcome.written.extend(write_overlays(result, overlays / result.name if compare else overlays,
                                                   worst, image_dir))
     return outcome
+
+
+def track_evaluation(trackers: Sequence[str], results: list[EvalResult], truth: Path, out: Path) -> None:
+    """``--log-to``: per run and class the mean of every metric, and the (case, class) rows as a table;
+    the experiment is named after the references' dataset (the folder above ``masks``/``labelsTs``)."""
+    if not trackers:
+        return
+    import warnings
+
+    import numpy as np
+
+    from unetcli.tracking import log_evaluation
+
+    means, rows = {}, []
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+    for result in results:
+        prefix = f"{result.name}/" if len(results) > 1 else ""
+        for metric in result.metrics:
+            for cls in result.classes:
+                means[f"{prefix}{metric}_{cls}"] = float(np.nanmean(result.values(metric, cls)))
+            means[f"{prefix}{metric}_mean"] = float(np.nanmean(result.foreground_values(metric)))
+        rows += [{"run": result.name, **row} if len(results) > 1 else dict(row) for row in result.rows]
+    reference = truth.resolve() if truth.is_dir() else truth.resolve().parent
+    generic = reference.name.lower() in {"masks", "labels", "labelsts", "labelstr", "test", "val"}
+    log_evaluation(trackers, out, reference.parent.name if generic else reference.name, rows, means)

@@ -59,7 +59,7 @@ def train_new_run(data: Path | None, sources: ConfigSources, choice: PlanChoice,
 
 
 RESUME_FLAGS = {"train.epochs": "--epochs", "train.time_limit": "--time", "train.device": "--device",
-                "train.precision": "--precision", "train.num_threads": "--num-threads"}
+                "train.precision": "--precision", "train.num_threads": "--num-threads", "train.trackers": "--log-to"}
 """The options of ``unet train`` that a resumed run may take (their config keys are in RESUME_KEYS)."""
 
 

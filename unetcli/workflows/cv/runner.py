@@ -38,6 +38,7 @@ from unetcli.inference.ensemble import CV_FILE
 from unetcli.inference.predict import predict
 from unetcli.checkpoint import load_checkpoint
 from unetcli.runlock import LOCK_NAME, RunLock, live_holder
+from unetcli.tracking import cv_group, log_cv_summary
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
@@ -46,8 +47,8 @@ from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
 log = logging.getLogger("unetcli")
 
 CV_VERSION = 1
-RUNTIME_KEYS = ("train.num_threads", "train.device", "train.num_workers")
-"""May differ between the processes and reruns of one cross-validation."""
+RUNTIME_KEYS = ("train.num_threads", "train.device", "train.num_workers", "train.trackers")
+"""May differ between the processes and reruns of one cross-validation (--log-to: where it is tracked)."""
 
 
 @dataclass
@@ -230,8 +231,8 @@ def run_fold(k: int, fold: Fold, data: Path, files: DatasetFiles, cfg: RunConfig
     done.unlink(missing_ok=True)  # the fold is (re)trained or (re)predicted: not done until both are
     if state == "partial":
         log.info("fold %d: continuing from checkpoints/last.pt", k)
-        resume_training(run_dir, data, {"train.device": cfg.train.device, "train.num_threads": cfg.train.num_threads},
-                        progress=progress)
+        resume_training(run_dir, data, {"train.device": cfg.train.device, "train.num_threads": cfg.train.num_threads,
+                                        "train.trackers": cfg.train.trackers}, progress=progress)
     elif state == "none":
         log.info("fold %d: training on %d cases, validating on %d", k, len(fold["train"]), len(fold["val"]))
         train(data, copy.deepcopy(cfg), run_dir, overwrite=True, progress=progress, run_files=run_files,
@@ -253,6 +254,8 @@ def prepare_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explic
     with cv_folder_lock(out, options, overwrite):
         _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
         _write_splits(out, splits, options)
+        with cv_group(cfg.train.trackers, out, data.resolve().name):  # the parent run exists before the fold processes start
+            pass
     return [k for k in range(len(splits))
             if not (run_progress(out / f"fold_{k}") == "finished" and (out / f"fold_{k}" / "oof" / ".complete").is_file())]
 
@@ -268,7 +271,7 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
     splits = make_splits(files, options)
     if options.only_fold is not None and not 0 <= options.only_fold < len(splits):
         raise ConfigError(f"--fold {options.only_fold} is not a fold of this cross-validation (0..{len(splits) - 1})")
-    with cv_folder_lock(out, options, overwrite):
+    with cv_folder_lock(out, options, overwrite), cv_group(cfg.train.trackers, out, data.resolve().name):
         cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
         _write_splits(out, splits, options)
         result = CVResult(out)
@@ -279,6 +282,7 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
             (result.trained if ran else result.skipped).append(k)
         if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
             _score(out, files, splits, result)
+            log_cv_summary(cfg.train.trackers, out, data.resolve().name, result.pooled, result.folds)
     return result
 
 
