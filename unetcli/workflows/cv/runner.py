@@ -271,18 +271,19 @@ def run_cv(data: Path, cfg: RunConfig, out: Path, options: CVOptions, explicit: 
     splits = make_splits(files, options)
     if options.only_fold is not None and not 0 <= options.only_fold < len(splits):
         raise ConfigError(f"--fold {options.only_fold} is not a fold of this cross-validation (0..{len(splits) - 1})")
-    with cv_folder_lock(out, options, overwrite), cv_group(cfg.train.trackers, out, data.resolve().name):
+    with cv_folder_lock(out, options, overwrite):
         cfg, _ = _load_or_start(out, data, cfg, explicit or set(), splits, overwrite)
         _write_splits(out, splits, options)
         result = CVResult(out)
-        for k, fold in enumerate(splits):
-            if options.only_fold is not None and k != options.only_fold:
-                continue
-            ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
-            (result.trained if ran else result.skipped).append(k)
-        if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
-            _score(out, files, splits, result)
-            log_cv_summary(cfg.train.trackers, out, data.resolve().name, result.pooled, result.folds)
+        with cv_group(cfg.train.trackers, out, data.resolve().name):  # one tracked run per fold, grouped
+            for k, fold in enumerate(splits):
+                if options.only_fold is not None and k != options.only_fold:
+                    continue
+                ran = run_fold(k, fold, data, files, cfg, out, progress, run_files or {})
+                (result.trained if ran else result.skipped).append(k)
+            if options.score and all((out / f"fold_{k}" / "oof" / ".complete").is_file() for k in range(len(splits))):
+                _score(out, files, splits, result)
+                log_cv_summary(cfg.train.trackers, out, data.resolve().name, result.pooled, result.folds)
     return result
 
 
