@@ -588,7 +588,8 @@ def demo(
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
     time_: Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
-        "Training time (default: 150s, or the demo's epochs if they end sooner; given alone, it replaces them)."))] = None,
+        "Training time (default: the demo's epochs or 150 s, 8 min for --3d, whichever ends first; given alone, it "
+        "replaces the epochs)."))] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     seed: SeedOpt = None,
