@@ -84,13 +84,19 @@ def foreground_mask(channel: np.ndarray, method: str = "robust") -> np.ndarray:
     return foreground_masks(channel, method)[0]
 
 
-def _large_components(mask: np.ndarray) -> np.ndarray:
-    """``mask`` without connected pieces smaller than :data:`MIN_COMPONENT_SHARE` of the largest."""
+def components_at_least(mask: np.ndarray, share: float) -> np.ndarray:
+    """``mask`` without the face-connected pieces smaller than ``share`` of the largest piece
+    (``share`` 1: the largest piece alone, the first of equal ones); an empty mask stays empty."""
     labels, count = ndimage.label(mask)
     if count <= 1:
         return mask
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    keep = sizes >= MIN_COMPONENT_SHARE * sizes.max()
+    keep = sizes >= share * sizes.max() if share < 1 else np.arange(len(sizes)) == int(np.argmax(sizes))
     keep[0] = False
     return keep[labels]
+
+
+def _large_components(mask: np.ndarray) -> np.ndarray:
+    """``mask`` without connected pieces smaller than :data:`MIN_COMPONENT_SHARE` of the largest."""
+    return components_at_least(mask, MIN_COMPONENT_SHARE)

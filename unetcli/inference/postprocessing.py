@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage
+
+from unetcli.data.preprocessing import components_at_least
 
 
 @dataclass
@@ -36,12 +37,7 @@ class Postprocessing:
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest face-connected component of a boolean mask (all of it when empty)."""
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
+    return components_at_least(mask, 1.0)
 
 
 def keep_largest(labels: np.ndarray, foreground: bool = False, classes: Sequence[int] = ()) -> np.ndarray:
