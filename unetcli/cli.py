@@ -419,19 +419,14 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
                        flags: dict[str, Any], plan: Optional[Path], preset: Optional[str], no_plan: bool,
                        options: dict[str, Any], overwrite: bool) -> None:
     from unetcli.evaluation.stats import comparison_table
-    from unetcli.workflows.cv.runner import CVOptions, run_cv_configurations
-    from unetcli.workflows.train import PlanChoice, planned_config
+    from unetcli.workflows.cv.runner import cv_configurations
+    from unetcli.workflows.train import PlanChoice
 
-    names = [n.strip() for n in configs.split(",") if n.strip()]
-    if config is not None or no_plan or len(names) < 2 or len(set(names)) < len(names):
-        raise ConfigError(f"--configs '{configs}' needs two or more different plan configurations, without --config or --no-plan",
+    if config is not None or no_plan:
+        raise ConfigError(f"--configs '{configs}' compares plan configurations: it cannot be combined with --config or --no-plan",
                           hint="e.g. --configs 2d,3d_fullres")
-    planned = {}
-    for name in names:
-        cfg, run_files, explicit = planned_config(data, ConfigSources(Path(name), sets or [], flags), PlanChoice(plan, preset))
-        planned[name] = (cfg, run_files)
-    seed = next(iter(planned.values()))[0].train.seed
-    result = run_cv_configurations(data, planned, out, CVOptions(seed=seed, **options), explicit, overwrite, _progress())
+    result = cv_configurations(data, out, configs, ConfigSources(None, sets or [], flags), PlanChoice(plan, preset), options,
+                               overwrite, _progress())
     if result.comparison is None:
         console.print(f"scoring and comparison run once every fold of every configuration is done; folder: {out}")
         return

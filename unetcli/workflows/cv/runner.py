@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from unetcli.atomic import atomic_write_text, output_folder, read_written_json, real_path
-from unetcli.config import RunConfig, config_from_dict, config_to_dict
+from unetcli.config import ConfigSources, RunConfig, config_from_dict, config_to_dict
 from unetcli.data.dataset import discover_dataset
 from unetcli.data.types import DatasetFiles
 from unetcli.errors import CheckpointError, ConfigError, OutputError
@@ -43,6 +43,7 @@ from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
 from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
 from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
+from unetcli.workflows.train import PlanChoice, planned_config
 
 log = logging.getLogger("unetcli")
 
@@ -366,3 +367,20 @@ def run_cv_configurations(data: Path, configs: dict[str, tuple[RunConfig, dict[s
                                          "others' differences are paired over cases against it", **comparison.as_dict()})
     atomic_write_text(out / "comparison.csv", comparison_csv_text(comparison))
     return ConfigurationsResult(results, comparison, winner)
+
+
+def cv_configurations(data: Path, out: Path, configs: str, sources: ConfigSources, choice: PlanChoice,
+                      options: dict[str, Any], overwrite: bool, progress: bool) -> Any:
+    """``unet cv --configs 2d,3d_fullres``: each plan configuration cross-validated on the same folds
+    into ``out/NAME/``, then compared (:func:`run_cv_configurations`)."""
+    names = [n.strip() for n in configs.split(",") if n.strip()]
+    if len(names) < 2 or len(set(names)) < len(names):
+        raise ConfigError(f"--configs '{configs}' needs two or more different plan configurations",
+                          hint="e.g. --configs 2d,3d_fullres")
+    planned, explicit = {}, set()
+    for name in names:
+        named = ConfigSources(Path(name), sources.sets, sources.flags, sources.defaults)
+        cfg, run_files, explicit = planned_config(data, named, choice)
+        planned[name] = (cfg, run_files)
+    seed = next(iter(planned.values()))[0].train.seed
+    return run_cv_configurations(data, planned, out, CVOptions(seed=seed, **options), explicit, overwrite, progress)
