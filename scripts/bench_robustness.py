@@ -37,10 +37,12 @@ from benchlib.scoring import ROBUST_IMAGES, dice_per_set
 HERE = Path(__file__).resolve().parent
 
 
-def train_unetcli(name: str, extra: str, data: Path, out: Path, iterations: int, per_epoch: int, threads: int) -> dict[str, Any]:
+def train_unetcli(name: str, extra: str, data: Path, out: Path, iterations: int, per_epoch: int, threads: int,
+                  seed: int) -> dict[str, Any]:
     run_dir = out / "runs" / name
-    wall = train_iterations(data, run_dir, iterations, per_epoch, seed=0, threads=threads, extra=shlex.split(extra))
-    return {"args": extra, "train_wall_s": round(wall, 1), "s_per_iteration": seconds_per_iteration(run_dir, iterations),
+    wall = train_iterations(data, run_dir, iterations, per_epoch, seed=seed, threads=threads, extra=shlex.split(extra))
+    return {"args": extra, "seed": seed, "iterations": iterations, "train_wall_s": round(wall, 1),
+            "s_per_iteration": seconds_per_iteration(run_dir, iterations),
             "dice": predict_and_score(name, data, out)}
 
 
@@ -84,6 +86,7 @@ def main() -> None:
                    help="training iterations per model (default 100, a short run; docs/benchmarks.md used 500 and 1650)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="training seed of the unetcli variants (default 0)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="a unetcli variant: extra `unet train` arguments (repeatable; without it and"
                         " --nnunet-python: one variant 'unetcli' with none)")
@@ -114,7 +117,8 @@ def main() -> None:
             if args.rescore:
                 save(name, {**results[name], "dice": predict_and_score(name, args.data, args.out)})
             continue
-        save(name, train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads))
+        save(name, train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads,
+                                 args.seed))
     if "nnU-Net v2" in results and args.rescore:
         save("nnU-Net v2", {**results["nnU-Net v2"],
                             "dice": dice_per_set(args.out / "nnunet" / "predictions" / ROBUST_IMAGES, args.data)})
