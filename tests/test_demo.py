@@ -34,3 +34,22 @@ def test_short_demo_reaches_085_dice_on_held_out_slices(tmp_path: Path) -> None:
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["foreground_mean"]["dice"] >= 0.85, summary["foreground_mean"]
     assert "held-out mean foreground Dice" in proc.stdout
+
+
+@pytest.mark.slow
+def test_3d_demo_trains_at_4_mm_and_writes_masks_on_the_2_mm_scan_grid(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    out = tmp_path / "demo3d"
+    proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--3d", "--out", str(out), "--epochs", "10"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "target_spacing:\n  - 4.0" in (out / "config.yaml").read_text()
+    scan = nib.load(demo_data_dir("3d") / "imagesTs" / "colin_rh_sup_0000.nii.gz")
+    mask = nib.load(out / "predictions" / "colin_rh_sup.nii.gz")
+    assert mask.shape == scan.shape[:3]
+    np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-5)
+    losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert json.loads((out / "eval" / "summary.json").read_text())["foreground_mean"]["dice"] > 0.2

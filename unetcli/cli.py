@@ -583,7 +583,7 @@ def demo(
     config: ConfigOpt = None,
     epochs: EpochsOpt = None,
     time_: Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help=(
-        "Training time (default: the demo's epochs or 150 s, 8 min for --3d, whichever ends first; given alone, it "
+        "Training time (default: the demo's epochs or 150 s, whichever ends first; given alone, it "
         "replaces the epochs)."))] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
