@@ -445,7 +445,8 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a `unet cv` folder (the "
                                              "ensemble of its folds' last checkpoints), a checkpoint .pt file, "
                                              "or a file written by `unet export` (.onnx needs unetcli[onnx]; TorchScript .pt).")],
-    input: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
+    input: Annotated[Path, typer.Argument(help="An image file or a folder of images (PNG; or NIfTI, MetaImage, NRRD, TIFF "
+                                               "volumes; or a folder of DICOM series, one mask per series).")],
     output: Annotated[Path, typer.Argument(help="Folder for the masks (same names as the inputs); never an input folder.")],
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -464,6 +465,9 @@ def predict(
         "interrupted prediction with the same command plus --continue."))] = False,
     part: Annotated[Optional[str], typer.Option("--part", metavar="I/N", help=(
         "Predict share I of N (every N-th case by name): N jobs with --part 1/N .. N/N cover every case once."))] = None,
+    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="nii.gz|nii|mha|nrrd", help=(
+        "File format of 3D masks (default: the input's own; NIfTI for DICOM series). Every format keeps the scan's "
+        "spacing, origin and direction."))] = None,
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
     from unetcli.inference.predict import parse_part, predict as run_predict
@@ -471,7 +475,8 @@ def predict(
     _use_threads(num_threads)
     written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
-                          postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_)
+                          postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_,
+                          output_format=output_format)
     console.print(f"wrote {len(written)} mask(s) to {output}")
 
 

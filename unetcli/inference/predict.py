@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from unetcli.atomic import atomic_path, ensure_writable_folder, real_path
 from unetcli.config import RunConfig, config_from_dict
-from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
+from unetcli.data.dicom import find_dicom_series, is_dicom_file, series_case_names
+from unetcli.data.image_io import VolumeSource, check_output_format, is_volume, output_suffix, volume_stem
+from unetcli.data.nifti import read_image, write_segmentation
 from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.png_dataset import load_image_channels
 from unetcli.data.volumes import preprocess, restore_label_map, restore_labels, restore_probabilities
@@ -145,12 +147,13 @@ def resolve_model_precision(loaded: LoadedModel, requested: str | None, device: 
 
 
 def _input_files(input_path: Path, file_format: str) -> list[Path]:
-    wanted = is_nifti if file_format == "nifti" else (lambda p: p.suffix.lower() == PNG_SUFFIX)
-    kind = ".nii.gz/.nii" if file_format == "nifti" else ".png"
+    wanted = is_volume if file_format == "nifti" else (lambda p: p.suffix.lower() == PNG_SUFFIX)
+    kind = "volume (.nii.gz/.nii/.mha/.mhd/.nrrd/.tif)" if file_format == "nifti" else ".png"
     if input_path.is_file():
         if not wanted(input_path):
-            raise DataError(f"{input_path}: the model was trained on {kind} files, this is not one",
-                            hint=f"pass {kind} input (a {'3D volume' if file_format == 'nifti' else '2D image'})")
+            hint = "pass the folder holding the DICOM series" if is_dicom_file(input_path) and file_format == "nifti" else \
+                f"pass {kind} input (a {'3D volume' if file_format == 'nifti' else '2D image'})"
+            raise DataError(f"{input_path}: the model was trained on {kind} files, this is not one", hint=hint)
         return [input_path]
     if input_path.is_symlink() and not input_path.exists():
         raise DataError(f"{input_path}: is a broken or looping symbolic link", hint="pass an image file or a folder of images")
@@ -158,14 +161,30 @@ def _input_files(input_path: Path, file_format: str) -> list[Path]:
         raise DataError(f"{input_path}: input not found")
     files = sorted(p for p in input_path.iterdir() if wanted(p) and not p.name.startswith("."))
     if not files:
-        raise DataError(f"{input_path}: no {kind} files found", hint=f"pass a {kind} file or a folder of them")
+        raise DataError(f"{input_path}: no {kind} files found",
+                        hint=f"pass a {kind} file or a folder of them" + (" (or of DICOM series)" if file_format == "nifti" else ""))
     return files
 
 
-def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") -> dict[str, list[Path]]:
+def _dicom_cases(input_path: Path, file_format: str) -> dict[str, list[VolumeSource]] | None:
+    """Case name -> [series] when ``input_path`` is a folder of DICOM series (and no volume files), else None."""
+    if file_format != "nifti" or not input_path.is_dir() or any(is_volume(p) for p in input_path.iterdir()):
+        return None
+    series = find_dicom_series(input_path)
+    if not series:
+        return None
+    log.info("%s: %d DICOM series", input_path, len(series))
+    return {name: [item] for name, item in sorted(series_case_names(series, input_path).items())}
+
+
+def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") -> dict[str, list[VolumeSource]]:
     """Case name -> channel files. ``NAME_0000.ext``-style channel files are grouped (nnU-Net);
-    a NIfTI file without such a suffix may hold every channel (Decathlon 4D)."""
-    stem = nifti_stem if file_format == "nifti" else (lambda p: Path(p).stem)
+    a volume file without such a suffix may hold every channel (Decathlon 4D). A folder of DICOM
+    files gives one case per series."""
+    dicom = _dicom_cases(input_path, file_format)
+    if dicom is not None:
+        return dicom
+    stem = volume_stem if file_format == "nifti" else (lambda p: Path(p).stem)
     cases: dict[str, dict[int, Path]] = {}
     for path in _input_files(input_path, file_format):
         match = _CHANNEL_SUFFIX.search(stem(path))
@@ -182,6 +201,18 @@ def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") 
             raise DataError(f"{input_path}: case {name} has channel file(s) {sorted(channels)}, the model needs 0..{in_channels - 1}",
                             hint="name channel files NAME_0000.ext, NAME_0001.ext, ...")
     return {name: [channels[c] for c in sorted(channels)] for name, channels in sorted(cases.items())}
+
+
+def output_targets(cases: dict[str, list[VolumeSource]], output: Path, file_format: str,
+                   output_format: str | None) -> dict[str, Path]:
+    """Where each case's mask goes: ``OUTPUT/NAME.png`` for a 2D model; for volumes ``OUTPUT/NAME`` plus the
+    input's own format, or ``output_format`` (a DICOM series: NIfTI unless asked otherwise)."""
+    if file_format != "nifti":
+        if output_format:
+            raise ConfigError("--output-format is for 3D volumes; a 2D model writes PNG masks",
+                              hint="leave --output-format out")
+        return {name: output / f"{name}{PNG_SUFFIX}" for name in cases}
+    return {name: output / f"{name}{output_suffix(paths[0], output_format)}" for name, paths in cases.items()}
 
 
 def check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -254,7 +285,7 @@ def _network_grid_prediction(loaded: LoadedModel, image_pp: np.ndarray, window: 
     return np.stack(slices, axis=axis + 1 if output == "probabilities" else axis)
 
 
-def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
+def predict_volume(loaded: LoadedModel, paths: list[VolumeSource], target: Path, window: dict[str, Any],
                    keep_probabilities: bool = False) -> np.ndarray | None:
     """One NIfTI case -> label map with the input's shape, affine and header.
 
@@ -279,7 +310,7 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
     return pred if keep_probabilities else None
 
 
-def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, windows: list[dict[str, Any]]) -> None:
+def predict_mixed(members: list[LoadedModel], paths: list[VolumeSource], target: Path, windows: list[dict[str, Any]]) -> None:
     """One case with models of different configurations (e.g. ``2d`` and ``3d_fullres``): each
     predicts through its own preprocessing and window, its probabilities are mapped onto the
     file's grid, and their mean gives the labels (what nnU-Net's ensembling of configurations does)."""
@@ -366,7 +397,7 @@ def select_cases(cases: dict[str, list[Path]], outputs: dict[str, list[Path]], p
 def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_name: str = "auto",
             precision_name: str | None = None, probabilities: bool = False, overwrite: bool = False,
             mirror: bool | None = None, progress: bool = True, postprocessing: bool = True,
-            part: tuple[int, int] | None = None, resume: bool = False) -> list[Path]:
+            part: tuple[int, int] | None = None, resume: bool = False, output_format: str | None = None) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
@@ -374,7 +405,11 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     folder (the folds' ensemble; its chosen postprocessing is applied unless ``postprocessing`` is False).
     Several of them are averaged (:func:`combine_models`); no postprocessing is applied then.
     ``part`` (I, N) predicts share I of N (:func:`select_cases`); ``resume`` skips cases already written.
+    Volumes may be NIfTI, MetaImage, NRRD or TIFF files or DICOM series; masks are written in the input's
+    format unless ``output_format`` (``nii.gz``, ``nii``, ``mha``, ``nrrd``) says otherwise.
     """
+    if output_format:
+        check_output_format(output_format)
     device = resolve_device(device_name)
     configure_cpu_allocator()
     sources = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
@@ -386,8 +421,7 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     check_output_folder(output, [input_path], overwrite)
     file_format = meta.get("file_format", "png")
     cases = _group_inputs(input_path, meta["in_channels"], file_format)
-    suffix = ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
-    targets = {name: output / f"{name}{suffix}" for name in cases}
+    targets = output_targets(cases, output, file_format, output_format)
     outputs = {n: [targets[n]] + ([output / f"{n}_probabilities.npz"] if probabilities else []) for n in cases}
     cases = select_cases(cases, outputs, part, resume)
     planned = [p for name in cases for p in outputs[name]]  # this call's cases only: other --part shares write beside them
