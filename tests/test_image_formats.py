@@ -145,7 +145,8 @@ def test_a_3d_tiff_without_spacing_is_refused_with_the_way_to_fix_it(tmp_path: P
     with pytest.raises(DataError) as error:
         read_image([tmp_path / "case_0000.tif"])
     assert str(tmp_path / "case_0000.tif") in error.value.message and "without voxel spacing" in error.value.message
-    assert str(tmp_path / "case_0000.json") in error.value.hint and '{"spacing": [z, y, x]}' in error.value.hint
+    assert 'add case_0000.json next to it holding {"spacing": [z, y, x]}' in error.value.message
+    assert str(tmp_path / "case_0000.json") in error.value.hint
 
 
 # --------------------------------------------------------------------------- datasets

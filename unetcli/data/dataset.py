@@ -183,7 +183,7 @@ def discover_dataset(root: Path) -> DatasetFiles:
     ending = _file_ending(root)
     images, file_format = _image_files(image_dir, ending)
     masks, _ = _image_files(mask_dir, ending)
-    _check_pairs(images, masks, image_dir, mask_dir, file_format)
+    _check_pairs(images, masks, image_dir, mask_dir, file_format, ending)
     label_names, channel_names, regions = _read_dataset_json(root)
     cases = [CaseFiles(name, [images[name]], masks[name]) for name in sorted(images)]
     return DatasetFiles(root, "images_masks", cases, label_names, channel_names, file_format, regions)
@@ -217,13 +217,16 @@ def _discover_nnunet(root: Path) -> DatasetFiles:
             problems.append(f"{image_dir}: case {case} is missing channel file(s) {', '.join(missing)}")
     if problems:
         raise DataError.from_problems(problems)
-    _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir, file_format)
+    _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir, file_format, ending)
     cases = [CaseFiles(c, [channels[c][i] for i in range(n_channels)], labels[c]) for c in sorted(channels)]
     return DatasetFiles(root, "nnunet", cases, label_names, channel_names, file_format, regions)
 
 
 def _check_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path,
-                 file_format: str = "png") -> None:
+                 file_format: str = "png", file_ending: str | None = None) -> None:
+    if not images and file_ending:
+        raise DataError(f"{image_dir}: no {file_ending} images found (the file_ending of dataset.json)",
+                        hint="add images, or set file_ending in dataset.json to the ending of the files")
     if not images:
         raise DataError(f"{image_dir}: no .png or .nii.gz images found (nor .mha, .nrrd, .tif)",
                         hint="add images or point DATA at the right folder")

@@ -50,7 +50,7 @@ def _reason(exc: Exception, printed: list[str]) -> str:
     """A short reason from ITK's long exception text and whatever its readers printed."""
     text = printed + str(exc).splitlines()
     if any("not read completely" in line for line in text):
-        return "file is truncated (the voxel data ends early)"
+        return "file is truncated, the voxel data ends early"
     nrrd = [re.sub(r"^\[nrrd\]\s*\w+:\s*", "", line) for line in text if line.startswith("[nrrd]")]
     nrrd = [line for line in nrrd if line and not line.startswith("trouble reading") and line != "trouble"]
     if nrrd:

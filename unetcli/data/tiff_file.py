@@ -69,8 +69,10 @@ def _per_pixel(rational: tuple[int, int]) -> float:
 def _spacing(path: Path, tif: tifffile.TiffFile) -> tuple[float, float, float]:
     spacing = _sidecar_spacing(path) or _imagej_spacing(tif)
     if spacing is None:
-        raise DataError(f"{path}: 3D TIFF without voxel spacing (no {sidecar_path(path).name} sidecar, no ImageJ calibration)",
-                        hint=f'add {sidecar_path(path)} holding {{"spacing": [z, y, x]}} (mm), as nnU-Net does')
+        # How to fix it is in the message itself: a dataset's problems are listed together under one hint.
+        raise DataError(f"{path}: 3D TIFF without voxel spacing (no ImageJ calibration): add {sidecar_path(path).name} next to it "
+                        'holding {"spacing": [z, y, x]} in mm, as nnU-Net does',
+                        hint=f'write {sidecar_path(path)} holding {{"spacing": [z, y, x]}} (mm)')
     return spacing
 
 
