@@ -240,3 +240,14 @@ def test_an_unknown_output_format_is_refused(mha_run: tuple[Path, Path], tmp_pat
     result = invoke("predict", run, nifti / "imagesTr", tmp_path / "out", "--output-format", "tif")
     assert result.exit_code == 2 and "--output-format tif: not one of nii.gz, nii, mha, nrrd" in error_lines(result.output)[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_overlapped_reading_and_writing_gives_the_same_files(mha_run: tuple[Path, Path], tmp_path: Path) -> None:
+    nifti, run = mha_run
+    outputs = {}
+    for flag in ("--overlap", "--no-overlap"):
+        result = invoke("predict", run, nifti / "imagesTr", tmp_path / flag, "--device", "cpu", "--probabilities", flag)
+        assert result.exit_code == 0, result.output
+        outputs[flag] = {p.name: p.read_bytes() for p in sorted((tmp_path / flag).iterdir())}
+    assert len(outputs["--overlap"]) == 6  # 3 masks, 3 probability files
+    assert outputs["--overlap"] == outputs["--no-overlap"]

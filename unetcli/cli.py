@@ -468,6 +468,13 @@ def predict(
     output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="nii.gz|nii|mha|nrrd", help=(
         "File format of 3D masks (default: the input's own; NIfTI for DICOM series). Every format keeps the scan's "
         "spacing, origin and direction."))] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="best|last", help=(
+        "Which checkpoint of a run folder (default best) or of each fold of a `unet cv` folder (default last)."))] = None,
+    folds: Annotated[Optional[str], typer.Option("--folds", metavar="0,2", help=(
+        "With a `unet cv` folder: ensemble these folds only (default: all)."))] = None,
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help=(
+        "Read the next case and write the previous one while the network runs (same outputs; --no-overlap holds "
+        "fewer cases in memory)."))] = True,
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
     from unetcli.inference.predict import parse_part, predict as run_predict
@@ -476,8 +483,25 @@ def predict(
     written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
                           postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_,
-                          output_format=output_format)
+                          output_format=output_format, checkpoint=_checkpoint_name(checkpoint),
+                          folds=_fold_list(folds), overlap=overlap)
     console.print(f"wrote {len(written)} mask(s) to {output}")
+
+
+def _checkpoint_name(text: Optional[str]) -> Optional[str]:
+    if text is not None and text not in ("best", "last"):
+        raise ConfigError(f"--checkpoint {text}: expected best or last", hint="best.pt is the best validation score, last.pt the final epoch")
+    return text
+
+
+def _fold_list(text: Optional[str]) -> Optional[list[int]]:
+    """``--folds 0,2`` -> [0, 2]."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--folds {text}: expected fold numbers separated by commas", hint="e.g. --folds 0,2") from None
 
 
 @app.command(epilog=_examples("unet export runs/tissue --format onnx --out tissue.onnx",
