@@ -38,10 +38,6 @@ class DicomSeries:
     def __str__(self) -> str:
         return f"{self.folder} (DICOM series {self.uid})"
 
-    @property
-    def name(self) -> str:
-        return str(self)
-
 
 @dataclass(frozen=True)
 class _Slice:
