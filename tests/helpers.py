@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 import os
 import socket
 import subprocess
@@ -174,5 +175,9 @@ def write_dicom_series(volume_xyz: np.ndarray, affine: np.ndarray, folder: Path,
             piece.SetMetaData(tag, value)
         files.append(folder / f"{prefix}{z:03d}.dcm")
         writer.SetFileName(str(files[-1]))
-        writer.Execute(piece)
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            writer.Execute(piece)
+        finally:  # GDCM's writer switches the process to the "C" locale (ASCII file reading for later tests)
+            locale.setlocale(locale.LC_ALL, saved)
     return files

@@ -152,7 +152,7 @@ def resolve_model_precision(loaded: LoadedModel, requested: str | None, device: 
 
 def _input_files(input_path: Path, file_format: str) -> list[Path]:
     wanted = is_volume if file_format == "nifti" else (lambda p: p.suffix.lower() == PNG_SUFFIX)
-    kind = "volume (.nii.gz/.nii/.mha/.mhd/.nrrd/.tif)" if file_format == "nifti" else ".png"
+    kind = "3D volume (.nii.gz, .nii, .mha, .mhd, .nrrd, .tif)" if file_format == "nifti" else ".png"
     if input_path.is_file():
         if not wanted(input_path):
             hint = "pass the folder holding the DICOM series" if is_dicom_file(input_path) and file_format == "nifti" else \
