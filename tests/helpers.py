@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -136,3 +138,46 @@ def with_batch_norm_statistics(net: torch.nn.Module, shape: tuple[int, ...], pas
         for _ in range(passes):
             net(torch.randn(shape) * 3 + 1)
     return net.eval()
+
+
+def tilted_affine(spacing: tuple[float, float, float] = (0.9, 0.8, 2.0)) -> np.ndarray:
+    a = 0.3
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    return affine
+
+
+def write_dicom_series(volume_xyz: np.ndarray, affine: np.ndarray, folder: Path, uid: str, number: int = 1,
+                 skip: tuple[int, ...] = (), prefix: str = "slice") -> list[Path]:
+    """``(X, Y, Z)`` voxels with a voxel -> RAS affine as one DICOM file per z slice, ``skip`` left out
+    (SimpleITK's "Dicom Series From Array" recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    LPS = np.diag([-1.0, -1.0, 1.0])
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(volume_xyz)).astype(np.int16))
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = LPS @ affine[:3, :3] / spacing
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection(direction.ravel().tolist())
+    image.SetOrigin((LPS @ affine[:3, 3]).tolist())
+    orientation = "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1]))
+    writer, files = sitk.ImageFileWriter(), []
+    writer.KeepOriginalImageUIDOn()
+    for z in range(image.GetDepth()):
+        if z in skip:
+            continue
+        piece = image[:, :, z]
+        position = "\\".join(f"{v:.10f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z)))
+        for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.7"), ("0020|000e", uid),
+                           ("0020|0011", str(number)), ("0020|0013", str(z + 1)), ("0020|0032", position),
+                           ("0020|0037", orientation), ("0018|0050", f"{spacing[2]:.6f}")):
+            piece.SetMetaData(tag, value)
+        files.append(folder / f"{prefix}{z:03d}.dcm")
+        writer.SetFileName(str(files[-1]))
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            writer.Execute(piece)
+        finally:  # GDCM's writer switches the process to the "C" locale (ASCII file reading for later tests)
+            locale.setlocale(locale.LC_ALL, saved)
+    return files

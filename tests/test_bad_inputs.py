@@ -24,11 +24,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import tifffile
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import make_blobs, make_nnunet
+from helpers import make_blobs, make_nnunet, tilted_affine, write_dicom_series
 from unetcli.cli import app
 from unetcli.data.png import read_png_image, read_png_mask
 from unetcli.errors import DataError
@@ -76,6 +78,10 @@ class Env:
 
     def nifti(self, n: int = 3) -> Path:
         return make_nnunet(self.tmp / "vol", n=n)
+
+    def volume_run(self) -> Path:
+        """A trained tiny 3D run (for predict cases on volumes), made once per module."""
+        return self.request.getfixturevalue("trained_volume_run")  # type: ignore[union-attr]
 
     def train(self, data: Path, *extra: str) -> list[str]:
         return ["train", str(data), "--out", str(self.tmp / "run"), *TRAIN_FLAGS, *extra]
@@ -360,6 +366,67 @@ def image_label_shape_mismatch(env: Env) -> Bad:
     label = data / "labelsTr" / "case2.nii.gz"
     _resave(label, data=np.zeros((24, 24, 12), np.uint8))
     return Bad(env.train(data), [str(label), "differs"])
+
+
+# --------------------------------------------------------------------------- MetaImage, NRRD, TIFF, DICOM
+
+
+def _converted(data: Path, suffix: str) -> Path:
+    """The nnU-Net NIfTI dataset ``data`` with every file rewritten as ``suffix`` by SimpleITK (file_ending set)."""
+    for path in sorted(data.glob("*Tr/*.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(path.with_name(path.name[: -len(".nii.gz")] + suffix)), True)
+        path.unlink()
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**meta, "file_ending": suffix}))
+    return data
+
+
+@case
+def truncated_mha(env: Env) -> Bad:
+    data = _converted(env.nifti(), ".mha")
+    bad = data / "imagesTr" / "case1_0000.mha"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) - 200])
+    return Bad(env.train(data), [str(bad), "not a readable MetaImage file", "truncated"], absent=["M_ReadElementsData"])
+
+
+@case
+def nrrd_with_a_wrong_header(env: Env) -> Bad:
+    data = _converted(env.nifti(), ".nrrd")
+    bad = data / "labelsTr" / "case2.nrrd"
+    bad.write_bytes(bad.read_bytes().replace(b"sizes: 24 24 16", b"sizes: 24 24 -16", 1))
+    return Bad(env.train(data), [str(bad), "not a readable NRRD file", "bad NRRD header", "sizes"], untouched=[bad])
+
+
+@case
+def tiff_without_spacing(env: Env) -> Bad:
+    data = env.nifti()
+    for path in sorted(data.glob("*Tr/*.nii.gz")):
+        stem = path.name[: -len(".nii.gz")]
+        tifffile.imwrite(str(path.with_name(stem + ".tif")), np.transpose(np.asarray(nib.load(str(path)).dataobj)))
+        if stem != "case1_0000":  # every file but one has its spacing sidecar
+            path.with_name(stem + ".json").write_text(json.dumps({"spacing": [2.0, 1.0, 1.0]}))
+        path.unlink()
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".tif"}))
+    bad = data / "imagesTr" / "case1_0000.tif"
+    return Bad(env.train(data), [str(bad), "3D TIFF without voxel spacing", "add", "case1_0000.json", '"spacing": [z, y, x]'])
+
+
+@case
+def dicom_series_with_clashing_geometry(env: Env) -> Bad:
+    """Two acquisitions exported under one SeriesInstanceUID: the second one tilted."""
+    volume = np.zeros((12, 10, 6), np.int16)
+    volume[3:8, 2:6, 1:4] = 300
+    folder = env.tmp / "dicom"
+    write_dicom_series(volume, np.diag([1.0, 1.0, 2.0, 1.0]), folder, "1.2.3.4")
+    write_dicom_series(volume, tilted_affine(), folder, "1.2.3.4", prefix="tilted")
+    out = env.tmp / "preds"
+    return Bad(env.predict(folder, out, env.volume_run()), ["DICOM series 1.2.3.4", "clashing geometry", "tilted", "orientation"],
+               check=lambda: _nothing_written(out))
+
+
+def _nothing_written(folder: Path) -> None:
+    assert not folder.exists() or not [p for p in folder.iterdir() if not p.name.startswith(".")]
 
 
 # --------------------------------------------------------------------------- configuration and flags
@@ -1031,6 +1098,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def trained_volume_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("bad-inputs-volume")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNETCLI_CACHE", str(root / "cache"))
+    result = CliRunner().invoke(app, ["-q", "train", str(make_nnunet(root / "data", n=3)), "--out", str(root / "run"), *TRAIN_FLAGS])
+    mp.undo()
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
 def trained_cv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     threads = torch.get_num_threads()
     data = make_blobs(tmp_path_factory.mktemp("bad-inputs-cv") / "data", n=4)
@@ -1084,7 +1164,7 @@ def test_bad_input(name: str, env: Env, monkeypatch: pytest.MonkeyPatch) -> None
         bad.check()
 
 
-@pytest.mark.parametrize("name", ["truncated_nii_gz", "hostile_pickled_checkpoint", "negative_epochs"])
+@pytest.mark.parametrize("name", ["truncated_nii_gz", "truncated_mha", "hostile_pickled_checkpoint", "negative_epochs"])
 def test_bad_input_through_the_real_entry_point(name: str, env: Env) -> None:
     bad = CASES[name](env)
     proc = subprocess.run([sys.executable, "-m", "unetcli", *bad.argv], capture_output=True, text=True, timeout=300,

@@ -226,3 +226,42 @@ def test_export_of_a_cv_folder_is_the_ensemble(cv_run: tuple[Path, Path], tmp_pa
         assert invoke("predict", model, data / "images" / "case01.png", tmp_path / name).exit_code == 0
     a, b = (np.asarray(Image.open(tmp_path / name / "case01.png")) for name in ("cv", "file"))
     assert a.shape == (32, 32) and (a == b).mean() > 0.999
+
+
+def _probabilities(folder: Path, name: str = "scan") -> np.ndarray:
+    return np.load(folder / f"{name}_probabilities.npz")["probabilities"]
+
+
+def test_predict_with_chosen_folds_and_checkpoint(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, out = cv_run
+    copy = tmp_path / "cv"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "fold_1")  # a fold that has not run yet: the others can still be used
+    # best.pt of fold 2 made different from its last.pt (fold 0's weights) so that the choice shows
+    shutil.copy(copy / "fold_0" / "checkpoints" / "last.pt", copy / "fold_2" / "checkpoints" / "best.pt")
+    scan = tmp_path / "in" / "scan.png"
+    scan.parent.mkdir()
+    shutil.copy(data / "images" / "case00.png", scan)
+
+    def predict(source: Path, where: str, *flags: str) -> np.ndarray:
+        result = invoke("predict", source, scan, tmp_path / where, "--probabilities", "--device", "cpu", *flags)
+        assert result.exit_code == 0, result.output
+        return _probabilities(tmp_path / where)
+
+    refused = invoke("predict", copy, scan, tmp_path / "all")
+    assert refused.exit_code != 0 and "fold(s) fold_1 not trained yet" in error_lines(refused.output)[0]
+    assert "--folds" in refused.output
+    # an ensemble of one averages in float32 what a single model gives directly: equal to float16 rounding
+    last = predict(copy, "last", "--folds", "2")
+    assert np.allclose(last, predict(copy / "fold_2" / "checkpoints" / "last.pt", "ref_last"), atol=2e-3)
+    best = predict(copy, "best", "--folds", "2", "--checkpoint", "best")
+    assert np.allclose(best, predict(copy / "fold_0" / "checkpoints" / "last.pt", "ref_best"), atol=2e-3)
+    assert np.abs(best.astype(np.float32) - last).max() > 0.05
+    both = invoke("predict", copy, scan, tmp_path / "both", "--folds", "0,2")
+    assert both.exit_code == 0 and "ensemble of 2 models" in both.output, both.output
+    outside = invoke("predict", copy, scan, tmp_path / "x", "--folds", "0,5")
+    assert outside.exit_code == 2 and "--folds 0,5" in error_lines(outside.output)[0] and "folds 0..2" in outside.output
+    not_cv = invoke("predict", copy / "fold_0", scan, tmp_path / "y", "--folds", "0")
+    assert not_cv.exit_code == 2 and "is not a `unet cv` folder" in error_lines(not_cv.output)[0]
+    bad = invoke("predict", copy, scan, tmp_path / "z", "--checkpoint", "final")
+    assert bad.exit_code == 2 and "--checkpoint final: expected best or last" in error_lines(bad.output)[0]

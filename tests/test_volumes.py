@@ -208,4 +208,4 @@ def test_predict_refuses_a_png_for_a_3d_model(trained_3d: tuple[Path, Path], tmp
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
     result = CliRunner().invoke(app, ["predict", str(run), str(png), str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "x.png: the model was trained on .nii.gz/.nii files" in result.output
+    assert "x.png: the model was trained on 3D volume (.nii.gz, .nii, .mha, .mhd, .nrrd, .tif) files" in result.output

@@ -445,7 +445,8 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a `unet cv` folder (the "
                                              "ensemble of its folds' last checkpoints), a checkpoint .pt file, "
                                              "or a file written by `unet export` (.onnx needs unetcli[onnx]; TorchScript .pt).")],
-    input: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
+    input: Annotated[Path, typer.Argument(help="An image file or a folder of images (PNG; or NIfTI, MetaImage, NRRD, TIFF "
+                                               "volumes; or a folder of DICOM series, one mask per series).")],
     output: Annotated[Path, typer.Argument(help="Folder for the masks (same names as the inputs); never an input folder.")],
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -464,6 +465,16 @@ def predict(
         "interrupted prediction with the same command plus --continue."))] = False,
     part: Annotated[Optional[str], typer.Option("--part", metavar="I/N", help=(
         "Predict share I of N (every N-th case by name): N jobs with --part 1/N .. N/N cover every case once."))] = None,
+    output_format: Annotated[Optional[str], typer.Option("--output-format", metavar="nii.gz|nii|mha|nrrd", help=(
+        "File format of 3D masks (default: the input's own; NIfTI for DICOM series). Every format keeps the scan's "
+        "spacing, origin and direction."))] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="best|last", help=(
+        "Which checkpoint of a run folder (default best) or of each fold of a `unet cv` folder (default last)."))] = None,
+    folds: Annotated[Optional[str], typer.Option("--folds", metavar="0,2", help=(
+        "With a `unet cv` folder: ensemble these folds only (default: all)."))] = None,
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help=(
+        "Read the next case and write the previous one while the network runs (same outputs; --no-overlap holds "
+        "fewer cases in memory)."))] = True,
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
     from unetcli.inference.predict import parse_part, predict as run_predict
@@ -471,8 +482,26 @@ def predict(
     _use_threads(num_threads)
     written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
-                          postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_)
+                          postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_,
+                          output_format=output_format, checkpoint=_checkpoint_name(checkpoint),
+                          folds=_fold_list(folds), overlap=overlap)
     console.print(f"wrote {len(written)} mask(s) to {output}")
+
+
+def _checkpoint_name(text: Optional[str]) -> Optional[str]:
+    if text is not None and text not in ("best", "last"):
+        raise ConfigError(f"--checkpoint {text}: expected best or last", hint="best.pt is the best validation score, last.pt the final epoch")
+    return text
+
+
+def _fold_list(text: Optional[str]) -> Optional[list[int]]:
+    """``--folds 0,2`` -> [0, 2]."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--folds {text}: expected fold numbers separated by commas", hint="e.g. --folds 0,2") from None
 
 
 @app.command(epilog=_examples("unet export runs/tissue --format onnx --out tissue.onnx",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from unetcli.config import DataConfig
-from unetcli.data.nifti import is_nifti, nifti_stem
+from unetcli.data.image_io import VOLUME_FORMATS, format_name, is_volume, volume_stem, volume_suffix
 from unetcli.data.labels import parse_region_labels
 from unetcli.data.png import PNG_SUFFIX
 from unetcli.data.png_dataset import load_png_dataset
@@ -31,10 +31,21 @@ from unetcli.errors import DataError
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
-    """Stem -> path of the PNG or NIfTI files in ``folder`` and which of the two it holds."""
+def _wanted(path: Path, file_ending: str | None) -> str | None:
+    """``png``, ``volume`` or None (not a case file) for ``path``; with ``file_ending`` only files ending in it count."""
+    if file_ending and not path.name.lower().endswith(file_ending):
+        return None
+    if path.suffix.lower() == PNG_SUFFIX:
+        return "png"
+    return "volume" if is_volume(path) else None
+
+
+def _image_files(folder: Path, file_ending: str | None = None) -> tuple[dict[str, Path], str]:
+    """Stem -> path of the PNG or volume files in ``folder`` and which of the two it holds
+    (``png`` or ``nifti``, the name every 3D format goes by). Volumes must all be of one format
+    (NIfTI, MetaImage, NRRD or TIFF) unless ``file_ending`` (dataset.json) picks the files."""
     pngs: dict[str, Path] = {}
-    niftis: dict[str, Path] = {}
+    volumes: dict[str, Path] = {}
     duplicates: list[str] = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
@@ -42,14 +53,10 @@ def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
         if p.is_symlink() and not p.exists():  # a dangling link is a missing case, not "no file"
             duplicates.append(f"{p}: broken symbolic link (its target {os.readlink(p)} does not exist)")
             continue
-        if not p.is_file():
+        kind = _wanted(p, file_ending) if p.is_file() else None
+        if kind is None:
             continue
-        if p.suffix.lower() == PNG_SUFFIX:
-            found, stem = pngs, p.stem
-        elif is_nifti(p):
-            found, stem = niftis, nifti_stem(p)
-        else:
-            continue
+        found, stem = (pngs, p.stem) if kind == "png" else (volumes, volume_stem(p))
         if stem in found:  # e.g. a.png + a.PNG, or a.nii + a.nii.gz: which one is the case?
             duplicates.append(f"{p}: another file, {found[stem].name}, has the same case name '{stem}'")
             continue
@@ -57,13 +64,44 @@ def _image_files(folder: Path) -> tuple[dict[str, Path], str]:
     if duplicates:
         raise DataError.from_problems(duplicates, hint="keep one file per case name (remove or rename the duplicate); "
                                                        "fix or remove broken links")
-    if pngs and niftis:
-        raise DataError(f"{folder}: holds both PNG and NIfTI files", hint="keep one file format per dataset")
-    return (niftis, "nifti") if niftis else (pngs, "png")
+    if pngs and volumes:
+        raise DataError(f"{folder}: holds both PNG and {format_name(next(iter(volumes.values())))} files",
+                        hint="keep one file format per dataset")
+    _check_one_format(folder, volumes)
+    return (volumes, "nifti") if volumes else (pngs, "png")
 
 
-def _suffix(file_format: str) -> str:
-    return ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
+def _check_one_format(folder: Path, volumes: dict[str, Path]) -> None:
+    examples: dict[str, str] = {}
+    for path in volumes.values():
+        examples.setdefault(format_name(path), path.name)
+    if len(examples) > 1:
+        listed = ", ".join(f"{fmt} ({name})" for fmt, name in examples.items())
+        raise DataError(f"{folder}: holds volumes of several formats: {listed}",
+                        hint="keep one format per folder, or set \"file_ending\" in dataset.json to pick one")
+
+
+def _suffix(file_format: str, example: Path | None = None) -> str:
+    """The file ending to show in messages: the example file's own, else the format's usual one."""
+    if file_format == "png":
+        return PNG_SUFFIX
+    return (volume_suffix(example) if example is not None else None) or ".nii.gz"
+
+
+def _file_ending(root: Path) -> str | None:
+    """``file_ending`` of ``root/dataset.json`` (nnU-Net), lower case; None when absent."""
+    path = root / "dataset.json"
+    try:
+        ending = json.loads(path.read_text(encoding="utf-8")).get("file_ending") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # _read_dataset_json reports an unreadable dataset.json
+    if ending is None:
+        return None
+    known = [PNG_SUFFIX, *(s for suffixes in VOLUME_FORMATS.values() for s in suffixes)]
+    if not isinstance(ending, str) or ending.lower() not in known:
+        raise DataError(f"{path}: file_ending {json.dumps(ending)} is not a known image format",
+                        hint=f"use one of {', '.join(known)}")
+    return ending.lower()
 
 
 def _read_dataset_json(root: Path) -> tuple[list[str] | None, list[str] | None, Regions | None]:
@@ -142,9 +180,10 @@ def discover_dataset(root: Path) -> DatasetFiles:
             f"{root}: no images/ + masks/ (or imagesTr/ + labelsTr/) folders found",
             hint="put images in DATA/images/NAME.png (or .nii.gz) and label maps with the same name in DATA/masks/",
         )
-    images, file_format = _image_files(image_dir)
-    masks, _ = _image_files(mask_dir)
-    _check_pairs(images, masks, image_dir, mask_dir, file_format)
+    ending = _file_ending(root)
+    images, file_format = _image_files(image_dir, ending)
+    masks, _ = _image_files(mask_dir, ending)
+    _check_pairs(images, masks, image_dir, mask_dir, file_format, ending)
     label_names, channel_names, regions = _read_dataset_json(root)
     cases = [CaseFiles(name, [images[name]], masks[name]) for name in sorted(images)]
     return DatasetFiles(root, "images_masks", cases, label_names, channel_names, file_format, regions)
@@ -155,9 +194,10 @@ def _discover_nnunet(root: Path) -> DatasetFiles:
     if not label_dir.is_dir():
         raise DataError(f"{root}: imagesTr/ found but no labelsTr/", hint="add labelsTr/NAME.ext for every case")
     label_names, channel_names, regions = _read_dataset_json(root)
-    images, file_format = _image_files(image_dir)
-    labels, _ = _image_files(label_dir)
-    ext = _suffix(file_format)
+    ending = _file_ending(root)
+    images, file_format = _image_files(image_dir, ending)
+    labels, _ = _image_files(label_dir, ending)
+    ext = _suffix(file_format, next(iter(images.values()), None))
     if file_format == "nifti" and images and set(images) == set(labels):
         # Decathlon layout: one (possibly 4D, channels-last) file per case, named like its label.
         cases = [CaseFiles(name, [images[name]], labels[name]) for name in sorted(images)]
@@ -177,16 +217,20 @@ def _discover_nnunet(root: Path) -> DatasetFiles:
             problems.append(f"{image_dir}: case {case} is missing channel file(s) {', '.join(missing)}")
     if problems:
         raise DataError.from_problems(problems)
-    _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir, file_format)
+    _check_pairs({k: v[0] for k, v in channels.items()}, labels, image_dir, label_dir, file_format, ending)
     cases = [CaseFiles(c, [channels[c][i] for i in range(n_channels)], labels[c]) for c in sorted(channels)]
     return DatasetFiles(root, "nnunet", cases, label_names, channel_names, file_format, regions)
 
 
 def _check_pairs(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path,
-                 file_format: str = "png") -> None:
+                 file_format: str = "png", file_ending: str | None = None) -> None:
+    if not images and file_ending:
+        raise DataError(f"{image_dir}: no {file_ending} images found (the file_ending of dataset.json)",
+                        hint="add images, or set file_ending in dataset.json to the ending of the files")
     if not images:
-        raise DataError(f"{image_dir}: no .png or .nii.gz images found", hint="add images or point DATA at the right folder")
-    ext = _suffix(file_format)
+        raise DataError(f"{image_dir}: no .png or .nii.gz images found (nor .mha, .nrrd, .tif)",
+                        hint="add images or point DATA at the right folder")
+    ext = _suffix(file_format, next(iter(masks.values()), None))
     problems = [f"{images[s]}: no mask named {s}{ext} in {mask_dir}" for s in sorted(set(images) - set(masks))]
     problems += [f"{masks[s]}: mask has no image named {s} in {image_dir}" for s in sorted(set(masks) - set(images))]
     if problems:

@@ -1,4 +1,5 @@
-"""Reading and writing 3D NIfTI images and label maps, and the geometry the 3D path relies on.
+"""Reading and writing 3D images and label maps (NIfTI, MetaImage, NRRD, TIFF, DICOM series: see
+:mod:`unetcli.data.image_io`), their checks, and the geometry the 3D path relies on.
 
 Conventions used throughout (shapes are stated in every docstring):
 
@@ -10,17 +11,13 @@ Conventions used throughout (shapes are stated in every docstring):
 * spacings are in mm, one per spatial axis of the array they describe (after ``to_canonical``
   use ``ImageProperties.canonical_spacing``).
 
-Files are decompressed completely in memory before nibabel parses them, so a damaged ``.nii.gz``
-(truncated, bit flips caught only by the gzip CRC at the end of the stream) is reported as a
-``DataError`` naming the file instead of being read as silently corrupted voxels.
+Every backend hands over ``(X, Y, Z[, C])`` voxels and a voxel -> RAS affine, so the checks below
+(finite values, integral labels, channel files and labels on the image's grid) are the same for every
+format, and a mask is written in any format with its scan's geometry.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +27,12 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 
-from unetcli.atomic import atomic_path
+from unetcli.data.image_io import Volume, VolumeSource, load_volume, write_label_volume
 from unetcli.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_ATOL = 1e-4
 ANISOTROPY_THRESHOLD = 3.0
-_GZIP_MAGIC = b"\x1f\x8b"
 _RAS = axcodes2ornt(("R", "A", "S"))
 
 
@@ -54,7 +50,7 @@ class ImageProperties:
     """
 
     affine: np.ndarray  # 4x4 affine of the original file
-    header: nib.Nifti1Header  # original header (a Nifti2Header is a subclass)
+    header: nib.Nifti1Header | None  # original NIfTI header (a Nifti2Header is a subclass); None for other formats
     original_shape: tuple[int, ...]  # spatial (X, Y, Z) shape of the original file
     spacing: tuple[float, float, float]  # voxel sizes (mm) along the original axes
     orientation: tuple[str, str, str]  # nib.aff2axcodes(affine)
@@ -102,55 +98,6 @@ def nifti_stem(path: Path | str) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Parse one file fully (gzip CRC checked) -> (image, raw voxel array); failures are DataErrors naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file ({exc})") from exc
-    if not raw:
-        raise DataError(f"{path}: file is empty (0 bytes)", hint="re-export or remove it")
-    hint = "re-export the file or remove it"
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            # GzipFile (not gzip.decompress) so trailing zero padding is accepted as by nibabel.
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
-                raw = stream.read()
-        except (OSError, EOFError, zlib.error, ValueError) as exc:  # BadGzipFile is an OSError
-            raise DataError(f"{path}: damaged gzip data ({type(exc).__name__}: {exc})", hint=hint) from exc
-    image_class = _image_class(raw)
-    if image_class is None:
-        named_gz = path.name.lower().endswith(".gz") and raw[:2] != _GZIP_MAGIC
-        raise DataError(f"{path}: not a NIfTI file ({'named .gz but not a gzip file, and ' if named_gz else ''}"
-                        "no NIfTI-1/NIfTI-2 header)", hint=hint)
-    try:
-        img = image_class.from_bytes(raw)
-        needed = int(img.header.get_data_offset()) + math.prod(img.shape) * img.header.get_data_dtype().itemsize
-        if needed > len(raw):  # checked before nibabel allocates what a damaged header claims
-            raise DataError(f"{path}: file is truncated or its header is damaged (header describes {needed} "
-                            f"bytes, the file holds {len(raw)})", hint=hint)
-        data = np.asanyarray(img.dataobj)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - nibabel/numpy raise many types for corrupt headers
-        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", hint=hint) from exc
-    return img, data
-
-
-def _image_class(raw: bytes) -> type[nib.Nifti1Image] | None:
-    """Nifti1Image or Nifti2Image from the header-size field and the single-file magic, else None."""
-    for cls, size, magic_at, magic in ((nib.Nifti1Image, 348, 344, b"n+1\0"), (nib.Nifti2Image, 540, 4, b"n+2\0")):
-        if len(raw) < size:
-            continue
-        sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
-        if size in sizeof_hdr and raw[magic_at : magic_at + 4] == magic:
-            return cls
-    return None
-
-
 def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size (mm) along each array axis of ``affine``."""
     sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
@@ -187,9 +134,10 @@ def _check_numeric(data: np.ndarray, path: Path) -> None:
         raise DataError(f"{path}: unsupported voxel type {data.dtype} (RGB/complex volumes are not supported)")
 
 
-def _read_one_image(path: Path, allow_channels: bool) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """(C, X, Y, Z) float32 from one file, checked for NaN/Inf."""
-    img, data = _load(path)
+def _read_one_image(path: VolumeSource, allow_channels: bool) -> tuple[np.ndarray, Volume]:
+    """(C, X, Y, Z) float32 from one file (or DICOM series), checked for NaN/Inf."""
+    volume = load_volume(path)
+    data = volume.data
     _check_numeric(data, path)
     data = _spatial(data, path, max_extra=int(allow_channels))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -199,36 +147,41 @@ def _read_one_image(path: Path, allow_channels: bool) -> tuple[np.ndarray, nib.N
     if bad:
         raise DataError(f"{path}: {bad} voxel(s) are NaN or infinite (or too large for float32)",
                         hint="fix or remove the file")
-    _orientation(img.affine, path)
-    return np.ascontiguousarray(array), img
+    _orientation(volume.affine, path)
+    return np.ascontiguousarray(array), volume
 
 
-def read_image(paths: Sequence[Path]) -> tuple[np.ndarray, ImageProperties]:
+def _as_source(item: VolumeSource | str) -> VolumeSource:
+    return Path(item) if isinstance(item, str) else item
+
+
+def read_image(paths: Sequence[VolumeSource]) -> tuple[np.ndarray, ImageProperties]:
     """Read one case as float32 ``(C, X, Y, Z)`` in the file's own voxel axes.
 
     ``paths`` is either one 3D file per channel (nnU-Net: ``CASE_0000.nii.gz``,
-    ``CASE_0001.nii.gz``, ...) or a single 4D ``(X, Y, Z, C)`` file (Decathlon); singleton axes
-    after the third are dropped. Channel files must agree in shape and affine
+    ``CASE_0001.nii.gz``, ...), a single 4D ``(X, Y, Z, C)`` file (Decathlon; or a multi-component
+    MetaImage/NRRD), or one DICOM series; singleton axes after the third are dropped. Any format
+    of :mod:`unetcli.data.image_io`. Channel files must agree in shape and affine
     (``np.allclose``, atol 1e-4). Any unreadable, damaged, non-finite or inconsistent input
     raises ``DataError`` naming the file; nothing else is raised for a bad file.
     """
-    paths = [Path(p) for p in paths]
+    paths = [_as_source(p) for p in paths]
     if not paths:
         raise DataError("no image files given for this case")
     arrays, first = [], None
     for path in paths:
-        array, img = _read_one_image(path, allow_channels=len(paths) == 1)
+        array, volume = _read_one_image(path, allow_channels=len(paths) == 1)
         if first is None:
-            first = (path, img)
+            first = (path, volume, array.shape[1:])
         else:
-            _check_same_grid(path, img, first[0], first[1])
+            _check_same_grid(path, array.shape[1:], volume.affine, first)
         arrays.append(array)
-    ref_path, ref_img = first
+    ref_path, ref, _ = first
     image = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-    affine = np.array(ref_img.affine, dtype=np.float64)
+    affine = np.array(ref.affine, dtype=np.float64)
     properties = ImageProperties(
         affine=affine,
-        header=ref_img.header.copy(),
+        header=ref.header.copy() if ref.header is not None else None,
         original_shape=tuple(int(n) for n in image.shape[1:]),
         spacing=voxel_sizes(affine),
         orientation=tuple(nib.aff2axcodes(affine)),
@@ -237,12 +190,15 @@ def read_image(paths: Sequence[Path]) -> tuple[np.ndarray, ImageProperties]:
     return image, properties
 
 
-def _check_same_grid(path: Path, img: nib.Nifti1Image, ref_path: Path, ref: nib.Nifti1Image) -> None:
-    if img.shape[:3] != ref.shape[:3]:
-        raise DataError(f"{path}: shape {img.shape[:3]} differs from {ref_path.name}'s {ref.shape[:3]}",
+def _check_same_grid(path: VolumeSource, shape: tuple[int, ...], affine: np.ndarray,
+                     first: tuple[VolumeSource, Volume, tuple[int, ...]]) -> None:
+    ref_path, ref, ref_shape = first
+    ref_name = ref_path.name if isinstance(ref_path, Path) else str(ref_path)
+    if tuple(shape) != tuple(ref_shape):
+        raise DataError(f"{path}: shape {tuple(shape)} differs from {ref_name}'s {tuple(ref_shape)}",
                         hint="all channel files of a case must be on the same voxel grid")
-    if not np.allclose(img.affine, ref.affine, atol=AFFINE_ATOL):
-        raise DataError(f"{path}: affine differs from {ref_path.name}'s ({affine_difference(img.affine, ref.affine)})",
+    if not np.allclose(affine, ref.affine, atol=AFFINE_ATOL):
+        raise DataError(f"{path}: affine differs from {ref_name}'s ({affine_difference(affine, ref.affine)})",
                         hint="all channel files of a case must be on the same voxel grid")
 
 
@@ -270,7 +226,8 @@ def read_label(path: Path, reference: ImageProperties | None = None) -> np.ndarr
     ``DataError`` naming the file.
     """
     path = Path(path)
-    img, data = _load(path)
+    volume = load_volume(path)
+    data = volume.data
     _check_numeric(data, path)
     data = _spatial(data, path, max_extra=0)
     if np.issubdtype(data.dtype, np.floating):
@@ -285,9 +242,9 @@ def read_label(path: Path, reference: ImageProperties | None = None) -> np.ndarr
     if data.size and data.max() > np.iinfo(np.int32).max:
         raise DataError(f"{path}: label value {data.max()} is too large for a class index")
     if reference is not None:
-        _check_label_grid(path, data.shape, np.asarray(img.affine), reference)
+        _check_label_grid(path, data.shape, np.asarray(volume.affine), reference)
     else:
-        _orientation(img.affine, path)
+        _orientation(volume.affine, path)
     return np.ascontiguousarray(data, dtype=np.int64)
 
 
@@ -312,39 +269,19 @@ def _check_label_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, re
 
 
 def write_segmentation(labels: np.ndarray, properties: ImageProperties, path: Path) -> None:
-    """Write an int ``(X, Y, Z)`` label map on the ORIGINAL grid next to its image, atomically.
+    """Write an int ``(X, Y, Z)`` label map on the ORIGINAL grid, atomically, in the format of ``path``'s suffix.
 
-    Uses the original affine and a copy of the original header: qform/sform (and their codes),
-    pixdim and units are kept; the data type becomes uint8 (max < 256), int16 (< 32768) or
-    uint16 (< 65536); scl_slope/scl_inter are reset to 1/0 so integers are stored exactly;
-    ``dim`` becomes 3D when the input was 4D; cal_min/cal_max and the intent are cleared.
-    ``path`` must end in ``.nii.gz`` (gzip, deterministic bytes) or ``.nii``.
+    The mask carries its scan's geometry whatever the two formats: the original affine (spacing,
+    origin, full direction matrix), and for NIfTI a copy of the scan's header when it was NIfTI
+    (qform/sform codes, units; see :func:`unetcli.data.nifti_file.write_labels`). Values must be
+    in 0..65535.
     """
     labels = np.asarray(labels)
     if labels.shape != tuple(properties.original_shape):
         raise ValueError(f"labels have shape {labels.shape}, expected the original grid {properties.original_shape}")
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:
         raise ValueError(f"labels must be integers, got {labels.dtype}")
-    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-    if low < 0 or high > 65535:
-        raise ValueError("label values must be in 0..65535 to be written as NIfTI")
-    dtype = np.uint8 if high < 256 else np.int16 if high < 32768 else np.uint16
-    header = properties.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_data_shape(labels.shape)
-    header.set_slope_inter(1.0, 0.0)
-    header.set_intent("none")
-    header["cal_min"], header["cal_max"] = 0, 0
-    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = image_class(labels.astype(dtype), properties.affine, header)
-    img.header.set_slope_inter(1.0, 0.0)
-    raw = img.to_bytes()
-    if Path(path).name.lower().endswith(".nii.gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
-    elif not Path(path).name.lower().endswith(".nii"):
-        raise ValueError(f"{path}: output name must end in .nii.gz or .nii")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(raw)
+    write_label_volume(labels, properties.affine, properties.header, path)
 
 
 # --------------------------------------------------------------------------- orientation

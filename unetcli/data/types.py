@@ -39,7 +39,8 @@ class DatasetFiles:
     label_names: list[str] | None = None
     channel_names: list[str] | None = None
     file_format: str = "png"
-    """``png`` or ``nifti``."""
+    """``png`` or ``nifti``: 3D volumes of any format (NIfTI, MetaImage, NRRD, TIFF); the name predates
+    the other formats and stays, as it is stored in checkpoints."""
     regions: Regions | None = None
     """Overlapping regions declared in ``dataset.json`` (labels given as lists)."""
 

@@ -1,4 +1,4 @@
-"""3D NIfTI datasets: plan, preprocess once, cache on disk, serve memory-mapped arrays.
+"""3D datasets (NIfTI, MetaImage, NRRD, TIFF): plan, preprocess once, cache on disk, serve memory-mapped arrays.
 
 Preprocessing (the same steps run at prediction time, from parameters stored in the checkpoint):
 reorient to RAS -> crop to the non-zero box -> resample to the target spacing -> normalise each
@@ -28,6 +28,8 @@ from unetcli.atomic import atomic_path, atomic_write_text, ensure_writable_folde
 from unetcli.config import DataConfig
 from unetcli.data.labels import dataset_label_layout, label_values_from_masks, resolve_names
 from unetcli.data.types import Case, CaseFiles, Dataset, DatasetFiles
+from unetcli.data.image_io import format_name, volume_geometry
+from unetcli.data.tiff_file import sidecar_path
 from unetcli.data.nifti import (
     ImageProperties,
     crop_to_nonzero,
@@ -75,18 +77,19 @@ class VolumeGeometry:
 
 def _header_geometry(path: Path) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
     """Canonical (RAS) spacing and shape from the header alone (cheap); the full read validates the file later."""
+    shape, affine = volume_geometry(path)
+    if len(shape) < 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
     try:
-        img = nib.load(str(path))
-        affine = img.affine
         _, canonical_affine = to_canonical(np.zeros((1, 1, 1, 1), np.float32), affine)
-        spacing = tuple(float(v) for v in np.linalg.norm(canonical_affine[:3, :3], axis=0))
-        shape = [0, 0, 0]
-        for axis, (target, _) in enumerate(nib.io_orientation(affine)):
-            shape[int(target)] = int(img.shape[axis])
-        return spacing, tuple(shape)  # type: ignore[return-value]
-    except Exception as exc:  # nibabel raises many types for damaged headers
-        raise DataError(f"{path}: cannot read the NIfTI header ({type(exc).__name__}: {exc})",
-                        hint="re-export or remove the file") from exc
+        ornt = nib.io_orientation(affine)
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        raise DataError(f"{path}: unusable geometry in the header ({exc})", hint="re-export or remove the file") from exc
+    spacing = tuple(float(v) for v in np.linalg.norm(canonical_affine[:3, :3], axis=0))
+    canonical = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        canonical[int(target)] = int(shape[axis])
+    return spacing, tuple(canonical)  # type: ignore[return-value]
 
 
 def channel_schemes(channel_names: list[str], n_channels: int, cfg: DataConfig) -> list[str]:
@@ -112,7 +115,7 @@ def preprocessing_parameters(files: DatasetFiles, cfg: DataConfig) -> dict[str, 
     if len(spacing) != 3 or min(spacing) <= 0:
         raise DataError(f"data.target_spacing {spacing} must be 3 positive numbers (mm)")
     first = files.cases[0]
-    shape = nib.load(str(first.images[0])).shape
+    shape, _ = volume_geometry(first.images[0])
     n_channels = len(first.images) if len(first.images) > 1 else (shape[3] if len(shape) == 4 else 1)
     schemes = channel_schemes(files.channel_names or [], n_channels, cfg)
     plan = {"target_spacing": spacing, "crop_to_nonzero": cfg.crop_to_nonzero, "schemes": schemes, "ct_stats": None}
@@ -230,8 +233,14 @@ def _file_stamp(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def _stamps(path: Path) -> list[Any]:
+    """The file's stamp, and its spacing sidecar's for a TIFF (a corrected spacing must prepare the case again)."""
+    sidecar = sidecar_path(path) if format_name(path) == "TIFF" else None
+    return _file_stamp(path) + (_file_stamp(sidecar) if sidecar is not None and sidecar.is_file() else [])
+
+
 def _cache_key(case: CaseFiles, plan: dict[str, Any]) -> str:
-    payload = json.dumps({"images": [_file_stamp(p) for p in case.images], "label": _file_stamp(case.label),  # type: ignore[arg-type]
+    payload = json.dumps({"images": [_stamps(p) for p in case.images], "label": _stamps(case.label),  # type: ignore[arg-type]
                           "plan": plan, "cache_version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
@@ -283,7 +292,7 @@ def slice_cases(cases: list[Case], axis: int) -> list[Case]:
 
 
 def load_volume_dataset(files: DatasetFiles, cfg: DataConfig) -> Dataset:
-    """Validate, preprocess (or fetch from the cache) and memory-map every case of a NIfTI dataset.
+    """Validate, preprocess (or fetch from the cache) and memory-map every case of a 3D dataset.
 
     All problems are collected and reported together (one line each) before anything trains.
     """

@@ -1,9 +1,10 @@
 """Which files are scored against which: prediction/reference pairing and reading both label maps.
 
-PRED and TRUTH are folders (or single files) of PNG masks or of NIfTI label maps
-(``.nii.gz`` / ``.nii``); files are paired by stem (``nifti_stem`` for NIfTI), and every
-unmatched file is listed in one error. A TRUTH folder in nnU-Net layout (``labelsTr``,
-``labelsTs``) is just a folder of label files. NIfTI pairs must have the same shape and affine
+PRED and TRUTH are folders (or single files) of PNG masks or of 3D label maps (NIfTI, MetaImage,
+NRRD, TIFF: :mod:`unetcli.data.image_io`; a prediction and its reference may be in different 3D
+formats); files are paired by stem (``volume_stem`` for volumes), and every unmatched file is
+listed in one error. A TRUTH folder in nnU-Net layout (``labelsTr``,
+``labelsTs``) is just a folder of label files. 3D pairs must have the same shape and affine
 (``np.allclose``, atol 1e-4); the voxel spacing is taken from the reference's affine (column
 norms, i.e. the voxel size along each array axis, in the array's own ``(X, Y, Z)`` order).
 PNG masks have no spacing: the given one or None (pixel units). Binary 0/255 PNG masks are
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unetcli.data.nifti import AFFINE_ATOL, affine_difference, is_nifti, nifti_stem, read_label, voxel_sizes
+from unetcli.data.image_io import is_volume, volume_geometry, volume_stem
+from unetcli.data.nifti import AFFINE_ATOL, affine_difference, read_label, voxel_sizes
 from unetcli.data.png import PNG_SUFFIX, read_png_mask
 from unetcli.errors import DataError
 
@@ -40,7 +42,7 @@ def read_label_map(path: Path) -> np.ndarray:
 
 
 def _stem(path: Path) -> str:
-    return nifti_stem(path) if is_nifti(path) else path.stem
+    return volume_stem(path) if is_volume(path) else path.stem
 
 
 def _suffix(path: Path) -> str:
@@ -48,23 +50,28 @@ def _suffix(path: Path) -> str:
 
 
 def _files(path: Path) -> tuple[str, dict[str, Path]]:
-    """``(kind, {stem: file})`` for a file or a folder of PNG masks or NIfTI label maps."""
+    """``(kind, {stem: file})`` for a file or a folder of PNG masks or 3D label maps."""
     if path.is_file():
-        if is_nifti(path):
-            return "nifti", {nifti_stem(path): path}
+        if is_volume(path):
+            return "nifti", {volume_stem(path): path}
         if path.suffix.lower() == PNG_SUFFIX:
             return "png", {path.stem: path}
-        raise DataError(f"{path}: not a .png, .nii or .nii.gz file")
+        raise DataError(f"{path}: not a .png, .nii, .nii.gz, .mha, .mhd, .nrrd or .tif file")
     if not path.is_dir():
-        raise DataError(f"{path}: not found", hint="pass a folder (or file) of PNG masks or NIfTI label maps")
+        raise DataError(f"{path}: not found", hint="pass a folder (or file) of PNG masks or 3D label maps")
     visible = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    niftis = {nifti_stem(p): p for p in visible if is_nifti(p)}
+    volumes: dict[str, Path] = {}
+    for p in (p for p in visible if is_volume(p)):
+        if volume_stem(p) in volumes:
+            raise DataError(f"{p}: another file, {volumes[volume_stem(p)].name}, has the same case name '{volume_stem(p)}'",
+                            hint="keep one file per case name")
+        volumes[volume_stem(p)] = p
     pngs = {p.stem: p for p in visible if p.suffix.lower() == PNG_SUFFIX}
-    if niftis and pngs:
-        raise DataError(f"{path}: holds both .png masks and NIfTI files", hint="keep one format per folder")
-    if not niftis and not pngs:
-        raise DataError(f"{path}: no .png masks or .nii/.nii.gz label maps found")
-    return ("nifti", niftis) if niftis else ("png", pngs)
+    if volumes and pngs:
+        raise DataError(f"{path}: holds both .png masks and 3D label maps", hint="keep one format per folder")
+    if not volumes and not pngs:
+        raise DataError(f"{path}: no .png masks or 3D label maps (.nii.gz, .nii, .mha, .mhd, .nrrd, .tif) found")
+    return ("nifti", volumes) if volumes else ("png", pngs)
 
 
 def find_cases(pred: Path, truth: Path) -> tuple[str, list[CasePair]]:
@@ -77,7 +84,7 @@ def find_cases(pred: Path, truth: Path) -> tuple[str, list[CasePair]]:
     truth_kind, truths = _files(truth)
     if pred_kind != truth_kind:
         raise DataError(f"{pred}: predictions are {pred_kind.upper()} but references {truth} are {truth_kind.upper()}",
-                        hint="evaluate PNG against PNG and NIfTI against NIfTI")
+                        hint="evaluate PNG masks against PNG masks and 3D label maps against 3D label maps")
     if pred.is_file() and truth.is_file():
         return truth_kind, [CasePair(next(iter(truths)), pred, truth)]
     if pred.is_file():
@@ -106,20 +113,11 @@ def unique_run_names(preds: Sequence[Path]) -> list[str]:
     return names
 
 
-def _nifti_affine(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    try:
-        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
-    except Exception as exc:  # noqa: BLE001 - read_label accepted the file; any failure here is the file's
-        raise DataError(f"{path}: cannot read the NIfTI header ({type(exc).__name__}: {exc})") from exc
-
-
 def read_pair(pair: CasePair, kind: str, spacing: Sequence[float] | None = None
               ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:
     """``(prediction, reference, spacing)``: two integer label maps of the same shape.
 
-    NIfTI: shape and affine must agree (DataError naming both files); the spacing is the
+    3D: shape and affine must agree (DataError naming both files); the spacing is the
     reference's voxel size per array axis unless ``spacing`` is given. PNG: ``spacing`` or None.
     """
     if kind == "nifti":
@@ -128,7 +126,7 @@ def read_pair(pair: CasePair, kind: str, spacing: Sequence[float] | None = None
         if pred.shape != truth.shape:
             raise DataError(f"{pair.pred}: shape {pred.shape} differs from reference {pair.truth}'s {truth.shape}",
                             hint="predictions must be on the reference's voxel grid")
-        a_pred, a_truth = _nifti_affine(pair.pred), _nifti_affine(pair.truth)
+        a_pred, a_truth = volume_geometry(pair.pred)[1], volume_geometry(pair.truth)[1]
         if not np.allclose(a_pred, a_truth, atol=AFFINE_ATOL):
             raise DataError(f"{pair.pred}: affine differs from reference {pair.truth}'s ({affine_difference(a_pred, a_truth)})",
                             hint="predictions must be on the reference's voxel grid (same origin, spacing, orientation)")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from unetcli.atomic import read_written_json
-from unetcli.errors import CheckpointError
+from unetcli.errors import CheckpointError, ConfigError
 from unetcli.models.network import SegmentationNetwork
 
 
@@ -55,23 +55,29 @@ FOLD_DONE = Path("oof") / ".complete"
 """Written into a fold's run folder once it finished training and predicted its held-out cases."""
 
 
-def cv_fold_runs(folder: Path) -> list[Path] | None:
-    """The fold run folders of a ``unet cv`` folder, or None when ``folder`` is not one. Every fold
-    must have finished: an ensemble of some folds, or with a fold killed mid-training, would
-    silently be another model."""
+def cv_fold_runs(folder: Path, folds: Sequence[int] | None = None) -> list[Path] | None:
+    """The fold run folders of a ``unet cv`` folder (all, or those numbered in ``folds``), or None when
+    ``folder`` is not one. Every fold used must have finished: an ensemble with a fold killed
+    mid-training would silently be another model."""
     marker = folder / CV_FILE
     if not marker.is_file():
         return None
     state = read_written_json(marker, "cross-validation record", hint="rerun `unet cv` into this folder")
-    folds = state.get("folds")
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise CheckpointError(f"{marker}: cross-validation record is damaged ('folds' is {folds!r}, expected a number >= 2)",
+    count = state.get("folds")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise CheckpointError(f"{marker}: cross-validation record is damaged ('folds' is {count!r}, expected a number >= 2)",
                               hint="rerun `unet cv` into this folder")
-    runs = [folder / f"fold_{k}" for k in range(folds)]
+    chosen = list(range(count)) if folds is None else list(dict.fromkeys(int(k) for k in folds))
+    outside = [k for k in chosen if not 0 <= k < count]
+    if outside or not chosen:
+        raise ConfigError(f"--folds {','.join(map(str, folds or []))}: {folder} has folds 0..{count - 1}",
+                          hint=f"e.g. --folds 0,{count - 1}")
+    runs = [folder / f"fold_{k}" for k in chosen]
     missing = [r.name for r in runs if not (r / "checkpoints" / "last.pt").is_file()]
     if missing:
         raise CheckpointError(f"{folder}: fold(s) {', '.join(missing)} not trained yet",
-                              hint=f"finish the cross-validation first: rerun `unet cv` with --out {folder}")
+                              hint=f"finish the cross-validation first: rerun `unet cv` with --out {folder}"
+                                   + ("" if folds is not None else ", or predict with the finished ones (--folds)"))
     unfinished = [r.name for r in runs if not (r / FOLD_DONE).is_file()]
     if unfinished:
         raise CheckpointError(f"{folder}: fold(s) {', '.join(unfinished)} did not finish (stopped during training or "

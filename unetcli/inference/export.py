@@ -141,8 +141,8 @@ def default_output(run: Path, fmt: str) -> Path:
 
 
 def export_run(run: Path, out: Path | None = None, model_format: str | None = None, overwrite: bool = False,
-               which: str = "best") -> ExportResult:
-    """Write ``run``'s network (a run folder's ``checkpoints/{which}.pt`` or a checkpoint file) to
+               which: str | None = None) -> ExportResult:
+    """Write ``run``'s network (a run folder's ``checkpoints/{which}.pt``, default best, or a checkpoint file) to
     ``out`` as ONNX or TorchScript, with the run's config and metadata embedded; returns what was written.
     A ``unet cv`` folder is exported as the ensemble of its folds, with the postprocessing it chose."""
     run = Path(run)

@@ -15,13 +15,16 @@ from tqdm import tqdm
 
 from unetcli.atomic import atomic_path, ensure_writable_folder, real_path
 from unetcli.config import RunConfig, config_from_dict
-from unetcli.data.nifti import is_nifti, nifti_stem, read_image, write_segmentation
+from unetcli.data.dicom import find_dicom_series, is_dicom_file, series_case_names
+from unetcli.data.image_io import VolumeSource, check_output_format, is_volume, output_suffix, volume_stem
+from unetcli.data.nifti import ImageProperties, read_image, write_segmentation
 from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.png_dataset import load_image_channels
-from unetcli.data.volumes import preprocess, restore_label_map, restore_labels, restore_probabilities
+from unetcli.data.volumes import VolumeGeometry, preprocess, restore_label_map, restore_labels, restore_probabilities
 from unetcli.data.preprocessing import normalize_image
 from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
 from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs, read_postprocessing
+from unetcli.inference.pipeline import run_cases
 from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
 from unetcli.inference.postprocessing import Postprocessing, apply_postprocessing
 from unetcli.inference.sliding_window import paint_regions, sliding_window_predict
@@ -119,18 +122,21 @@ def load_ensemble(folder: Path, runs: list[Path], device: torch.device, which: s
     return LoadedModel(ensemble, first.config, first.metadata, folder, post)
 
 
-def load_model(source: Path, device: torch.device, which: str = "best") -> LoadedModel:
+def load_model(source: Path, device: torch.device, which: str | None = None, folds: Sequence[int] | None = None) -> LoadedModel:
     """A run folder or checkpoint (PyTorch), a cross-validation folder written by ``unet cv`` (the
-    ensemble of its folds), or a file written by ``unet export`` (ONNX, TorchScript)."""
-    folds = cv_fold_runs(Path(source))
-    if folds is not None:  # the last checkpoints: "best" was picked on the very cases the folds held out
-        return load_ensemble(Path(source), folds, device, "last")
+    ensemble of its folds, or of ``folds``), or a file written by ``unet export`` (ONNX, TorchScript).
+
+    ``which`` (``best`` / ``last``) picks the checkpoint of a run folder (default ``best``) or of every
+    fold (default ``last``: "best" was picked on the very cases the folds held out)."""
+    runs = cv_fold_runs(Path(source), folds)
+    if runs is not None:
+        return load_ensemble(Path(source), runs, device, which or "last")
     if is_exported_model(Path(source)):
         exported = load_exported(Path(source), device)
         post = exported.metadata.get("postprocessing")
         return LoadedModel(exported.network, exported.config, exported.metadata, Path(source),
                            Postprocessing.from_dict(post) if post else None)
-    return load_trained_model(source, device, which)
+    return load_trained_model(source, device, which or "best")
 
 
 def resolve_model_precision(loaded: LoadedModel, requested: str | None, device: torch.device) -> str:
@@ -145,12 +151,13 @@ def resolve_model_precision(loaded: LoadedModel, requested: str | None, device: 
 
 
 def _input_files(input_path: Path, file_format: str) -> list[Path]:
-    wanted = is_nifti if file_format == "nifti" else (lambda p: p.suffix.lower() == PNG_SUFFIX)
-    kind = ".nii.gz/.nii" if file_format == "nifti" else ".png"
+    wanted = is_volume if file_format == "nifti" else (lambda p: p.suffix.lower() == PNG_SUFFIX)
+    kind = "3D volume (.nii.gz, .nii, .mha, .mhd, .nrrd, .tif)" if file_format == "nifti" else ".png"
     if input_path.is_file():
         if not wanted(input_path):
-            raise DataError(f"{input_path}: the model was trained on {kind} files, this is not one",
-                            hint=f"pass {kind} input (a {'3D volume' if file_format == 'nifti' else '2D image'})")
+            hint = "pass the folder holding the DICOM series" if is_dicom_file(input_path) and file_format == "nifti" else \
+                f"pass {kind} input (a {'3D volume' if file_format == 'nifti' else '2D image'})"
+            raise DataError(f"{input_path}: the model was trained on {kind} files, this is not one", hint=hint)
         return [input_path]
     if input_path.is_symlink() and not input_path.exists():
         raise DataError(f"{input_path}: is a broken or looping symbolic link", hint="pass an image file or a folder of images")
@@ -158,14 +165,30 @@ def _input_files(input_path: Path, file_format: str) -> list[Path]:
         raise DataError(f"{input_path}: input not found")
     files = sorted(p for p in input_path.iterdir() if wanted(p) and not p.name.startswith("."))
     if not files:
-        raise DataError(f"{input_path}: no {kind} files found", hint=f"pass a {kind} file or a folder of them")
+        raise DataError(f"{input_path}: no {kind} files found",
+                        hint=f"pass a {kind} file or a folder of them" + (" (or of DICOM series)" if file_format == "nifti" else ""))
     return files
 
 
-def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") -> dict[str, list[Path]]:
+def _dicom_cases(input_path: Path, file_format: str) -> dict[str, list[VolumeSource]] | None:
+    """Case name -> [series] when ``input_path`` is a folder of DICOM series (and no volume files), else None."""
+    if file_format != "nifti" or not input_path.is_dir() or any(is_volume(p) for p in input_path.iterdir()):
+        return None
+    series = find_dicom_series(input_path)
+    if not series:
+        return None
+    log.info("%s: %d DICOM series", input_path, len(series))
+    return {name: [item] for name, item in sorted(series_case_names(series, input_path).items())}
+
+
+def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") -> dict[str, list[VolumeSource]]:
     """Case name -> channel files. ``NAME_0000.ext``-style channel files are grouped (nnU-Net);
-    a NIfTI file without such a suffix may hold every channel (Decathlon 4D)."""
-    stem = nifti_stem if file_format == "nifti" else (lambda p: Path(p).stem)
+    a volume file without such a suffix may hold every channel (Decathlon 4D). A folder of DICOM
+    files gives one case per series."""
+    dicom = _dicom_cases(input_path, file_format)
+    if dicom is not None:
+        return dicom
+    stem = volume_stem if file_format == "nifti" else (lambda p: Path(p).stem)
     cases: dict[str, dict[int, Path]] = {}
     for path in _input_files(input_path, file_format):
         match = _CHANNEL_SUFFIX.search(stem(path))
@@ -182,6 +205,18 @@ def _group_inputs(input_path: Path, in_channels: int, file_format: str = "png") 
             raise DataError(f"{input_path}: case {name} has channel file(s) {sorted(channels)}, the model needs 0..{in_channels - 1}",
                             hint="name channel files NAME_0000.ext, NAME_0001.ext, ...")
     return {name: [channels[c] for c in sorted(channels)] for name, channels in sorted(cases.items())}
+
+
+def output_targets(cases: dict[str, list[VolumeSource]], output: Path, file_format: str,
+                   output_format: str | None) -> dict[str, Path]:
+    """Where each case's mask goes: ``OUTPUT/NAME.png`` for a 2D model; for volumes ``OUTPUT/NAME`` plus the
+    input's own format, or ``output_format`` (a DICOM series: NIfTI unless asked otherwise)."""
+    if file_format != "nifti":
+        if output_format:
+            raise ConfigError("--output-format is for 3D volumes; a 2D model writes PNG masks",
+                              hint="leave --output-format out")
+        return {name: output / f"{name}{PNG_SUFFIX}" for name in cases}
+    return {name: output / f"{name}{output_suffix(paths[0], output_format)}" for name, paths in cases.items()}
 
 
 def check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -224,18 +259,46 @@ def probability_names(meta: dict[str, Any]) -> list[str]:
     return list(meta["label_names"][1:] if meta.get("regions") else meta["label_names"])
 
 
-def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
-                keep_probabilities: bool = False) -> np.ndarray | None:
+@dataclass
+class CaseSteps:
+    """Predicting one case in three steps, so that reading the next case and writing the previous one can
+    overlap the network (:func:`unetcli.inference.pipeline.run_cases`): ``read`` (files -> network input),
+    ``compute`` (the network), ``write`` (back to the file's grid, postprocessing, the mask file; returns
+    the probabilities to keep, or None)."""
+
+    read: Callable[[list[VolumeSource]], Any]
+    compute: Callable[[Any], Any]
+    write: Callable[[Any, Path], np.ndarray | None]
+
+    def run(self, paths: list[VolumeSource], target: Path) -> np.ndarray | None:
+        return self.write(self.compute(self.read(paths)), target)
+
+
+def png_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities: bool = False) -> CaseSteps:
     """One 2D image -> mask PNG at the image's size (values in the training masks' encoding)."""
     meta = loaded.metadata
-    image = load_image_channels(paths)
-    _check_channels(image, paths[0], meta)
-    image = normalize_image(image, meta["normalization"], meta.get("foreground_mask", "nonzero"))
-    probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
-    labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
-    labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
-    write_png_mask(np.asarray(meta["label_values"])[labels], target)
-    return probs.numpy() if keep_probabilities else None
+
+    def read(paths: list[VolumeSource]) -> np.ndarray:
+        image = load_image_channels(paths)  # type: ignore[arg-type]
+        _check_channels(image, paths[0], meta)  # type: ignore[arg-type]
+        return normalize_image(image, meta["normalization"], meta.get("foreground_mask", "nonzero"))
+
+    def compute(image: np.ndarray) -> torch.Tensor:
+        return sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
+
+    def write(probs: torch.Tensor, target: Path) -> np.ndarray | None:
+        labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
+        labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
+        write_png_mask(np.asarray(meta["label_values"])[labels], target)
+        return probs.numpy() if keep_probabilities else None
+
+    return CaseSteps(read, compute, write)
+
+
+def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
+                keep_probabilities: bool = False) -> np.ndarray | None:
+    """One 2D image -> mask PNG (see :func:`png_steps`)."""
+    return png_steps(loaded, window, keep_probabilities).run(paths, target)  # type: ignore[arg-type]
 
 
 def _network_grid_prediction(loaded: LoadedModel, image_pp: np.ndarray, window: dict[str, Any], output: str) -> np.ndarray:
@@ -254,9 +317,12 @@ def _network_grid_prediction(loaded: LoadedModel, image_pp: np.ndarray, window: 
     return np.stack(slices, axis=axis + 1 if output == "probabilities" else axis)
 
 
-def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
-                   keep_probabilities: bool = False) -> np.ndarray | None:
-    """One NIfTI case -> label map with the input's shape, affine and header.
+OnGrid = tuple[np.ndarray, ImageProperties, VolumeGeometry]
+"""A volume on the network grid (preprocessed image, or prediction) with what maps it back to its file."""
+
+
+def volume_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities: bool = False) -> CaseSteps:
+    """One 3D case -> label map with the input's shape and geometry, in the format of the target's name.
 
     The volume is preprocessed as in training (RAS, crop, resample, normalise), predicted on the
     network grid (3D windows, or slice by slice for a 2D-on-3D model) and mapped back. Without
@@ -266,42 +332,74 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
     one class at a time (smoother boundaries, K x the memory).
     """
     meta = loaded.metadata
-    image, props = read_image(paths)
-    _check_channels(image, paths[0], meta)
-    image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
-    pred = _network_grid_prediction(loaded, image_pp, window, "probabilities" if keep_probabilities else "labels")
-    if keep_probabilities:
-        labels = restore_labels(pred, props, geometry, regions=bool(meta.get("regions")))
-    else:
-        labels = restore_label_map(pred, props, geometry)
-    labels = apply_postprocessing(labels, loaded.postprocessing)
-    write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
-    return pred if keep_probabilities else None
+
+    def read(paths: list[VolumeSource]) -> OnGrid:
+        image, props = read_image(paths)
+        _check_channels(image, paths[0], meta)
+        image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
+        return image_pp, props, geometry
+
+    def compute(prepared: OnGrid) -> OnGrid:
+        image_pp, props, geometry = prepared
+        return _network_grid_prediction(loaded, image_pp, window, "probabilities" if keep_probabilities else "labels"), props, geometry
+
+    def write(computed: OnGrid, target: Path) -> np.ndarray | None:
+        pred, props, geometry = computed
+        if keep_probabilities:
+            labels = restore_labels(pred, props, geometry, regions=bool(meta.get("regions")))
+        else:
+            labels = restore_label_map(pred, props, geometry)
+        labels = apply_postprocessing(labels, loaded.postprocessing)
+        write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
+        return pred if keep_probabilities else None
+
+    return CaseSteps(read, compute, write)
 
 
-def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, windows: list[dict[str, Any]]) -> None:
+def predict_volume(loaded: LoadedModel, paths: list[VolumeSource], target: Path, window: dict[str, Any],
+                   keep_probabilities: bool = False) -> np.ndarray | None:
+    """One 3D case -> label map with the input's shape and geometry (see :func:`volume_steps`)."""
+    return volume_steps(loaded, window, keep_probabilities).run(paths, target)
+
+
+def mixed_steps(members: list[LoadedModel], windows: list[dict[str, Any]]) -> CaseSteps:
     """One case with models of different configurations (e.g. ``2d`` and ``3d_fullres``): each
     predicts through its own preprocessing and window, its probabilities are mapped onto the
     file's grid, and their mean gives the labels (what nnU-Net's ensembling of configurations does)."""
     meta = members[0].metadata
-    total, props = None, None
-    for member, window in zip(members, windows):
-        if meta.get("file_format", "png") == "png":
-            image = load_image_channels(paths)
-            _check_channels(image, paths[0], member.metadata)
+    volumes = meta.get("file_format", "png") != "png"
+
+    def read(paths: list[VolumeSource]) -> tuple[np.ndarray, ImageProperties | None]:
+        image, props = read_image(paths) if volumes else (load_image_channels(paths), None)  # type: ignore[arg-type]
+        _check_channels(image, paths[0], meta)  # type: ignore[arg-type]
+        return image, props
+
+    def member_probabilities(member: LoadedModel, window: dict[str, Any], image: np.ndarray,
+                             props: ImageProperties | None) -> np.ndarray:
+        if props is None:
             image = normalize_image(image, member.metadata["normalization"], member.metadata.get("foreground_mask", "nonzero"))
-            probs = sliding_window_predict(member.model, image, member.metadata["patch_size"], meta["num_classes"], **window).numpy()
-        else:
-            image, props = read_image(paths)
-            _check_channels(image, paths[0], member.metadata)
-            image_pp, _, geometry = preprocess(image, props, member.metadata["preprocessing"])
-            probs = restore_probabilities(_network_grid_prediction(member, image_pp, window, "probabilities"), props,
-                                          geometry, regions=bool(meta.get("regions")))
-        total = probs if total is None else total + probs
-    mean = torch.from_numpy(total / len(members))  # type: ignore[operator]
-    labels = (paint_regions(mean) if meta.get("regions") else mean.argmax(0)).numpy()
-    values = np.asarray(meta["label_values"])[labels]
-    write_png_mask(values, target) if props is None else write_segmentation(values, props, target)
+            return sliding_window_predict(member.model, image, member.metadata["patch_size"], meta["num_classes"], **window).numpy()
+        image_pp, _, geometry = preprocess(image, props, member.metadata["preprocessing"])
+        return restore_probabilities(_network_grid_prediction(member, image_pp, window, "probabilities"), props,
+                                     geometry, regions=bool(meta.get("regions")))
+
+    def compute(prepared: tuple[np.ndarray, ImageProperties | None]) -> tuple[np.ndarray, ImageProperties | None]:
+        image, props = prepared
+        total = sum(member_probabilities(m, w, image, props) for m, w in zip(members, windows))
+        mean = torch.from_numpy(total / len(members))  # type: ignore[operator]
+        labels = (paint_regions(mean) if meta.get("regions") else mean.argmax(0)).numpy()
+        return np.asarray(meta["label_values"])[labels], props
+
+    def write(computed: tuple[np.ndarray, ImageProperties | None], target: Path) -> None:
+        values, props = computed
+        write_png_mask(values, target) if props is None else write_segmentation(values, props, target)
+
+    return CaseSteps(read, compute, write)
+
+
+def predict_mixed(members: list[LoadedModel], paths: list[VolumeSource], target: Path, windows: list[dict[str, Any]]) -> None:
+    """One case with models of different configurations (see :func:`mixed_steps`)."""
+    mixed_steps(members, windows).run(paths, target)
 
 
 MIXED_KEYS = ("in_channels", "num_classes", "label_values", "label_names", "file_format", "regions")
@@ -320,19 +418,19 @@ def combine_models(sources: list[Path], members: list[LoadedModel]) -> LoadedMod
     return members
 
 
-def _case_predictor(loaded: LoadedModel | list[LoadedModel], device: torch.device, precision_name: str | None,
-                    mirror: bool | None, probabilities: bool) -> Callable[[list[Path], Path], np.ndarray | None]:
-    """What predicts and writes one case: one model (or same-grid ensemble), or mixed configurations."""
+def _case_steps(loaded: LoadedModel | list[LoadedModel], device: torch.device, precision_name: str | None,
+                mirror: bool | None, probabilities: bool) -> CaseSteps:
+    """How one case is predicted and written: one model (or same-grid ensemble), or mixed configurations."""
     if isinstance(loaded, list):
         if probabilities:
             raise ConfigError("--probabilities is not available for models of different configurations (they are "
                               "averaged on each file's grid, not on one network grid)",
                               hint="ask for probabilities from one configuration's run or cv folder")
         windows = [window_settings(m, device, resolve_model_precision(m, precision_name, device), mirror) for m in loaded]
-        return lambda paths, target: predict_mixed(loaded, paths, target, windows)
+        return mixed_steps(loaded, windows)
     window = window_settings(loaded, device, resolve_model_precision(loaded, precision_name, device), mirror)
-    predict_one = predict_volume if loaded.metadata.get("file_format", "png") == "nifti" else predict_png
-    return lambda paths, target: predict_one(loaded, paths, target, window, keep_probabilities=probabilities)
+    steps = volume_steps if loaded.metadata.get("file_format", "png") == "nifti" else png_steps
+    return steps(loaded, window, keep_probabilities=probabilities)
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -363,10 +461,37 @@ def select_cases(cases: dict[str, list[Path]], outputs: dict[str, list[Path]], p
     return {n: cases[n] for n in names}
 
 
+def _predict_cases(cases: dict[str, list[VolumeSource]], targets: dict[str, Path], steps: CaseSteps, output: Path,
+                   class_names: list[str], progress: bool, overlap: bool) -> list[Path]:
+    """Predict and write every case in order (reading ahead and writing behind with ``overlap``); the masks written."""
+    names = list(cases)
+
+    def write(name: str, computed: Any) -> None:
+        probs = steps.write(computed, targets[name])
+        if probs is not None:
+            # Probabilities on the network's grid (for volumes: RAS, cropped, resampled), classes first.
+            with atomic_path(output / f"{name}_probabilities.npz") as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez_compressed(handle, probabilities=probs.astype(np.float16), label_names=np.asarray(class_names))
+
+    written: list[Path] = []
+    done = run_cases(list(cases.items()), steps.read, steps.compute, write, overlap=overlap)
+    try:
+        for name, _ in tqdm(done, total=len(names), disable=not progress, unit="case", leave=False):
+            written.append(targets[name])
+    except OSError as exc:  # disk full, permissions changed meanwhile, ...: earlier outputs stay intact
+        target = targets[names[len(written)]]  # cases finish in order: the failing one follows those written
+        raise OutputError(f"{exc.filename or target}: cannot write ({exc.strerror or exc})",
+                          hint=f"check the free space and permissions of {output}; "
+                               f"{len(written)} prediction(s) were written before") from exc
+    return written
+
+
 def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_name: str = "auto",
             precision_name: str | None = None, probabilities: bool = False, overwrite: bool = False,
             mirror: bool | None = None, progress: bool = True, postprocessing: bool = True,
-            part: tuple[int, int] | None = None, resume: bool = False) -> list[Path]:
+            part: tuple[int, int] | None = None, resume: bool = False, output_format: str | None = None,
+            checkpoint: str | None = None, folds: Sequence[int] | None = None, overlap: bool = True) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
@@ -374,11 +499,19 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     folder (the folds' ensemble; its chosen postprocessing is applied unless ``postprocessing`` is False).
     Several of them are averaged (:func:`combine_models`); no postprocessing is applied then.
     ``part`` (I, N) predicts share I of N (:func:`select_cases`); ``resume`` skips cases already written.
+    Volumes may be NIfTI, MetaImage, NRRD or TIFF files or DICOM series; masks are written in the input's
+    format unless ``output_format`` (``nii.gz``, ``nii``, ``mha``, ``nrrd``) says otherwise.
+    ``checkpoint`` (``best``/``last``) and ``folds`` pick what is loaded (:func:`load_model`); ``overlap``
+    reads the next case and writes the previous one while the network runs (:func:`run_cases`).
     """
+    if output_format:
+        check_output_format(output_format)
     device = resolve_device(device_name)
     configure_cpu_allocator()
     sources = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
-    members = [load_model(source, device) for source in sources]
+    if folds is not None and not any(cv_fold_runs(source, folds) is not None for source in sources):
+        raise ConfigError(f"--folds: {sources[0]} is not a `unet cv` folder", hint="--folds picks folds of a cross-validation folder")
+    members = [load_model(source, device, checkpoint, folds) for source in sources]
     loaded = members[0] if len(members) == 1 else combine_models(sources, members)
     if not postprocessing:
         members[0].postprocessing = None
@@ -386,8 +519,7 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     check_output_folder(output, [input_path], overwrite)
     file_format = meta.get("file_format", "png")
     cases = _group_inputs(input_path, meta["in_channels"], file_format)
-    suffix = ".nii.gz" if file_format == "nifti" else PNG_SUFFIX
-    targets = {name: output / f"{name}{suffix}" for name in cases}
+    targets = output_targets(cases, output, file_format, output_format)
     outputs = {n: [targets[n]] + ([output / f"{n}_probabilities.npz"] if probabilities else []) for n in cases}
     cases = select_cases(cases, outputs, part, resume)
     planned = [p for name in cases for p in outputs[name]]  # this call's cases only: other --part shares write beside them
@@ -395,22 +527,8 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     if existing and not (overwrite or resume):
         raise OutputError(f"{existing[0]}: already exists ({len(existing)} prediction(s) would be replaced)",
                           hint="pass --overwrite to replace them, or choose another output folder")
-    predict_case = _case_predictor(loaded, device, precision_name, mirror, probabilities)
+    steps = _case_steps(loaded, device, precision_name, mirror, probabilities)
     ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
-    written = []
-    for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
-        try:
-            probs = predict_case(paths, targets[name])
-            if probs is not None:
-                # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
-                with atomic_path(output / f"{name}_probabilities.npz") as tmp:
-                    with open(tmp, "wb") as handle:
-                        np.savez_compressed(handle, probabilities=probs.astype(np.float16),
-                                            label_names=np.asarray(probability_names(meta)))
-        except OSError as exc:  # disk full, permissions changed meanwhile, ...: earlier outputs stay intact
-            raise OutputError(f"{exc.filename or targets[name]}: cannot write ({exc.strerror or exc})",
-                              hint=f"check the free space and permissions of {output}; "
-                                   f"{len(written)} prediction(s) were written before") from exc
-        written.append(targets[name])
+    written = _predict_cases(cases, targets, steps, output, probability_names(meta), progress, overlap)
     log.info("wrote %d prediction(s) to %s", len(written), output)
     return written

@@ -7,11 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from unetcli.atomic import atomic_path
-from unetcli.data.nifti import is_nifti
+from unetcli.data.image_io import is_volume, load_volume, write_label_volume
 from unetcli.data.png import read_png_mask, write_png_mask
 from unetcli.evaluation.scoring import evaluate
 from unetcli.evaluation.stats import bootstrap_indices, bootstrap_mean_ci
@@ -56,11 +54,10 @@ def _postprocess_folder(src: Path, dst: Path, values: list[int], spec: Postproce
     dst.mkdir(parents=True)
     classes = [values[c] for c in spec.classes]
     for path in sorted(src.iterdir()):
-        if is_nifti(path):
-            img = nib.load(str(path))
-            labels = keep_largest(np.asarray(img.dataobj), spec.foreground, classes)
-            with atomic_path(dst / path.name) as tmp:
-                nib.save(type(img)(labels.astype(img.get_data_dtype()), img.affine, img.header), str(tmp))
+        if is_volume(path):
+            volume = load_volume(path)  # the fold predictions: written by predict, in the data's own format
+            labels = keep_largest(np.asarray(volume.data), spec.foreground, classes)
+            write_label_volume(labels, volume.affine, volume.header, dst / path.name)
         elif path.suffix.lower() == ".png":
             write_png_mask(keep_largest(read_png_mask(path), spec.foreground, classes), dst / path.name)
 
