@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -20,10 +21,13 @@ from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.png_dataset import load_image_channels
 from unetcli.data.volumes import preprocess, restore_label_map, restore_labels, restore_probabilities
 from unetcli.data.preprocessing import normalize_image
+from unetcli.data.scan_geometry import image_geometry, nifti_geometry
 from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
 from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs, read_postprocessing
 from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
 from unetcli.inference.postprocessing import Postprocessing, apply_postprocessing
+from unetcli.inference.quality_context import quality_context
+from unetcli.inference.quality_report import CaseQuality, QualityReport, csv_name
 from unetcli.inference.sliding_window import paint_regions, sliding_window_predict
 from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
@@ -225,16 +229,23 @@ def probability_names(meta: dict[str, Any]) -> list[str]:
 
 
 def predict_png(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
-                keep_probabilities: bool = False) -> np.ndarray | None:
-    """One 2D image -> mask PNG at the image's size (values in the training masks' encoding)."""
+                keep_probabilities: bool = False, quality: CaseQuality | None = None) -> np.ndarray | None:
+    """One 2D image -> mask PNG at the image's size (values in the training masks' encoding);
+    ``quality`` sees the network's input and output on the way."""
     meta = loaded.metadata
     image = load_image_channels(paths)
     _check_channels(image, paths[0], meta)
     image = normalize_image(image, meta["normalization"], meta.get("foreground_mask", "nonzero"))
+    if quality is not None:
+        window = {**window, "confidence": quality.confidence}
     probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
     labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
+    if quality is not None:
+        quality.observe_network(image, labels, image_geometry(image.shape[1:]))
     labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
     write_png_mask(np.asarray(meta["label_values"])[labels], target)
+    if quality is not None:
+        quality.observe_output(labels)
     return probs.numpy() if keep_probabilities else None
 
 
@@ -255,7 +266,7 @@ def _network_grid_prediction(loaded: LoadedModel, image_pp: np.ndarray, window: 
 
 
 def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window: dict[str, Any],
-                   keep_probabilities: bool = False) -> np.ndarray | None:
+                   keep_probabilities: bool = False, quality: CaseQuality | None = None) -> np.ndarray | None:
     """One NIfTI case -> label map with the input's shape, affine and header.
 
     The volume is preprocessed as in training (RAS, crop, resample, normalise), predicted on the
@@ -263,26 +274,35 @@ def predict_volume(loaded: LoadedModel, paths: list[Path], target: Path, window:
     ``keep_probabilities`` the labels go back to the file's grid class by class (each class's
     indicator resampled linearly, the largest wins: nnU-Net's segmentation resampling), so memory
     holds two volumes whatever the number of classes; with it, class probabilities are resampled
-    one class at a time (smoother boundaries, K x the memory).
+    one class at a time (smoother boundaries, K x the memory). ``quality`` sees the network's input
+    and output, and the label map written.
     """
     meta = loaded.metadata
     image, props = read_image(paths)
     _check_channels(image, paths[0], meta)
     image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
+    if quality is not None:
+        window = {**window, "confidence": quality.confidence}
     pred = _network_grid_prediction(loaded, image_pp, window, "probabilities" if keep_probabilities else "labels")
+    if quality is not None:
+        quality.observe_network(image_pp, pred, nifti_geometry(props.affine, props.original_shape))
     if keep_probabilities:
         labels = restore_labels(pred, props, geometry, regions=bool(meta.get("regions")))
     else:
         labels = restore_label_map(pred, props, geometry)
     labels = apply_postprocessing(labels, loaded.postprocessing)
     write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
+    if quality is not None:
+        quality.observe_output(labels, props.spacing)
     return pred if keep_probabilities else None
 
 
-def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, windows: list[dict[str, Any]]) -> None:
+def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, windows: list[dict[str, Any]],
+                  quality: CaseQuality | None = None) -> None:
     """One case with models of different configurations (e.g. ``2d`` and ``3d_fullres``): each
     predicts through its own preprocessing and window, its probabilities are mapped onto the
-    file's grid, and their mean gives the labels (what nnU-Net's ensembling of configurations does)."""
+    file's grid, and their mean gives the labels (what nnU-Net's ensembling of configurations does).
+    ``quality`` sees the mean probabilities and the labels (no single network input to compare)."""
     meta = members[0].metadata
     total, props = None, None
     for member, window in zip(members, windows):
@@ -302,6 +322,9 @@ def predict_mixed(members: list[LoadedModel], paths: list[Path], target: Path, w
     labels = (paint_regions(mean) if meta.get("regions") else mean.argmax(0)).numpy()
     values = np.asarray(meta["label_values"])[labels]
     write_png_mask(values, target) if props is None else write_segmentation(values, props, target)
+    if quality is not None:
+        quality.confidence.add(mean)
+        quality.observe_output(labels, None if props is None else props.spacing)
 
 
 MIXED_KEYS = ("in_channels", "num_classes", "label_values", "label_names", "file_format", "regions")
@@ -320,8 +343,11 @@ def combine_models(sources: list[Path], members: list[LoadedModel]) -> LoadedMod
     return members
 
 
+CasePredictor = Callable[[list[Path], Path, CaseQuality | None], np.ndarray | None]
+
+
 def _case_predictor(loaded: LoadedModel | list[LoadedModel], device: torch.device, precision_name: str | None,
-                    mirror: bool | None, probabilities: bool) -> Callable[[list[Path], Path], np.ndarray | None]:
+                    mirror: bool | None, probabilities: bool) -> CasePredictor:
     """What predicts and writes one case: one model (or same-grid ensemble), or mixed configurations."""
     if isinstance(loaded, list):
         if probabilities:
@@ -329,10 +355,10 @@ def _case_predictor(loaded: LoadedModel | list[LoadedModel], device: torch.devic
                               "averaged on each file's grid, not on one network grid)",
                               hint="ask for probabilities from one configuration's run or cv folder")
         windows = [window_settings(m, device, resolve_model_precision(m, precision_name, device), mirror) for m in loaded]
-        return lambda paths, target: predict_mixed(loaded, paths, target, windows)
+        return lambda paths, target, quality: predict_mixed(loaded, paths, target, windows, quality)
     window = window_settings(loaded, device, resolve_model_precision(loaded, precision_name, device), mirror)
     predict_one = predict_volume if loaded.metadata.get("file_format", "png") == "nifti" else predict_png
-    return lambda paths, target: predict_one(loaded, paths, target, window, keep_probabilities=probabilities)
+    return lambda paths, target, quality: predict_one(loaded, paths, target, window, probabilities, quality)
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -366,7 +392,7 @@ def select_cases(cases: dict[str, list[Path]], outputs: dict[str, list[Path]], p
 def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_name: str = "auto",
             precision_name: str | None = None, probabilities: bool = False, overwrite: bool = False,
             mirror: bool | None = None, progress: bool = True, postprocessing: bool = True,
-            part: tuple[int, int] | None = None, resume: bool = False) -> list[Path]:
+            part: tuple[int, int] | None = None, resume: bool = False, qc: bool = True) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
@@ -374,6 +400,8 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     folder (the folds' ensemble; its chosen postprocessing is applied unless ``postprocessing`` is False).
     Several of them are averaged (:func:`combine_models`); no postprocessing is applied then.
     ``part`` (I, N) predicts share I of N (:func:`select_cases`); ``resume`` skips cases already written.
+    ``qc`` writes ``predictions.csv`` (``predictions.partIofN.csv`` with ``part``): every case's volumes,
+    predicted Dice and the signals behind it (:mod:`unetcli.inference.quality_report`).
     """
     device = resolve_device(device_name)
     configure_cpu_allocator()
@@ -397,10 +425,12 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
                           hint="pass --overwrite to replace them, or choose another output folder")
     predict_case = _case_predictor(loaded, device, precision_name, mirror, probabilities)
     ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
+    report = _quality_report(sources[0], loaded, output / csv_name(part), lambda n: (output / f"{n}{suffix}").exists()) if qc else None
     written = []
     for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
+        started, quality = time.perf_counter(), report.case() if report else None
         try:
-            probs = predict_case(paths, targets[name])
+            probs = predict_case(paths, targets[name], quality)
             if probs is not None:
                 # Probabilities on the network's grid (for NIfTI: RAS, cropped, resampled), classes first.
                 with atomic_path(output / f"{name}_probabilities.npz") as tmp:
@@ -412,5 +442,16 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
                               hint=f"check the free space and permissions of {output}; "
                                    f"{len(written)} prediction(s) were written before") from exc
         written.append(targets[name])
+        if report is not None and quality is not None:
+            report.add(quality.row(name, paths, time.perf_counter() - started))
+    if report is not None:
+        report.write()
     log.info("wrote %d prediction(s) to %s", len(written), output)
     return written
+
+
+def _quality_report(source: Path, loaded: LoadedModel | list[LoadedModel], path: Path,
+                    keep_earlier: Callable[[str], bool]) -> QualityReport:
+    """The ``predictions.csv`` of this call, for the model loaded from ``source``."""
+    first = loaded[0] if isinstance(loaded, list) else loaded
+    return QualityReport(path, quality_context(source, first.metadata, same_grid=not isinstance(loaded, list)), keep_earlier)
