@@ -593,13 +593,18 @@ def eval_(
                              progress=_progress(), ignore_label=ignore_label, trackers=_trackers(log_to) or [])
     if outcome.comparison is None:
         console.print(summary_table(outcome.results[0]))
-        if outcome.quality is not None:
-            from unetcli.evaluation.quality_fit import quality_table
-
-            console.print(quality_table(outcome.quality))
+        _print_quality(outcome.quality)
     else:
         console.print(comparison_table(outcome.comparison))
     console.print(f"wrote {len(outcome.written)} file(s) to {out}" + (f" and {overlays}" if overlays else ""))
+
+
+def _print_quality(quality: Optional[dict[str, Any]]) -> None:
+    """``unet eval`` of a folder with predictions.csv: how its quality estimates track the real Dice."""
+    if quality is not None:
+        from unetcli.evaluation.quality_fit import quality_table
+
+        console.print(quality_table(quality))
 
 
 @app.command(epilog=_examples("unet demo --out my-demo", "unet demo --time 10m      (longer)", "unet demo --3d"))

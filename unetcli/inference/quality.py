@@ -55,7 +55,7 @@ RULES = {rule.name: rule for rule in (
     SignalRule("intensity_p01", "intensity 1st percentile{part} {value} vs training {range}", False, 0.1),
     SignalRule("intensity_p50", "intensity median{part} {value} vs training {range}", False, 0.1),
     SignalRule("intensity_p99", "intensity 99th percentile{part} {value} vs training {range}", False, 0.1),
-    SignalRule("intensity_shape", "intensity distribution{part} {value} SD from the training cases' (theirs {range})",
+    SignalRule("intensity_shape", "intensity distribution{part} off by {value} vs training {range}",
                False, 0.05, one_sided=True),
     SignalRule("volume", "{part} volume {value} {unit} vs training {range} {unit}", True, math.log(1.2)),
     SignalRule("fragmentation", "{part}: {value} % outside its largest piece vs training {range} %", False, 0.05,
