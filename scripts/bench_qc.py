@@ -21,11 +21,14 @@ quality checks existed gets its training reference measured from DATA there
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,10 @@ from benchlib.scoring import ROBUST_IMAGES, dice_per_case
 
 from unetcli.checkpoint import load_checkpoint
 from unetcli.evaluation.quality_fit import signal_correlations
+from unetcli.inference import sliding_window
+from unetcli.inference.confidence import ConfidenceSums
 from unetcli.inference.predict import predict
-from unetcli.inference.quality_report import CSV_NAME, SIGNAL_COLUMNS, read_rows
+from unetcli.inference.quality_report import CSV_NAME, SIGNAL_COLUMNS, CaseQuality, QualityReport, read_rows
 from unetcli.runtime import configure_threads
 from unetcli.workflows.quality import add_quality_reference
 
@@ -57,17 +62,57 @@ def prepare_run(run: Path, data: Path, out: Path) -> tuple[Path, str]:
     return copy, "measured from DATA with add_quality_reference (the run predates quality checks)"
 
 
+QC_STEPS = [(ConfidenceSums, "add"), (ConfidenceSums, "add_flips"), (CaseQuality, "observe_network"),
+            (CaseQuality, "observe_output"), (CaseQuality, "row"), (QualityReport, "__init__"), (QualityReport, "write")]
+"""The quality check's own work (they do not call each other): its time within a prediction."""
+
+
+NETWORK = [(sliding_window, "_predict_windows")]
+"""The network's forward passes (every window batch): the part of a prediction the check cannot change."""
+
+
+@contextlib.contextmanager
+def clock(steps: list[tuple[Any, str]], spent: list[float]) -> Iterator[None]:
+    """Add the seconds spent in ``steps`` (class or module, function name) to ``spent[0]`` while the block runs."""
+    originals = {(owner, name): getattr(owner, name) for owner, name in steps}
+
+    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return wrapper
+
+    for (cls, name), method in originals.items():
+        setattr(cls, name, timed(method))
+    try:
+        yield
+    finally:
+        for (cls, name), method in originals.items():
+            setattr(cls, name, method)
+
+
 def timed_predictions(run: Path, data: Path, out: Path, repeats: int) -> dict[str, list[float]]:
     """Wall seconds of ``predict`` over every held-out scan, with the quality check off and on,
-    alternating (off, on, on, off, ...) so that a change in the machine's load hits both alike."""
-    seconds: dict[str, list[float]] = {"off": [], "on": []}
+    alternating (off, on, on, off, ...) so that a change in the machine's load hits both alike;
+    and, in the passes with the check, the seconds its own steps took."""
+    seconds: dict[str, list[float]] = {"off": [], "on": [], "qc_steps": [], "network_off": [], "network_on": []}
     order = [m for r in range(repeats) for m in (("off", "on") if r % 2 == 0 else ("on", "off"))]
     for mode in order:
-        start = time.perf_counter()
-        predict(run, data / ROBUST_IMAGES, out / f"pred_qc_{mode}", mirror=False, overwrite=True, progress=False,
-                qc=mode == "on")
-        seconds[mode].append(time.perf_counter() - start)
-        print(f"predict --qc {mode}: {seconds[mode][-1]:.1f} s", flush=True)
+        spent, network = [0.0], [0.0]
+        with clock(QC_STEPS, spent), clock(NETWORK, network):
+            start = time.perf_counter()
+            predict(run, data / ROBUST_IMAGES, out / f"pred_qc_{mode}", mirror=False, overwrite=True, progress=False,
+                    qc=mode == "on")
+            seconds[mode].append(time.perf_counter() - start)
+        seconds[f"network_{mode}"].append(network[0])
+        if mode == "on":
+            seconds["qc_steps"].append(spent[0])
+        print(f"predict --qc {mode}: {seconds[mode][-1]:.1f} s, of which the network {network[0]:.1f} s"
+              + (f", the quality check's own steps {spent[0]:.2f} s" if mode == "on" else ""), flush=True)
     return seconds
 
 
@@ -102,7 +147,14 @@ def print_report(result: dict[str, Any]) -> None:
           f"{len(hit)} flagged ({', '.join(worst)})")
     t = result["seconds"]
     off, on = statistics.median(t["off"]), statistics.median(t["on"])
-    print(f"predict time (median of {len(t['off'])}): --qc off {off:.1f} s, --qc on {on:.1f} s: cost {100 * (on / off - 1):+.1f} %; "
+    share = statistics.median([q / w for q, w in zip(t["qc_steps"], t["on"])])
+    rest_off = statistics.median([w - n for w, n in zip(t["off"], t["network_off"])])
+    rest_on = statistics.median([w - n for w, n in zip(t["on"], t["network_on"])])
+    print(f"predict time, median of {len(t['off'])}: --qc off {off:.1f} s, --qc on {on:.1f} s ({100 * (on / off - 1):+.1f} %); "
+          f"the network alone {statistics.median(t['network_off']):.1f} s vs {statistics.median(t['network_on']):.1f} s "
+          f"(range {min(t['network_off'] + t['network_on']):.1f}-{max(t['network_off'] + t['network_on']):.1f} s: the machine's load)")
+    print(f"cost of the check: everything but the network {rest_off:.2f} s -> {rest_on:.2f} s = "
+          f"{100 * (rest_on - rest_off) / off:+.1f} % of the --qc off time; its own steps {100 * share:.1f} % of the --qc on time; "
           f"masks identical: {'yes' if result['masks_identical'] else 'NO'}")
     for case in sorted(result["cases"], key=lambda c: c["real_dice"]):
         print(f"  {case['case']:<26} real {case['real_dice']:.3f}  predicted {case['predicted_dice']:.3f}  "

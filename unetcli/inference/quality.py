@@ -86,9 +86,10 @@ def _distance(rule: SignalRule, value: float, training: np.ndarray) -> tuple[flo
 
 
 def _number(value: float, percent: bool = False) -> str:
+    """Three significant digits (1.2, 0.935, 182), whole numbers from 1000 on."""
     if percent:
         return f"{100 * value:.0f}"
-    return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def _range_text(training: np.ndarray, percent: bool) -> str:
