@@ -425,7 +425,8 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
                           hint="pass --overwrite to replace them, or choose another output folder")
     predict_case = _case_predictor(loaded, device, precision_name, mirror, probabilities)
     ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
-    report = _quality_report(sources[0], loaded, output / csv_name(part), lambda n: (output / f"{n}{suffix}").exists()) if qc else None
+    keep_row = lambda n: (output / f"{n}{suffix}").exists()  # noqa: E731 - an earlier row stays while its mask does
+    report = _quality_report(sources, loaded, output / csv_name(part), keep_row) if qc else None
     written = []
     for name, paths in tqdm(cases.items(), disable=not progress, unit="case", leave=False):
         started, quality = time.perf_counter(), report.case() if report else None
@@ -450,8 +451,10 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     return written
 
 
-def _quality_report(source: Path, loaded: LoadedModel | list[LoadedModel], path: Path,
+def _quality_report(sources: list[Path], loaded: LoadedModel | list[LoadedModel], path: Path,
                     keep_earlier: Callable[[str], bool]) -> QualityReport:
-    """The ``predictions.csv`` of this call, for the model loaded from ``source``."""
+    """The ``predictions.csv`` of this call, for the model(s) loaded from ``sources`` (several: the
+    first one's training reference, and the unfitted estimate: a fit belongs to one model)."""
     first = loaded[0] if isinstance(loaded, list) else loaded
-    return QualityReport(path, quality_context(source, first.metadata, same_grid=not isinstance(loaded, list)), keep_earlier)
+    context = quality_context(sources[0], first.metadata, same_grid=not isinstance(loaded, list), single=len(sources) == 1)
+    return QualityReport(path, context, keep_earlier)

@@ -74,11 +74,12 @@ def _run_folder(source: Path) -> Path:
     return source.parent.parent if source.is_file() and source.parent.name == "checkpoints" else source
 
 
-def quality_context(source: Path, metadata: dict[str, Any], same_grid: bool = True) -> QualityContext:
+def quality_context(source: Path, metadata: dict[str, Any], same_grid: bool = True, single: bool = True) -> QualityContext:
     """The quality context of the model loaded from ``source``; ``same_grid`` False for models of
-    different configurations averaged on the file's grid (no single network input to compare)."""
+    different configurations averaged on the file's grid (no single network input to compare);
+    ``single`` False when ``source`` is one of several models averaged (its fit does not apply)."""
     model_file = source / QUALITY_MODEL_FILE
-    if source.is_dir() and model_file.is_file():
+    if single and source.is_dir() and model_file.is_file():
         hint = "rerun the same `unet cv` command to score it again, or predict with --qc off"
         stored = read_written_json(model_file, "quality model", hint)
         try:
