@@ -258,3 +258,14 @@ def test_png_predictions_report_volumes_in_pixels(data: Path, tmp_path: Path) ->
     assert len(names) == 2 and all(n.endswith("_px") for n in names)
     assert sum(float(rows["case00"][n]) for n in names) == np.sum(mask > 0)
     assert rows["case00"]["ood_spacing"] == "" and rows["case00"]["ood_field_of_view"] != ""
+
+
+def test_mirror_passes_report_their_disagreement(run_3d: tuple[Path, Path], scans: Path, tmp_path: Path) -> None:
+    _, run = run_3d
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(scans / "alike_a_0000.nii.gz", one)
+    assert invoke("-q", "predict", run, one, tmp_path / "plain").exit_code == 0
+    assert invoke("-q", "predict", run, one, tmp_path / "mirrored", "--mirror").exit_code == 0
+    assert rows_of(tmp_path / "plain" / "predictions.csv")["alike_a"]["mirror_disagreement"] == ""
+    assert 0 <= float(rows_of(tmp_path / "mirrored" / "predictions.csv")["alike_a"]["mirror_disagreement"]) <= 1
