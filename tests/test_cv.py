@@ -3,6 +3,7 @@ scoring, the postprocessing choice, and `unet predict CV` with the folds' ensemb
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -106,6 +107,24 @@ def test_cv_trains_every_fold_and_scores_out_of_fold_predictions(cv_run: tuple[P
     assert cvs["dice_with_95ci"]["mean"]["ci_low"] <= cvs["dice_with_95ci"]["mean"]["mean"] <= cvs["dice_with_95ci"]["mean"]["ci_high"]
     assert set(json.loads((out / "postprocessing.json").read_text())) == {"foreground", "classes"}
     assert (out / "metrics.csv").read_text().startswith("case,")
+
+
+def test_cv_fits_the_predicted_dice_on_its_out_of_fold_cases(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, out = cv_run
+    with open(out / "oof" / "predictions.csv", newline="") as handle:
+        assert sorted(r["case"] for r in csv.DictReader(handle)) == [f"case{i:02d}" for i in range(6)]
+    stored = json.loads((out / "quality_model.json").read_text())
+    assert stored["model"]["fitted"] and stored["model"]["cases"] == 6
+    assert stored["reference"]["cases"] == 6  # every case trained some fold
+    summary = json.loads((out / "summary.json").read_text())["cross_validation"]
+    assert summary["quality_model"]["threshold"] == stored["model"]["threshold"]
+    result = invoke("-q", "predict", out, data / "images", tmp_path / "pred")
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "pred" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["estimate"] for r in rows} == {"fitted on out-of-fold cases"}
+    threshold = stored["model"]["threshold"]
+    assert all((r["flagged"] == "yes") >= (float(r["predicted_dice"]) < threshold) for r in rows)
 
 
 def test_rerun_skips_finished_folds_and_continues_a_killed_one(cv_run: tuple[Path, Path], tmp_path: Path) -> None:

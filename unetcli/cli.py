@@ -475,17 +475,40 @@ def predict(
     overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help=(
         "Read the next case and write the previous one while the network runs (same outputs; --no-overlap holds "
         "fewer cases in memory)."))] = True,
+    qc: Annotated[str, typer.Option("--qc", metavar="on|off", help=(
+        "Quality check: OUT/predictions.csv (predictions.partIofN.csv with --part) with every case's volumes, "
+        "predicted Dice and the signals behind it (uncertainty, distance from the training cases); the cases to "
+        "check are listed at the end. See docs/quality.md."))] = "on",
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
     from unetcli.inference.predict import parse_part, predict as run_predict
 
+    if qc not in ("on", "off"):
+        raise ConfigError(f"--qc '{qc}' is not on or off", hint="--qc on (the default) or --qc off")
     _use_threads(num_threads)
+    shares = parse_part(part) if part else None
     written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
                           probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
-                          postprocessing=postprocessing, part=parse_part(part) if part else None, resume=continue_,
+                          postprocessing=postprocessing, part=shares, resume=continue_,
                           output_format=output_format, checkpoint=_checkpoint_name(checkpoint),
-                          folds=_fold_list(folds), overlap=overlap)
+                          folds=_fold_list(folds), overlap=overlap, qc=qc == "on")
     console.print(f"wrote {len(written)} mask(s) to {output}")
+    if qc == "on":
+        _print_review(output, written, shares)
+
+
+def _print_review(output: Path, written: list[Path], part: Optional[tuple[int, int]]) -> None:
+    """The cases of this call flagged for review, one line per case and reason."""
+    from unetcli.inference.quality_report import csv_name, review
+
+    result = review(output / csv_name(part), written)
+    if result.no_reference:
+        console.print("note: the model has no training reference (trained by an older unetcli): only the uncertainty "
+                      "signals were checked, not the distance from the training cases")
+    for line in result.lines:
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+    console.print(f"quality: {len(result.flagged)} of {result.cases} case(s) flagged for review; details in {result.path}",
+                  highlight=False, soft_wrap=True)
 
 
 def _checkpoint_name(text: Optional[str]) -> Optional[str]:
@@ -599,9 +622,18 @@ def eval_(
                              progress=_progress(), ignore_label=ignore_label, trackers=_trackers(log_to) or [])
     if outcome.comparison is None:
         console.print(summary_table(outcome.results[0]))
+        _print_quality(outcome.quality)
     else:
         console.print(comparison_table(outcome.comparison))
     console.print(f"wrote {len(outcome.written)} file(s) to {out}" + (f" and {overlays}" if overlays else ""))
+
+
+def _print_quality(quality: Optional[dict[str, Any]]) -> None:
+    """``unet eval`` of a folder with predictions.csv: how its quality estimates track the real Dice."""
+    if quality is not None:
+        from unetcli.evaluation.quality_fit import quality_table
+
+        console.print(quality_table(quality))
 
 
 @app.command(epilog=_examples("unet demo --out my-demo", "unet demo --time 10m      (longer)", "unet demo --3d"))

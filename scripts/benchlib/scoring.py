@@ -16,14 +16,14 @@ ROBUST_IMAGES, ROBUST_LABELS = "imagesTs_robust", "labelsTs_robust"
 """Folders of the other-scanner test sets that ``prepare_robustness_data.py`` writes."""
 
 
-def dice_per_set(pred_dir: Path, data: Path) -> dict[str, dict[str, float]]:
-    """For each set of ``DATA/robustness_sets.json``: mean Dice over its classes per case, then over
-    cases. Voxels of the set's ``ignore`` value are not scored; a class absent from both masks of a
-    case scores 1.0 (both agree it is absent), so every case counts in every class's mean."""
+def dice_per_case(pred_dir: Path, data: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """For each set of ``DATA/robustness_sets.json``, each case's Dice per class. Voxels of the
+    set's ``ignore`` value are not scored; a class absent from both masks of a case scores 1.0
+    (both agree it is absent), so every case counts in every class's mean."""
     sets = json.loads((data / "robustness_sets.json").read_text())
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for name, entry in sets.items():
-        per_class: dict[str, list[float]] = {c: [] for c in entry["classes"]}
+        out[name] = {}
         for case in entry["cases"]:
             ref = np.asarray(nib.load(str(data / ROBUST_LABELS / f"{case}.nii.gz")).dataobj)
             pred_path = pred_dir / f"{case}.nii.gz"
@@ -33,9 +33,18 @@ def dice_per_set(pred_dir: Path, data: Path) -> dict[str, dict[str, float]]:
             if pred.shape != ref.shape:
                 sys.exit(f"{pred_path}: shape {pred.shape} differs from the reference's {ref.shape}")
             scored = ref != entry["ignore"] if entry["ignore"] is not None else np.ones(ref.shape, bool)
-            for cname, value in entry["classes"].items():
-                per_class[cname].append(dice((pred == value) & scored, (ref == value) & scored, empty_value=1.0))
-        result = {c: float(np.mean(v)) for c, v in per_class.items()}
+            out[name][case] = {cname: dice((pred == value) & scored, (ref == value) & scored, empty_value=1.0)
+                               for cname, value in entry["classes"].items()}
+    return out
+
+
+def dice_per_set(pred_dir: Path, data: Path) -> dict[str, dict[str, float]]:
+    """For each set of ``DATA/robustness_sets.json``: mean Dice over its classes per case, then over
+    cases (cases scored as :func:`dice_per_case` scores them)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, cases in dice_per_case(pred_dir, data).items():
+        classes = list(next(iter(cases.values())))
+        result = {c: float(np.mean([scores[c] for scores in cases.values()])) for c in classes}
         result["mean"] = float(np.mean(list(result.values())))
         out[name] = result
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -22,11 +23,14 @@ from unetcli.data.png import PNG_SUFFIX, write_png_mask
 from unetcli.data.png_dataset import load_image_channels
 from unetcli.data.volumes import VolumeGeometry, preprocess, restore_label_map, restore_labels, restore_probabilities
 from unetcli.data.preprocessing import normalize_image
+from unetcli.data.scan_geometry import image_geometry, nifti_geometry
 from unetcli.errors import CheckpointError, ConfigError, DataError, OutputError, UnetCliError
 from unetcli.inference.ensemble import EnsembleNetwork, cv_fold_runs, read_postprocessing
 from unetcli.inference.pipeline import run_cases
 from unetcli.inference.exported import ExportedNetwork, is_exported_model, load_exported
 from unetcli.inference.postprocessing import Postprocessing, apply_postprocessing
+from unetcli.inference.quality_context import quality_context
+from unetcli.inference.quality_report import CaseQuality, QualityReport, csv_name
 from unetcli.inference.sliding_window import paint_regions, sliding_window_predict
 from unetcli.models import SegmentationNetwork, build_model, fold_batch_norm
 from unetcli.runtime import configure_cpu_allocator, memory_format, resolve_channels_last, resolve_device, resolve_precision
@@ -267,11 +271,12 @@ class CaseSteps:
     the probabilities to keep, or None)."""
 
     read: Callable[[list[VolumeSource]], Any]
-    compute: Callable[[Any], Any]
-    write: Callable[[Any, Path], np.ndarray | None]
+    compute: Callable[[Any, CaseQuality | None], Any]
+    write: Callable[[Any, Path, CaseQuality | None], np.ndarray | None]
+    """``compute`` and ``write`` also report to the case's quality check, when there is one."""
 
-    def run(self, paths: list[VolumeSource], target: Path) -> np.ndarray | None:
-        return self.write(self.compute(self.read(paths)), target)
+    def run(self, paths: list[VolumeSource], target: Path, quality: CaseQuality | None = None) -> np.ndarray | None:
+        return self.write(self.compute(self.read(paths), quality), target, quality)
 
 
 def png_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities: bool = False) -> CaseSteps:
@@ -283,13 +288,20 @@ def png_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities: b
         _check_channels(image, paths[0], meta)  # type: ignore[arg-type]
         return normalize_image(image, meta["normalization"], meta.get("foreground_mask", "nonzero"))
 
-    def compute(image: np.ndarray) -> torch.Tensor:
-        return sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window)
+    def compute(image: np.ndarray, quality: CaseQuality | None) -> torch.Tensor:
+        extra = {"confidence": quality.confidence} if quality is not None else {}
+        probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window, **extra)
+        if quality is not None:
+            labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
+            quality.observe_network(image, labels, image_geometry(image.shape[1:]))
+        return probs
 
-    def write(probs: torch.Tensor, target: Path) -> np.ndarray | None:
+    def write(probs: torch.Tensor, target: Path, quality: CaseQuality | None) -> np.ndarray | None:
         labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
         labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
         write_png_mask(np.asarray(meta["label_values"])[labels], target)
+        if quality is not None:
+            quality.observe_output(labels)
         return probs.numpy() if keep_probabilities else None
 
     return CaseSteps(read, compute, write)
@@ -339,11 +351,15 @@ def volume_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities
         image_pp, _, geometry = preprocess(image, props, meta["preprocessing"])
         return image_pp, props, geometry
 
-    def compute(prepared: OnGrid) -> OnGrid:
+    def compute(prepared: OnGrid, quality: CaseQuality | None) -> OnGrid:
         image_pp, props, geometry = prepared
-        return _network_grid_prediction(loaded, image_pp, window, "probabilities" if keep_probabilities else "labels"), props, geometry
+        extra = {"confidence": quality.confidence} if quality is not None else {}
+        pred = _network_grid_prediction(loaded, image_pp, {**window, **extra}, "probabilities" if keep_probabilities else "labels")
+        if quality is not None:
+            quality.observe_network(image_pp, pred, nifti_geometry(props.affine, props.original_shape))
+        return pred, props, geometry
 
-    def write(computed: OnGrid, target: Path) -> np.ndarray | None:
+    def write(computed: OnGrid, target: Path, quality: CaseQuality | None) -> np.ndarray | None:
         pred, props, geometry = computed
         if keep_probabilities:
             labels = restore_labels(pred, props, geometry, regions=bool(meta.get("regions")))
@@ -351,6 +367,8 @@ def volume_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities
             labels = restore_label_map(pred, props, geometry)
         labels = apply_postprocessing(labels, loaded.postprocessing)
         write_segmentation(np.asarray(meta["label_values"])[labels], props, target)
+        if quality is not None:
+            quality.observe_output(labels, props.spacing)
         return pred if keep_probabilities else None
 
     return CaseSteps(read, compute, write)
@@ -383,16 +401,22 @@ def mixed_steps(members: list[LoadedModel], windows: list[dict[str, Any]]) -> Ca
         return restore_probabilities(_network_grid_prediction(member, image_pp, window, "probabilities"), props,
                                      geometry, regions=bool(meta.get("regions")))
 
-    def compute(prepared: tuple[np.ndarray, ImageProperties | None]) -> tuple[np.ndarray, ImageProperties | None]:
+    def compute(prepared: tuple[np.ndarray, ImageProperties | None],
+                quality: CaseQuality | None) -> tuple[np.ndarray, ImageProperties | None]:
         image, props = prepared
         total = sum(member_probabilities(m, w, image, props) for m, w in zip(members, windows))
         mean = torch.from_numpy(total / len(members))  # type: ignore[operator]
         labels = (paint_regions(mean) if meta.get("regions") else mean.argmax(0)).numpy()
-        return np.asarray(meta["label_values"])[labels], props
+        if quality is not None:  # the mean probabilities and the labels (no single network input to compare)
+            quality.confidence.add(mean)
+        return labels, props
 
-    def write(computed: tuple[np.ndarray, ImageProperties | None], target: Path) -> None:
-        values, props = computed
+    def write(computed: tuple[np.ndarray, ImageProperties | None], target: Path, quality: CaseQuality | None) -> None:
+        labels, props = computed
+        values = np.asarray(meta["label_values"])[labels]
         write_png_mask(values, target) if props is None else write_segmentation(values, props, target)
+        if quality is not None:
+            quality.observe_output(labels, None if props is None else props.spacing)
 
     return CaseSteps(read, compute, write)
 
@@ -462,12 +486,28 @@ def select_cases(cases: dict[str, list[Path]], outputs: dict[str, list[Path]], p
 
 
 def _predict_cases(cases: dict[str, list[VolumeSource]], targets: dict[str, Path], steps: CaseSteps, output: Path,
-                   class_names: list[str], progress: bool, overlap: bool) -> list[Path]:
-    """Predict and write every case in order (reading ahead and writing behind with ``overlap``); the masks written."""
+                   class_names: list[str], progress: bool, overlap: bool, report: QualityReport | None) -> list[Path]:
+    """Predict and write every case in order (reading ahead and writing behind with ``overlap``); the masks
+    written. With a ``report``, every case's quality row is added once its mask is written."""
     names = list(cases)
+    # Each case carries its quality collector and the seconds its own steps took (not the queue waits).
+    Case = tuple[Any, CaseQuality | None, float]
 
-    def write(name: str, computed: Any) -> None:
-        probs = steps.write(computed, targets[name])
+    def read(paths: list[VolumeSource]) -> Case:
+        start = time.perf_counter()
+        return steps.read(paths), report.case() if report is not None else None, time.perf_counter() - start
+
+    def compute(case: Case) -> Case:
+        start = time.perf_counter()
+        prepared, quality, seconds = case
+        return steps.compute(prepared, quality), quality, seconds + time.perf_counter() - start
+
+    def write(name: str, case: Case) -> None:
+        start = time.perf_counter()
+        computed, quality, seconds = case
+        probs = steps.write(computed, targets[name], quality)
+        if report is not None and quality is not None:
+            report.add(quality.row(name, cases[name], seconds + time.perf_counter() - start))  # type: ignore[arg-type]
         if probs is not None:
             # Probabilities on the network's grid (for volumes: RAS, cropped, resampled), classes first.
             with atomic_path(output / f"{name}_probabilities.npz") as tmp:
@@ -475,7 +515,7 @@ def _predict_cases(cases: dict[str, list[VolumeSource]], targets: dict[str, Path
                     np.savez_compressed(handle, probabilities=probs.astype(np.float16), label_names=np.asarray(class_names))
 
     written: list[Path] = []
-    done = run_cases(list(cases.items()), steps.read, steps.compute, write, overlap=overlap)
+    done = run_cases(list(cases.items()), read, compute, write, overlap=overlap)
     try:
         for name, _ in tqdm(done, total=len(names), disable=not progress, unit="case", leave=False):
             written.append(targets[name])
@@ -491,7 +531,8 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
             precision_name: str | None = None, probabilities: bool = False, overwrite: bool = False,
             mirror: bool | None = None, progress: bool = True, postprocessing: bool = True,
             part: tuple[int, int] | None = None, resume: bool = False, output_format: str | None = None,
-            checkpoint: str | None = None, folds: Sequence[int] | None = None, overlap: bool = True) -> list[Path]:
+            checkpoint: str | None = None, folds: Sequence[int] | None = None, overlap: bool = True,
+            qc: bool = True) -> list[Path]:
     """Write one mask per input image or volume into ``output`` (same name, input geometry); returns the paths.
 
     ``run`` is a run folder, a checkpoint, or an ONNX / TorchScript file written by ``unet export``
@@ -503,6 +544,8 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
     format unless ``output_format`` (``nii.gz``, ``nii``, ``mha``, ``nrrd``) says otherwise.
     ``checkpoint`` (``best``/``last``) and ``folds`` pick what is loaded (:func:`load_model`); ``overlap``
     reads the next case and writes the previous one while the network runs (:func:`run_cases`).
+    ``qc`` writes ``predictions.csv`` (``predictions.partIofN.csv`` with ``part``): every case's volumes,
+    predicted Dice and the signals behind it (:mod:`unetcli.inference.quality_report`).
     """
     if output_format:
         check_output_format(output_format)
@@ -529,6 +572,24 @@ def predict(run: Path | Sequence[Path], input_path: Path, output: Path, device_n
                           hint="pass --overwrite to replace them, or choose another output folder")
     steps = _case_steps(loaded, device, precision_name, mirror, probabilities)
     ensure_writable_folder(output, "output folder", hint="choose a writable output folder")
-    written = _predict_cases(cases, targets, steps, output, probability_names(meta), progress, overlap)
+    keep_row = lambda n: n in targets and targets[n].exists()  # noqa: E731 - an earlier row stays while its mask does
+    report = _quality_report(sources, loaded, output / csv_name(part), keep_row) if qc else None
+    try:
+        written = _predict_cases(cases, targets, steps, output, probability_names(meta), progress, overlap, report)
+    except BaseException:
+        if report is not None and report.rows:  # the rows of the masks written before the failure
+            report.write()
+        raise
+    if report is not None:
+        report.write()
     log.info("wrote %d prediction(s) to %s", len(written), output)
     return written
+
+
+def _quality_report(sources: list[Path], loaded: LoadedModel | list[LoadedModel], path: Path,
+                    keep_earlier: Callable[[str], bool]) -> QualityReport:
+    """The ``predictions.csv`` of this call, for the model(s) loaded from ``sources`` (several: the
+    first one's training reference, and the unfitted estimate: a fit belongs to one model)."""
+    first = loaded[0] if isinstance(loaded, list) else loaded
+    context = quality_context(sources[0], first.metadata, same_grid=not isinstance(loaded, list), single=len(sources) == 1)
+    return QualityReport(path, context, keep_earlier)

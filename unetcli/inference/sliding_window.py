@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from unetcli.data.sampling import pad_to_cover
+from unetcli.inference.confidence import ConfidenceSums
 from unetcli.runtime import autocast
 
 
@@ -118,6 +119,7 @@ def sliding_window_predict(
     precision: str = "fp32",
     output: str = "probabilities",
     activation: str = "softmax",
+    confidence: ConfidenceSums | None = None,
 ) -> torch.Tensor:
     """Class probabilities (or labels) for a whole image, predicted window by window.
 
@@ -137,6 +139,7 @@ def sliding_window_predict(
             other volume-sized buffer); ``labels`` -> (*S) argmax (uint8, int64 beyond 256 classes),
             computed band by band of window height so that memory does not grow with K x volume.
         activation: ``softmax`` (classes) or ``sigmoid`` (regions; labels as :func:`paint_regions`).
+        confidence: gets the image voxels' probabilities (with ``mirror``, the flips' disagreement) as they are final.
 
     Returns:
         (K, *S) float32 probabilities or (*S) uint8/int64 labels, on the CPU.
@@ -145,25 +148,54 @@ def sliding_window_predict(
     spatial = image.shape[1:]
     padded, grid, offset, out_roi = _pad_for_windows(image, roi_size, margin)
     weight = gaussian_importance(out_roi) if gaussian else torch.ones(out_roi)
-    result, band = _accumulator(output, num_classes, out_roi, grid, regions := activation == "sigmoid")
+    crop, regions = tuple(slice(o, o + s) for o, s in zip(offset, spatial)), activation == "sigmoid"
+    result, band = _accumulator(output, num_classes, out_roi, grid, regions, _observer(confidence, crop, regions, output))
     fmt = _input_format(model, len(spatial))
     starts = list(itertools.product(*(window_starts(g, r, overlap) for g, r in zip(grid, out_roi))))
     axes = range(2, 2 + len(spatial))  # every combination of flipped spatial axes, or none
     flip_sets = [c for n in range(len(spatial) + 1) for c in itertools.combinations(axes, n)] if mirror else [()]
     for i in range(0, len(starts), window_batch_size):
         chunk = starts[i : i + window_batch_size]
-        batch = torch.stack(
-            [padded[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, roi_size))] for start in chunk]
-        ).to(device, non_blocking=True).contiguous(memory_format=fmt)
-        pred = _predict_windows(model, batch, flip_sets, device, precision, regions)
+        batch = _window_batch(padded, chunk, roi_size).to(device, non_blocking=True).contiguous(memory_format=fmt)
+        pred = _predict_windows(model, batch, flip_sets, device, precision, regions, confidence)
         for start, p in zip(chunk, pred.mul_(weight)):
             band.add(start, p)
     band.finish(grid[0])
-    crop = tuple(slice(o, o + s) for o, s in zip(offset, spatial))
     if output == "labels":
         return result[crop].contiguous()
-    _normalise_in_place(result, regions)
-    return result[(slice(0, num_classes),) + crop].contiguous()
+    return _probabilities(result, num_classes, crop, regions, confidence)
+
+
+def _window_batch(padded: torch.Tensor, starts: Sequence[tuple[int, ...]], roi_size: Sequence[int]) -> torch.Tensor:
+    """The windows of ``padded`` (C, *S) starting at ``starts``, stacked (B, C, *roi_size)."""
+    return torch.stack([padded[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, roi_size))] for start in starts])
+
+
+def _probabilities(sums: torch.Tensor, num_classes: int, crop: tuple[slice, ...], regions: bool,
+                   confidence: ConfidenceSums | None) -> torch.Tensor:
+    """Weighted sums of the whole grid -> probabilities of the image's voxels (seen by ``confidence``)."""
+    _normalise_in_place(sums, regions)
+    probabilities = sums[(slice(0, num_classes),) + crop].contiguous()
+    if confidence is not None:
+        confidence.add(probabilities)
+    return probabilities
+
+
+def _observer(confidence: ConfidenceSums | None, crop: tuple[slice, ...], regions: bool,
+              output: str) -> Callable[[int, torch.Tensor], None] | None:
+    """For labels output: hands ``confidence`` the probabilities of each finished band of rows,
+    less the padding around the image (rows outside ``crop``, and the other axes' margins)."""
+    if confidence is None or output != "labels":
+        return None
+
+    def observe(lo: int, sums: torch.Tensor) -> None:
+        first, last = max(lo, crop[0].start), min(lo + sums.shape[1], crop[0].stop)
+        if first >= last:
+            return
+        block = sums[(slice(None), slice(first - lo, last - lo)) + crop[1:]]
+        confidence.add(block[:-1] / block[-1:] if regions else block / block.sum(0, keepdim=True))
+
+    return observe
 
 
 def _pad_for_windows(image: np.ndarray, roi_size: Sequence[int], margin: int | Sequence[int]
@@ -186,15 +218,19 @@ def _pad_for_windows(image: np.ndarray, roi_size: Sequence[int], margin: int | S
 
 
 def _accumulator(output: str, num_classes: int, out_roi: tuple[int, ...], grid: tuple[int, ...],
-                 regions: bool = False) -> tuple[torch.Tensor, _RowBand]:
+                 regions: bool = False, observe: Callable[[int, torch.Tensor], None] | None = None
+                 ) -> tuple[torch.Tensor, _RowBand]:
     """The output array and the band that accumulates window predictions into it. Region
-    predictions carry one more channel, the window weight (sigmoids do not sum to 1)."""
+    predictions carry one more channel, the window weight (sigmoids do not sum to 1). For labels,
+    ``observe`` sees each band's weighted sums before they become labels."""
     channels = num_classes + 1 if regions else num_classes
     if output == "labels":
         # uint8 holds 256 classes in an eighth of int64's memory (a 512x512x500 CT: 125 MiB, not 1 GiB).
         labels = torch.zeros(grid, dtype=torch.uint8 if num_classes <= 256 else torch.int64)
 
         def emit(lo: int, sums: torch.Tensor) -> None:
+            if observe is not None:
+                observe(lo, sums)
             if regions:
                 labels[lo : lo + sums.shape[1]] = paint_regions(sums[:-1] / sums[-1:])
             else:  # a positive per-voxel normaliser cannot change the argmax; max().indices beats argmax on CPU
@@ -207,10 +243,12 @@ def _accumulator(output: str, num_classes: int, out_roi: tuple[int, ...], grid: 
 
 
 def _predict_windows(model: nn.Module, batch: torch.Tensor, flip_sets: list[tuple[int, ...]], device: torch.device,
-                     precision: str, regions: bool = False) -> torch.Tensor:
+                     precision: str, regions: bool = False, confidence: ConfidenceSums | None = None) -> torch.Tensor:
     """Softmax (``regions``: sigmoid, plus a channel of ones that carries the window weight)
-    probabilities of a window batch, averaged over the flips in ``flip_sets``, on the CPU."""
+    probabilities of a window batch, averaged over the flips in ``flip_sets``, on the CPU.
+    With ``confidence`` and several flips, each flip's classes are compared with the mean's."""
     pred = None
+    passes: list[torch.Tensor] = []
     for flips in flip_sets:
         x = batch.flip(flips) if flips else batch
         with autocast(device, precision):
@@ -221,8 +259,12 @@ def _predict_windows(model: nn.Module, batch: torch.Tensor, flip_sets: list[tupl
         else:
             p = torch.softmax(logits.float(), dim=1)
         p = p.flip(flips) if flips else p
+        if confidence is not None and len(flip_sets) > 1:
+            passes.append(confidence.choice(p[:, :-1] if regions else p))
         pred = p if pred is None else pred.add_(p)
     pred = pred.cpu()  # type: ignore[union-attr]
     if len(flip_sets) > 1:
         pred /= len(flip_sets)
+        if confidence is not None:
+            confidence.add_flips(pred[:, :-1] if regions else pred, [c.cpu() for c in passes])
     return pred

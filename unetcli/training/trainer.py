@@ -31,6 +31,7 @@ from unetcli.data.dataset import discover_dataset, load_dataset
 from unetcli.data.sampling import iterate_batches
 from unetcli.data.types import Dataset
 from unetcli.errors import DataError, OutputError, TrainingError, UnetCliError
+from unetcli.inference.quality_reference import reference_from_dataset
 from unetcli.models import count_parameters
 from unetcli.runtime import autocast, configure_cpu_allocator, configure_threads, resolve_device, resolve_precision, seed_everything
 from unetcli.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
@@ -130,6 +131,8 @@ def _train(data_dir: Path, cfg: RunConfig, out: Path, overwrite: bool, progress:
             if resume:
                 split = resume.split_for([c.name for c in dataset.cases], Path(data_dir).resolve())
             parts = build_components(cfg, dataset, files.layout, device, precision, split, resumed=resume is not None)
+            if current_world().is_main:  # what `unet predict` compares new cases with (only rank 0 saves checkpoints)
+                parts.metadata["quality_reference"] = reference_from_dataset(files, dataset, parts.train_names)
             trainer = Trainer(parts, dataset, out, device, precision, Path(data_dir).resolve(), start, resume, run_files)
             return trainer.run(progress, on_epoch)
         except OSError as exc:  # e.g. a full disk: files already written are intact (atomic writes)

@@ -18,9 +18,11 @@ from unetcli.errors import ConfigError, DataError, OutputError
 from unetcli.evaluation.cases import unique_run_names
 from unetcli.evaluation.labels import dataset_label_names, dataset_regions_and_ignore, metadata_label_names
 from unetcli.evaluation.overlays import write_overlays
+from unetcli.evaluation.quality_fit import signal_correlations
 from unetcli.evaluation.scoring import evaluate_runs
 from unetcli.evaluation.stats import Comparison, compare_results, write_comparison
 from unetcli.evaluation.summary import EvalResult, write_json, write_reports
+from unetcli.inference.quality_report import read_folder_rows
 
 
 @dataclass
@@ -28,6 +30,8 @@ class EvalOutcome:
     results: list[EvalResult]
     comparison: Comparison | None = None  # in compare mode
     written: list[Path] = field(default_factory=list)
+    quality: dict[str, Any] | None = None
+    """How the quality estimates in PRED/predictions.csv track the real Dice (one prediction folder)."""
 
 
 # --------------------------------------------------------------------------- class names
@@ -126,7 +130,7 @@ def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: P
     names = ["summary.json", "comparison.csv", "comparison.png", *run_names] if compare else ["metrics.csv", "summary.json"]
     _check_outputs(out, [*preds, truth] + ([image_dir] if image_dir else []), names, overlays, overwrite)
     results = evaluate_runs(preds, truth, **with_dataset_label_structure(truth, options))
-    outcome = EvalOutcome(results)
+    outcome = EvalOutcome(results, quality=None if compare else quality_agreement(preds[0], results[0]))
     with output_folder(out, "output folder", hint="choose a writable --out"):  # a failed write leaves no empty folder
         if compare:
             _write_comparison_reports(results, truth, out, outcome)
@@ -138,6 +142,22 @@ def run_evaluation(preds: Sequence[Path], truth: Path, out: Path, *, overlays: P
             outcome.written.extend(write_overlays(result, overlays / result.name if compare else overlays,
                                                   worst, image_dir))
     return outcome
+
+
+def quality_agreement(pred: Path, result: EvalResult) -> dict[str, Any] | None:
+    """Spearman's rho between each quality signal of ``pred/predictions.csv`` (written by ``unet
+    predict``) and the real per-case Dice (mean over the scored classes), added to the summary;
+    None without such a file."""
+    rows = read_folder_rows(pred)
+    if not rows:
+        return None
+    dice = {case: float(v) for case, v in zip(result.cases, result.foreground_values("dice"))}
+    matched = sum(1 for r in rows if r["case"] in dice)
+    quality = {"file": str(pred / "predictions.csv"), "cases_joined": matched,
+               "real_dice": "per case, the mean Dice over the scored classes",
+               "spearman": signal_correlations(rows, dice)}
+    result.summary["quality_estimate"] = quality
+    return quality
 
 
 def track_evaluation(trackers: Sequence[str], results: list[EvalResult], truth: Path, out: Path) -> None:

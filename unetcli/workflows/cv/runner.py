@@ -36,11 +36,13 @@ from unetcli.evaluation.stats import Comparison, compare_results, comparison_csv
 from unetcli.evaluation.summary import EvalResult, write_json, write_reports
 from unetcli.inference.ensemble import CV_FILE
 from unetcli.inference.predict import predict
+from unetcli.inference.quality_report import is_quality_file
 from unetcli.checkpoint import load_checkpoint
 from unetcli.runlock import LOCK_NAME, RunLock, live_holder
 from unetcli.tracking import cv_group, log_cv_summary
 from unetcli.training.resume import resume_training, run_progress
 from unetcli.training.trainer import train
+from unetcli.workflows.cv.quality import fit_cv_quality
 from unetcli.workflows.cv.selection import choose_postprocessing, class_dice, fold_summaries, pooled_with_ci
 from unetcli.workflows.cv.splits import Fold, kfold_splits, read_splits
 from unetcli.workflows.train import PlanChoice, planned_config
@@ -296,7 +298,7 @@ def _score(out: Path, files: DatasetFiles, splits: list[Fold], result: CVResult)
     oof.mkdir()
     for k in range(len(splits)):
         for path in sorted((out / f"fold_{k}" / "oof").iterdir()):
-            if not path.name.startswith("."):
+            if not path.name.startswith(".") and not is_quality_file(path):  # the folds' quality rows are joined below
                 shutil.copy2(path, oof / path.name)
     truth = files.cases[0].label.parent  # type: ignore[union-attr]
     meta = load_checkpoint(out / "fold_0" / "checkpoints" / "last.pt")["metadata"]
@@ -310,7 +312,8 @@ def _score(out: Path, files: DatasetFiles, splits: list[Fold], result: CVResult)
     result.pooled = pooled_with_ci(result.oof)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     summary["cross_validation"] = {"folds": result.folds, "dice_with_95ci": result.pooled,
-                                   "postprocessing": result.postprocessing}
+                                   "postprocessing": result.postprocessing,
+                                   "quality_model": fit_cv_quality(out, len(splits), result.oof)}
     write_json(out / "summary.json", summary)
 
 
