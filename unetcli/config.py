@@ -119,10 +119,12 @@ class TrainConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     dice_include_background: bool = False
-    deep_supervision: bool = False
+    deep_supervision: bool = True
     """Deep supervision (nnU-Net's): the loss also on 1x1-convolution outputs of the decoder levels between
     full resolution and the lowest, weights 1/2^level normalised, labels down-sampled by nearest neighbour.
-    Training only: prediction, validation and export use the full-resolution output."""
+    Training only: prediction, validation and export use the full-resolution output. On by default:
+    on the robustness benchmark it raised held-out Dice on changed scans from 0.871 to 0.896 at 2,000
+    iterations (0.865 to 0.868 at 500) at the same seconds per iteration (docs/benchmarks.md)."""
     flips: bool = True
     rotate90: bool = True
     """Turns by multiples of 90 degrees, only in planes of equal voxel spacing and equal patch size."""
