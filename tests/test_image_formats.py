@@ -246,7 +246,7 @@ def test_overlapped_reading_and_writing_gives_the_same_files(mha_run: tuple[Path
     nifti, run = mha_run
     outputs = {}
     for flag in ("--overlap", "--no-overlap"):
-        result = invoke("predict", run, nifti / "imagesTr", tmp_path / flag, "--device", "cpu", "--probabilities", flag)
+        result = invoke("predict", run, nifti / "imagesTr", tmp_path / flag, "--device", "cpu", "--probabilities", flag, "--qc", "off")
         assert result.exit_code == 0, result.output
         outputs[flag] = {p.name: p.read_bytes() for p in sorted((tmp_path / flag).iterdir())}
     assert len(outputs["--overlap"]) == 6  # 3 masks, 3 probability files

@@ -8,12 +8,11 @@ from the header alone for training files (cheap), from the affine already read a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from unetcli.errors import DataError
+from unetcli.data.image_io import VolumeSource, volume_geometry
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,7 @@ def image_geometry(shape: tuple[int, ...]) -> ScanGeometry:
     return ScanGeometry(tuple(1.0 for _ in shape), tuple(int(n) for n in shape), "", 0.0)
 
 
-def read_nifti_geometry(path: Path) -> ScanGeometry:
-    """The geometry of a NIfTI file from its header alone (no voxel data is read)."""
-    try:
-        img = nib.load(str(path))
-        return nifti_geometry(img.affine, tuple(int(n) for n in img.shape[:3]))
-    except Exception as exc:  # nibabel raises many types for damaged headers
-        raise DataError(f"{path}: cannot read the NIfTI header ({type(exc).__name__}: {exc})",
-                        hint="re-export or remove the file") from exc
+def read_scan_geometry(source: VolumeSource) -> ScanGeometry:
+    """The geometry of a 3D scan in any format unetcli reads, from its header alone (no voxel data)."""
+    shape, affine = volume_geometry(source)
+    return nifti_geometry(affine, tuple(int(n) for n in shape[:3]))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from unetcli.data.scan_geometry import ScanGeometry, image_geometry, read_nifti_geometry
+from unetcli.data.scan_geometry import ScanGeometry, image_geometry, read_scan_geometry
 from unetcli.data.types import Dataset, DatasetFiles
 from unetcli.inference.quality_signals import measure_case, paint_training_labels, training_reference
 
@@ -43,7 +43,7 @@ def reference_from_dataset(files: DatasetFiles, dataset: Dataset, names: Sequenc
     structures = dataset.num_classes if dataset.regions is not None else dataset.num_classes - 1
     measures, measured_names = [], []
     for name, image, label in _whole_cases(dataset, names):
-        geometry: ScanGeometry = read_nifti_geometry(geometry_of[name]) if three_d else image_geometry(image.shape[1:])
+        geometry: ScanGeometry = read_scan_geometry(geometry_of[name]) if three_d else image_geometry(image.shape[1:])
         painted = paint_training_labels(label, dataset.num_classes, dataset.regions)
         measures.append(measure_case(geometry, image, painted, structures, voxel))
         measured_names.append(name)
