@@ -78,7 +78,9 @@ def test_predict_a_dicom_folder_writes_one_mask_per_series(run: Path, tmp_path: 
     save_nifti(data.astype(np.float32), affine, (tmp_path / "nifti").mkdir() or tmp_path / "nifti" / "p1.nii.gz")
     result = invoke("predict", run, tmp_path / "dicom", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1.nii.gz", "p2.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1.nii.gz", "p2.nii.gz", "predictions.csv"]
+    report = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in report[1:]] == ["p1", "p2"]  # one quality row per series
     mask = nib.load(str(tmp_path / "out" / "p1.nii.gz"))
     assert mask.shape == data.shape and np.allclose(mask.affine, affine, atol=1e-5)
     reference = invoke("predict", run, tmp_path / "nifti", tmp_path / "ref", "--device", "cpu")
