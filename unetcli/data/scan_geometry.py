@@ -30,7 +30,7 @@ class ScanGeometry:
 
     @property
     def field_of_view(self) -> tuple[float, ...]:
-        """Extent along each canonical axis: mm for NIfTI, pixels for PNG."""
+        """Extent along each canonical axis: mm for 3D volumes, pixels for PNG."""
         return tuple(float(s * n) for s, n in zip(self.spacing, self.shape))
 
 

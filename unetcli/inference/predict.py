@@ -288,16 +288,16 @@ def png_steps(loaded: LoadedModel, window: dict[str, Any], keep_probabilities: b
         _check_channels(image, paths[0], meta)  # type: ignore[arg-type]
         return normalize_image(image, meta["normalization"], meta.get("foreground_mask", "nonzero"))
 
-    def compute(image: np.ndarray, quality: CaseQuality | None) -> torch.Tensor:
+    def compute(image: np.ndarray, quality: CaseQuality | None) -> tuple[torch.Tensor, torch.Tensor]:
         extra = {"confidence": quality.confidence} if quality is not None else {}
         probs = sliding_window_predict(loaded.model, image, meta["patch_size"], meta["num_classes"], **window, **extra)
-        if quality is not None:
-            labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
-            quality.observe_network(image, labels, image_geometry(image.shape[1:]))
-        return probs
-
-    def write(probs: torch.Tensor, target: Path, quality: CaseQuality | None) -> np.ndarray | None:
         labels = paint_regions(probs) if meta.get("regions") else probs.argmax(0)
+        if quality is not None:
+            quality.observe_network(image, labels, image_geometry(image.shape[1:]))
+        return probs, labels
+
+    def write(computed: tuple[torch.Tensor, torch.Tensor], target: Path, quality: CaseQuality | None) -> np.ndarray | None:
+        probs, labels = computed
         labels = apply_postprocessing(labels.numpy(), loaded.postprocessing)
         write_png_mask(np.asarray(meta["label_values"])[labels], target)
         if quality is not None:
