@@ -439,7 +439,8 @@ def _cv_configurations(data: Path, out: Path, configs: str, config: Optional[Pat
 
 @app.command(epilog=_examples("unet predict runs/tissue scans/ predictions/",
                               "unet predict tissue.onnx scans/ predictions/          (an exported model)",
-                              "unet predict runs/tissue scans/ preds/ --part 2/4     (job 2 of 4; add --continue to resume)"))
+                              "unet predict runs/tissue scans/ preds/ --part 2/4     (job 2 of 4; add --continue to resume)",
+                              "torchrun --standalone --nproc-per-node 4 -m unetcli predict runs/tissue scans/ preds/  (4 processes)"))
 @handle_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `unet train` (uses checkpoints/best.pt), a `unet cv` folder (the "
@@ -481,27 +482,30 @@ def predict(
         "check are listed at the end. See docs/quality.md."))] = "on",
 ) -> None:
     """Write a mask for every input image, at the input's size. RUN may be a `unet cv` folder: the ensemble of its folds."""
-    from unetcli.inference.predict import parse_part, predict as run_predict
+    from unetcli.inference.predict import parse_part
+    from unetcli.workflows.predict import predict_folder
 
     if qc not in ("on", "off"):
         raise ConfigError(f"--qc '{qc}' is not on or off", hint="--qc on (the default) or --qc off")
     _use_threads(num_threads)
     shares = parse_part(part) if part else None
-    written = run_predict([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
-                          probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
-                          postprocessing=postprocessing, part=shares, resume=continue_,
-                          output_format=output_format, checkpoint=_checkpoint_name(checkpoint),
-                          folds=_fold_list(folds), overlap=overlap, qc=qc == "on")
-    console.print(f"wrote {len(written)} mask(s) to {output}")
+    result = predict_folder([run, *(ensemble_with or [])], input, output, device_name=device or "auto", precision_name=precision,
+                            probabilities=probabilities, overwrite=overwrite, mirror=mirror, progress=_progress(),
+                            postprocessing=postprocessing, part=shares, resume=continue_,
+                            output_format=output_format, checkpoint=_checkpoint_name(checkpoint),
+                            folds=_fold_list(folds), overlap=overlap, qc=qc == "on")
+    if not result.is_main:  # under torchrun, rank 0 speaks for all
+        return
+    console.print(f"wrote {len(result.written)} mask(s) to {output}")
     if qc == "on":
-        _print_review(output, written, shares)
+        _print_review(result.quality_csv, result.written)
 
 
-def _print_review(output: Path, written: list[Path], part: Optional[tuple[int, int]]) -> None:
+def _print_review(report: Path, written: list[Path]) -> None:
     """The cases of this call flagged for review, one line per case and reason."""
-    from unetcli.inference.quality_report import csv_name, review
+    from unetcli.inference.quality_report import review
 
-    result = review(output / csv_name(part), written)
+    result = review(report, written)
     if result.no_reference:
         console.print("note: the model has no training reference (trained by an older unetcli): only the uncertainty "
                       "signals were checked, not the distance from the training cases")
