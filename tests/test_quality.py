@@ -20,7 +20,9 @@ from torch import nn
 from unetcli.checkpoint import load_checkpoint, save_checkpoint
 from unetcli.evaluation.quality_fit import fit_quality_model, spearman
 from unetcli.inference.confidence import ConfidenceSums
-from unetcli.inference.quality import RULES, UNFITTED_THRESHOLD, check_signal
+from unetcli.data.scan_geometry import ScanGeometry
+from unetcli.inference.quality import RULES, UNFITTED_THRESHOLD, check_signal, compare_with_training
+from unetcli.inference.quality_signals import measure_case, training_reference
 from unetcli.inference.sliding_window import sliding_window_predict
 from unetcli.workflows.quality import add_quality_reference
 
@@ -75,6 +77,31 @@ def test_a_spacing_far_from_the_training_spacings_is_outside_their_range() -> No
     assert "SD above the training mean" in far.message
     near = check_signal(RULES["spacing"], [1.15, 1.05, 1.1], training, ["along R", "along A", "along S"])
     assert not near.outside and near.distance < 2
+
+
+def test_a_bias_field_is_told_apart_by_the_uneven_intensity_of_a_structure() -> None:
+    """A slow multiplicative drift (a receive coil's bias field) leaves a structure's percentiles near
+    the training ones but spreads its block means: the drift signal flags it; another clean scan is not flagged."""
+    rng = np.random.default_rng(3)
+    labels = np.zeros((32, 32, 32), np.uint8)
+    labels[4:28, 4:28, 4:28] = 1
+    ramp = np.linspace(-0.5, 0.5, 32)[:, None, None]
+
+    def scan(bias: float) -> np.ndarray:
+        image = np.where(labels == 1, 1.0, 0.0) + rng.normal(0, 0.3, labels.shape)
+        return (image * (1 + bias * ramp))[None].astype(np.float32)
+
+    geometry = ScanGeometry((1.0, 1.0, 1.0), (32, 32, 32), "RAS", 0.0)
+    training = [measure_case(geometry, scan(0.0), labels, 1, 0.001) for _ in range(4)]
+    reference = training_reference(training, "mL", [f"t{i}" for i in range(4)])
+    clean, biased = measure_case(geometry, scan(0.0), labels, 1, 0.001), measure_case(geometry, scan(0.8), labels, 1, 0.001)
+    assert clean.drift[0][0] < 0.15 < 0.5 < biased.drift[0][0]
+    check_of = {c.name: c for c in compare_with_training(biased, reference, ["T1"], ["box"])}
+    assert check_of["intensity_drift"].outside
+    assert check_of["intensity_drift"].message.startswith("intensity uneven across box:")
+    assert not {c.name: c for c in compare_with_training(clean, reference, ["T1"], ["box"])}["intensity_drift"].outside
+    older = {k: v for k, v in reference.items() if k != "intensity_drift"}  # a reference made before the signal
+    assert "intensity_drift" not in {c.name for c in compare_with_training(biased, older, ["T1"], ["box"])}
 
 
 def test_the_fit_follows_the_out_of_fold_cases_and_keeps_the_unfitted_model_without_them() -> None:

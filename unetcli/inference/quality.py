@@ -57,6 +57,8 @@ RULES = {rule.name: rule for rule in (
     SignalRule("intensity_p99", "intensity 99th percentile{part} {value} vs training {range}", False, 0.1),
     SignalRule("intensity_shape", "intensity distribution{part} off by {value} vs training {range}",
                False, 0.05, one_sided=True),
+    SignalRule("intensity_drift", "intensity uneven across {part}: {value} vs training {range} (a bias field?)",
+               False, 0.05, one_sided=True),
     SignalRule("volume", "{part} volume {value} {unit} vs training {range} {unit}", True, math.log(1.2)),
     SignalRule("fragmentation", "{part}: {value} % outside its largest piece vs training {range} %", False, 0.05,
                one_sided=True, percent=True),
@@ -140,6 +142,25 @@ def _intensity_checks(case: CaseMeasures, reference: dict[str, Any], channels: S
     return checks
 
 
+def _drift_checks(case: CaseMeasures, reference: dict[str, Any], channels: Sequence[str],
+                  structures: Sequence[str]) -> list[SignalCheck]:
+    """The spread of each structure's block-mean intensity (per channel) against the training cases'
+    (skipped for references made before it was measured, and for structures too small to tell)."""
+    stored = [d for d in reference.get("intensity_drift") or [] if d is not None]
+    if case.drift is None or not stored:
+        return []
+    training = np.asarray([np.ravel(d) for d in stored], dtype=np.float64)  # cases, channels x structures
+    values = np.ravel(case.drift)
+    if training.shape[1] != values.size:
+        return []
+    tags = [f" ({c})" if c and len(channels) > 1 else "" for c in channels] or [""]
+    parts = [f"{s}{tags[min(c, len(tags) - 1)]}" for c in range(len(case.drift)) for s in structures]
+    usable = [i for i in range(values.size) if math.isfinite(values[i]) and np.isfinite(training[:, i]).all()]
+    if not usable or len(parts) != values.size:
+        return []
+    return [check_signal(RULES["intensity_drift"], values[usable], training[:, usable], [parts[i] for i in usable])]
+
+
 def _structure_checks(case: CaseMeasures, reference: dict[str, Any], structures: Sequence[str]) -> list[SignalCheck]:
     volumes, pieces = np.asarray(reference["volumes"], dtype=np.float64), np.asarray(reference["outside_largest"], dtype=np.float64)
     if volumes.ndim != 2 or volumes.shape[1] != len(case.volumes):
@@ -153,7 +174,7 @@ def compare_with_training(case: CaseMeasures, reference: dict[str, Any], channel
                           structures: Sequence[str]) -> list[SignalCheck]:
     """Every out-of-distribution signal of ``case`` against the training cases' ``reference``."""
     return [*_geometry_checks(case, reference), *_intensity_checks(case, reference, channels),
-            *_structure_checks(case, reference, structures)]
+            *_drift_checks(case, reference, channels, structures), *_structure_checks(case, reference, structures)]
 
 
 def excess(distance: float) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 from unetcli.atomic import read_written_json
 from unetcli.errors import CheckpointError
 from unetcli.inference.quality import UNFITTED, QualityModel
-from unetcli.inference.quality_signals import PER_CASE_KEYS, REFERENCE_VERSION
+from unetcli.inference.quality_signals import OPTIONAL_PER_CASE_KEYS, PER_CASE_KEYS, REFERENCE_VERSION
 
 QUALITY_MODEL_FILE = "quality_model.json"
 REFERENCE_FILE = "quality_reference.json"
@@ -63,7 +63,8 @@ def _checked_reference(reference: Any, where: str) -> dict[str, Any] | None:
     """A reference this version reads, or None (an older or newer one is skipped, not fatal)."""
     if not isinstance(reference, dict) or reference.get("version") != REFERENCE_VERSION or not reference.get("cases"):
         return None
-    if any(not isinstance(reference.get(k), list) or len(reference[k]) != reference["cases"] for k in PER_CASE_KEYS):
+    present = [*PER_CASE_KEYS, *(k for k in OPTIONAL_PER_CASE_KEYS if k in reference)]
+    if any(not isinstance(reference.get(k), list) or len(reference[k]) != reference["cases"] for k in present):
         raise CheckpointError(f"{where}: the training reference for quality checks is damaged",
                               hint="predict with --qc off, or train the run again")
     return reference

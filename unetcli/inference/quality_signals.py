@@ -9,6 +9,7 @@ same normalisation. What the training cases gave is stored in the checkpoint's m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ SHAPE_RANGE = slice(1, 100)
 """Quantiles 1 % .. 99 % compared for the distribution's shape (the extremes are single voxels)."""
 MAX_SAMPLES = 2_000_000
 """Quantiles of larger volumes are taken on every n-th voxel (the same rule for training and prediction)."""
+DRIFT_BLOCK = {2: 16, 3: 8}
+"""Edge, in network-grid voxels, of the blocks whose mean intensities :func:`intensity_drift` compares."""
+DRIFT_MIN_BLOCKS = 4
 
 
 @dataclass
@@ -40,6 +44,8 @@ class CaseMeasures:
     """Per foreground output, the share of its voxels outside its largest connected piece (0 if empty)."""
     pieces: list[int]
     """Per foreground output, its number of face-connected pieces."""
+    drift: list[list[float]] | None = None
+    """Per channel and foreground output, :func:`intensity_drift` (NaN where the structure is too small)."""
 
 
 def intensity_quantiles(image: np.ndarray, foreground: np.ndarray) -> list[list[float]] | None:
@@ -56,6 +62,38 @@ def intensity_quantiles(image: np.ndarray, foreground: np.ndarray) -> list[list[
         if values.size == 0:  # every foreground voxel fell between the samples
             values = np.asarray(channel, dtype=np.float32).ravel()[inside]
         out.append([float(v) for v in np.quantile(values, QUANTILES)])
+    return out
+
+
+def intensity_drift(image: np.ndarray, labels: np.ndarray, num_foreground: int) -> list[list[float]]:
+    """How unevenly each structure is lit: per channel of a normalised (C, *S) image and per foreground
+    output, the spread (10th to 90th percentile) of the structure's mean intensity over blocks of
+    :data:`DRIFT_BLOCK` voxels that it fills at least a quarter of. A bias field (the slow intensity
+    drift of a receive coil, which a network trained on corrected scans has not seen) moves these
+    block means apart while leaving the structure's overall percentiles in range. NaN where fewer
+    than :data:`DRIFT_MIN_BLOCKS` blocks qualify."""
+    labels = np.asarray(labels)
+    edge = DRIFT_BLOCK.get(labels.ndim, 8)
+    blocks = [-(-n // edge) for n in labels.shape]
+    padded = tuple((0, b * edge - n) for b, n in zip(blocks, labels.shape))
+    shape = [v for b in blocks for v in (b, edge)]
+    axes = tuple(range(1, 2 * labels.ndim, 2))
+
+    def block_sums(volume: np.ndarray) -> np.ndarray:
+        return np.pad(volume, padded).reshape(shape).sum(axis=axes)
+
+    out: list[list[float]] = [[] for _ in range(len(image))]
+    for value in range(1, num_foreground + 1):
+        inside = (labels == value).astype(np.float32)
+        counts = block_sums(inside)
+        filled = counts >= edge ** labels.ndim / 4
+        for c, channel in enumerate(image):
+            if filled.sum() < DRIFT_MIN_BLOCKS:
+                out[c].append(math.nan)
+                continue
+            means = block_sums(np.asarray(channel, dtype=np.float32) * inside)[filled] / counts[filled]
+            low, high = np.percentile(means, [10, 90])
+            out[c].append(float(high - low))
     return out
 
 
@@ -112,7 +150,8 @@ def measure_case(geometry: ScanGeometry, image: np.ndarray, labels: np.ndarray, 
                  voxel_volume: float) -> CaseMeasures:
     """Everything :class:`CaseMeasures` holds, for one normalised image and a painted label map."""
     return CaseMeasures(geometry, intensity_quantiles(image, np.asarray(labels) > 0),
-                        class_volumes(labels, num_foreground, voxel_volume), *fragmentation(labels, num_foreground))
+                        class_volumes(labels, num_foreground, voxel_volume), *fragmentation(labels, num_foreground),
+                        drift=intensity_drift(image, labels, num_foreground))
 
 
 def training_reference(cases: Sequence[CaseMeasures], unit: str, names: Sequence[str]) -> dict:
@@ -137,12 +176,15 @@ def training_reference(cases: Sequence[CaseMeasures], unit: str, names: Sequence
                             for c in cases],
         "volumes": [c.volumes for c in cases],
         "outside_largest": [c.outside_largest for c in cases],
+        "intensity_drift": [c.drift for c in cases],
     }
 
 
 PER_CASE_KEYS = ("spacing", "field_of_view", "obliquity_deg", "volumes", "outside_largest", "intensity_percentiles",
                  "intensity_shape")
 """The reference's lists with one entry per training case (intensities: None for a case without structures)."""
+OPTIONAL_PER_CASE_KEYS = ("intensity_drift",)
+"""Per-case lists that references made by earlier versions lack (their signals are then not checked)."""
 
 
 def merge_references(references: Sequence[dict]) -> dict | None:
@@ -153,13 +195,16 @@ def merge_references(references: Sequence[dict]) -> dict | None:
     if not usable:
         return None
     merged: dict = {**usable[0], "names": [], "axis_codes": sorted({c for r in usable for c in r["axis_codes"]})}
-    for key in PER_CASE_KEYS:
+    keys = PER_CASE_KEYS + tuple(k for k in OPTIONAL_PER_CASE_KEYS if all(k in r for r in usable))
+    for key in (*PER_CASE_KEYS, *OPTIONAL_PER_CASE_KEYS):
+        merged.pop(key, None)
+    for key in keys:
         merged[key] = []
     for reference in usable:
         for i, name in enumerate(reference["names"]):
             if name not in merged["names"]:
                 merged["names"].append(name)
-                for key in PER_CASE_KEYS:
+                for key in keys:
                     merged[key].append(reference[key][i])
     merged["cases"] = len(merged["names"])
     merged["intensity_quantiles"] = np.mean([r["intensity_quantiles"] for r in usable], axis=0).tolist()
