@@ -34,7 +34,7 @@ from unetcli.data.nifti import is_nifti, nifti_stem
 from unetcli.data.scan_geometry import ScanGeometry
 from unetcli.errors import OutputError
 from unetcli.inference.confidence import ConfidenceSums
-from unetcli.inference.quality import RULES, SignalCheck, compare_with_training, ood_excess
+from unetcli.inference.quality import RULES, SignalCheck, compare_with_training, ood_distance, ood_excess
 from unetcli.inference.quality_context import QualityContext
 from unetcli.inference.quality_signals import CaseMeasures, measure_case
 
@@ -107,7 +107,7 @@ class CaseQuality:
             "predicted_dice": predicted, "flagged": bool(reasons), "reasons": "; ".join(reasons),
             "estimate": self._estimate_kind(), **signals,
             "fragments": max(self.measures.pieces, default=0) if self.measures else math.nan,
-            "ood_distance": max((c.distance for c in checks if math.isfinite(c.distance)), default=math.nan),
+            "ood_distance": ood_distance(checks),
         }
         row.update({f"ood_{name}": math.nan for name in RULES})
         row.update({f"ood_{c.name}": c.distance for c in checks})
