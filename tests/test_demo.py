@@ -42,7 +42,8 @@ def test_3d_demo_trains_at_4_mm_and_writes_masks_on_the_2_mm_scan_grid(tmp_path:
     import numpy as np
 
     out = tmp_path / "demo3d"
-    proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--3d", "--out", str(out), "--epochs", "10"],
+    # 10 of its 40 epochs; --time lifts the 150 s cap, so a busy machine gets the same 250 steps, only later.
+    proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--3d", "--out", str(out), "--epochs", "10", "--time", "10m"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "target_spacing:\n  - 4.0" in (out / "config.yaml").read_text()
