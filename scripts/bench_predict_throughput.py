@@ -12,7 +12,9 @@ plan is nnU-Net's). Two input folders:
 Commands, all without test-time augmentation, on the CPU with ``--threads`` threads (nnU-Net's
 predictor sets torch to the machine's core count on the CPU: use that count for a like-for-like run):
 
-* ``unetcli``: ``unet predict RUN IN OUT --no-mirror --qc off`` (reading ahead and writing behind);
+* ``unetcli``: ``unet predict RUN IN OUT --no-mirror --qc off`` (reading ahead and writing behind;
+  ``--precision auto``: bf16 where the CPU has it natively);
+* ``unetcli fp32``: the same in fp32, as nnU-Net computes on a CPU;
 * ``unetcli sequential``: the same with ``--no-overlap``;
 * ``unetcli + qc``: the default ``--qc on`` (the quality report) with overlap;
 * ``nnU-Net v2``: ``nnUNetv2_predict -i IN -o OUT -d ID -c 3d_fullres -f all -tr TRAINER --disable_tta
@@ -24,6 +26,9 @@ resident memory of its process tree (sampled every 0.1 s).
 
     python scripts/bench_predict_throughput.py DATA RUN --nnunet-work NNUNET_WORK \\
         --nnunet-python /path/to/nnunet-venv/bin/python --out /tmp/bench_throughput --threads 2
+
+Results accumulate in ``OUT/results.json`` per input folder (``--sets brains --copies 6 --repeats 1``
+adds a shorter whole-brain run to an earlier octants run).
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def commands(args: argparse.Namespace, folder: Path, pred: Path) -> dict[str, tu
     tool = str(Path(args.nnunet_python).parent / "nnUNetv2_predict")
     return {
         "unetcli": (unet_cmd(*base, pred / "unetcli", *common, "--qc", "off"), env),
+        "unetcli fp32": (unet_cmd(*base, pred / "fp32", *common, "--qc", "off", "--precision", "fp32"), env),
         "unetcli sequential": (unet_cmd(*base, pred / "sequential", *common, "--qc", "off", "--no-overlap"), env),
         "unetcli + qc": (unet_cmd(*base, pred / "qc", *common), env),
         "nnU-Net v2": ([tool, "-i", str(folder), "-o", str(pred / "nnunet"), "-d", str(args.dataset_id), "-c", "3d_fullres",
@@ -131,10 +137,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--copies", type=int, default=20, help="whole-brain scans in the 'brains' folder")
+    p.add_argument("--sets", default="octants,brains", help="which input folders, comma-separated (default both)")
     args = p.parse_args()
     print_machine(machine_info(torch.device("cpu")))
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results_path = args.out / "results.json"
+    results: dict[str, dict[str, dict[str, float]]] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    chosen = args.sets.split(",")
     for name, folder in input_sets(args.data, args.out, args.copies).items():
+        if name not in chosen:
+            continue
         cases = len(list(folder.glob("*.nii.gz")))
         runs = commands(args, folder, args.out / "pred" / name)
         walls: dict[str, list[float]] = {k: [] for k in runs}
@@ -147,6 +158,8 @@ def main() -> None:
         results[name] = {k: {"cases": cases, "wall_s": statistics.median(walls[k]), "walls": walls[k],
                              "cases_per_min": 60 * cases / statistics.median(walls[k]), "peak_rss_mib": max(peaks[k])}
                          for k in runs}
+        args.out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))  # each input folder as it finishes
     print(load_note())
     print(f"\n{args.threads} thread(s), no test-time augmentation; median of {args.repeats} alternating runs\n")
     print("| input | command | cases | wall (s) | cases / min | vs nnU-Net v2 | peak RSS (MiB) |\n|---|---|---|---|---|---|---|")
@@ -155,9 +168,7 @@ def main() -> None:
         for key, r in res.items():
             print(f"| {name} | {key} | {r['cases']} | {r['wall_s']:.1f} | {r['cases_per_min']:.1f} | "
                   f"x{r['cases_per_min'] / ref:.2f} | {r['peak_rss_mib']:.0f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nwritten: {args.out / 'results.json'}")
+    print(f"\nwritten: {results_path}")
 
 
 if __name__ == "__main__":

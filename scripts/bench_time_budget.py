@@ -10,7 +10,8 @@ stops, as under a batch system's time limit). Both last checkpoints predict the 
     python scripts/bench_time_budget.py unetcli/demo_data/mni_thick_3d --times 2m,10m,30m --out /tmp/bench_time
 
 Results accumulate in ``OUT/results.json`` (a budget already there is kept unless ``--retrain``),
-so long budgets can be added one at a time.
+so long budgets can be added one at a time. On a machine shared with other work, ``--side-by-side``
+(for a further seed) starts A and B together, so that both see the same load.
 """
 
 from __future__ import annotations
@@ -81,6 +82,25 @@ def one_budget(data: Path, out: Path, seconds: float, common: list[object]) -> d
                     "dice": held_out_dice(cut_dir, data, out / "cut_scores")}}
 
 
+def side_by_side(data: Path, out: Path, seconds: float, common: list[object], epochs: int) -> dict[str, Any]:
+    """Runs A and B started together, B planned for ``epochs`` and stopped (SIGTERM) when A ends: both
+    see the same machine load, which a busy shared machine otherwise gives them unequally."""
+    timed_dir, cut_dir = out / "timed", out / "cut"
+    cut_cmd = unet_cmd("train", data, "--out", cut_dir, "--overwrite", *common, "--epochs", epochs)
+    print("+", " ".join(map(str, cut_cmd)), "(beside the next)", flush=True)
+    cut = subprocess.Popen(cut_cmd, stdout=subprocess.DEVNULL)
+    start = time.perf_counter()
+    timed_wall = train(data, timed_dir, [*common, "--time", f"{seconds:.0f}s"])
+    cut.send_signal(signal.SIGTERM)
+    cut.wait()
+    cut_wall = time.perf_counter() - start
+    return {"seconds": seconds, "side_by_side": True,
+            "timed": {"wall_s": round(timed_wall, 1), "iterations": iterations_reached(timed_dir),
+                      "dice": held_out_dice(timed_dir, data, out / "timed_scores")},
+            "cut": {"wall_s": round(cut_wall, 1), "planned_epochs": epochs, "iterations": iterations_reached(cut_dir),
+                    "dice": held_out_dice(cut_dir, data, out / "cut_scores")}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="nnU-Net-layout dataset with imagesTr/labelsTr and held-out imagesTs/labelsTs")
@@ -89,6 +109,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--retrain", action="store_true", help="train budgets again even if results.json has them")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run A and B at the same time (same machine load), B planned for twice the epochs run A "
+                        "reached with seed 0 at the same budget (that result must be in OUT/results.json)")
     args = p.parse_args()
 
     print_machine(machine_info(__import__("torch").device("cpu")))
@@ -102,7 +125,11 @@ def main() -> None:
         if key in results and not args.retrain:
             print(f"{key}: kept from {results_path}")
             continue
-        results[key] = one_budget(args.data, args.out / key, parse_duration(text), common)
+        if args.side_by_side:
+            epochs = results[f"{text}_s0"]["cut"]["planned_epochs"]
+            results[key] = side_by_side(args.data, args.out / key, parse_duration(text), common, epochs)
+        else:
+            results[key] = one_budget(args.data, args.out / key, parse_duration(text), common)
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(results_path)
