@@ -97,7 +97,8 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 def input_sets(data: Path, out: Path, copies: int) -> dict[str, Path]:
     """The two input folders (the whole-brain one made under ``out``)."""
     brains = out / "inputs" / "brains"
-    if not brains.is_dir():
+    if len(list(brains.glob("*.nii.gz"))) != copies:  # made again when --copies changes
+        shutil.rmtree(brains, ignore_errors=True)
         brains.mkdir(parents=True)
         source = data / ROBUST_IMAGES / "colin27__colin27_0000.nii.gz"
         for i in range(copies):

@@ -156,12 +156,12 @@ def _drift_checks(case: CaseMeasures, reference: dict[str, Any], channels: Seque
         return []
     training = np.asarray([np.ravel(d) for d in stored], dtype=np.float64)  # cases, channels x structures
     values = np.ravel(case.drift)
-    if training.shape[1] != values.size:
+    if training.shape[1] != values.size or values.size != len(case.drift) * len(structures):
         return []
-    tags = [f" ({c})" if c and len(channels) > 1 else "" for c in channels] or [""]
-    parts = [f"{s}{tags[min(c, len(tags) - 1)]}" for c in range(len(case.drift)) for s in structures]
+    tags = [f" ({c})" for c in channels] if len(channels) == len(case.drift) > 1 else [""] * len(case.drift)
+    parts = [f"{s}{tag}" for tag in tags for s in structures]
     usable = [i for i in range(values.size) if math.isfinite(values[i]) and np.isfinite(training[:, i]).all()]
-    if not usable or len(parts) != values.size:
+    if not usable:
         return []
     return [check_signal(RULES["intensity_drift"], values[usable], training[:, usable], [parts[i] for i in usable])]
 

@@ -87,8 +87,9 @@ def intensity_drift(image: np.ndarray, labels: np.ndarray, num_foreground: int) 
         inside = (labels == value).astype(np.float32)
         counts = block_sums(inside)
         filled = counts >= edge ** labels.ndim / 4
+        too_small = filled.sum() < DRIFT_MIN_BLOCKS
         for c, channel in enumerate(image):
-            if filled.sum() < DRIFT_MIN_BLOCKS:
+            if too_small:
                 out[c].append(math.nan)
                 continue
             means = block_sums(np.asarray(channel, dtype=np.float32) * inside)[filled] / counts[filled]
