@@ -36,7 +36,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from benchlib.runs import dice_by_class, epoch_records, eval_summary, run, seconds_per_iteration, train_iterations, unet
+from benchlib.runs import dice_by_class, eval_summary, run, seconds_per_iteration, train_iterations, unet
 from benchlib.scoring import ROBUST_IMAGES, dice_per_set, perturbed_mean
 
 HERE = Path(__file__).resolve().parent
@@ -50,13 +50,7 @@ def score(pred: Path, truth: Path, out: Path) -> dict[str, float]:
 def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: int, extra: list[str], *,
                   seed: int, threads: int, reuse: bool) -> dict[str, Any]:
     run_dir = out / "runs" / name
-    epochs = iterations // per_epoch
-    records = epoch_records(run_dir)
-    if reuse and records and records[-1]["epoch"] == epochs:
-        print(f"reusing the finished run {run_dir}", flush=True)
-        wall = records[-1]["elapsed_seconds"]
-    else:
-        wall = train_iterations(data, run_dir, iterations, per_epoch, seed=seed, threads=threads, extra=extra)
+    wall = train_iterations(data, run_dir, iterations, per_epoch, seed=seed, threads=threads, extra=extra, reuse=reuse)
     config = (run_dir / "config.yaml").read_text()
     result: dict[str, Any] = {"train_wall_s": round(wall, 1),
                               "s_per_iteration": seconds_per_iteration(run_dir, iterations),
@@ -166,7 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default="fixed,planned", help="which of fixed,planned to train (comma-separated; '' for none)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                         help="an arm with extra `unet train` arguments, planned unless they say --no-plan (repeatable)")
-    parser.add_argument("--reuse", action="store_true", help="do not train again a run folder that finished (predict and score it)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a run folder that finished (predict and score it) and continue one that was stopped")
     parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
     parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     return parser.parse_args(argv)

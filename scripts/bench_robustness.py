@@ -13,6 +13,9 @@ checkpoint (no test-time augmentation), and scores all of them with one scorer. 
         --variant before="--set train.augmentation=basic" --variant after="" \\
         --nnunet-python /path/to/nnunet-venv/bin/python
 
+With ``--reuse`` a stopped run (unetcli's or nnU-Net's) continues from its last checkpoint
+instead of starting again, so arms of thousands of iterations can be trained over several sittings.
+
 A variant is ``NAME=ARGS``: extra ``unet train`` arguments (e.g. ``--set model.norm=batch``).
 Variants already trained under ``--out`` (their ``results.json`` entry exists) are kept, so a
 table can grow one variant at a time; ``--retrain`` trains them again.
@@ -38,9 +41,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def train_unetcli(name: str, extra: str, data: Path, out: Path, iterations: int, per_epoch: int, threads: int,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, reuse: bool) -> dict[str, Any]:
     run_dir = out / "runs" / name
-    wall = train_iterations(data, run_dir, iterations, per_epoch, seed=seed, threads=threads, extra=shlex.split(extra))
+    wall = train_iterations(data, run_dir, iterations, per_epoch, seed=seed, threads=threads, extra=shlex.split(extra),
+                            reuse=reuse)
     return {"args": extra, "seed": seed, "iterations": iterations, "train_wall_s": round(wall, 1),
             "s_per_iteration": seconds_per_iteration(run_dir, iterations),
             "dice": predict_and_score(name, data, out)}
@@ -53,10 +57,11 @@ def predict_and_score(name: str, data: Path, out: Path) -> dict[str, dict[str, f
     return dice_per_set(pred, data)
 
 
-def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int) -> dict[str, Any]:
+def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int, reuse: bool) -> dict[str, Any]:
     work = out / "nnunet"
     wall = run([python, HERE / "nnunet_reference.py", data, "--work-dir", work, "--dataset-id", "993",
-                "--name", "MNIRobust", "--train-iterations", iterations, "--threads", threads])
+                "--name", "MNIRobust", "--train-iterations", iterations, "--threads", threads,
+                *(["--continue"] if reuse else [])])
     summary = json.loads((work / "nnunet_reference_summary.json").read_text())
     pred = Path(summary["predictions"][ROBUST_IMAGES]["output"])
     return {"args": "nnU-Net v2 3d_fullres, fold all", "train_wall_s": summary["train"]["train_command_wall_s"],
@@ -92,6 +97,9 @@ def main() -> None:
                         " --nnunet-python: one variant 'unetcli' with none)")
     p.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     p.add_argument("--retrain", action="store_true", help="train variants again even if results.json has them")
+    p.add_argument("--reuse", action="store_true",
+                   help="continue a variant's (or nnU-Net's) stopped run under OUT instead of starting it again, and "
+                        "keep one that finished: long arms can train over several sittings")
     p.add_argument("--rescore", action="store_true",
                    help="predict and score the held-out sets again with the trained variants (after adding sets to DATA)")
     args = p.parse_args()
@@ -118,12 +126,13 @@ def main() -> None:
                 save(name, {**results[name], "dice": predict_and_score(name, args.data, args.out)})
             continue
         save(name, train_unetcli(name, extra, args.data, args.out, args.iterations, args.iterations_per_epoch, args.threads,
-                                 args.seed))
+                                 args.seed, args.reuse))
     if "nnU-Net v2" in results and args.rescore:
         save("nnU-Net v2", {**results["nnU-Net v2"],
                             "dice": dice_per_set(args.out / "nnunet" / "predictions" / ROBUST_IMAGES, args.data)})
     if args.nnunet_python and ("nnU-Net v2" not in results or args.retrain):
-        save("nnU-Net v2", train_nnunet(args.data, args.out, args.iterations, args.nnunet_python, args.threads))
+        save("nnU-Net v2", train_nnunet(args.data, args.out, args.iterations, args.nnunet_python, args.threads,
+                                               args.reuse))
     print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}; Dice = mean of GM and WM\n")
     print(table(results))
     print(f"\nwritten: {results_path}")

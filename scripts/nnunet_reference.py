@@ -91,6 +91,8 @@ class nnUNetTrainer_BenchRef(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("NNUNET_REF_ITERS_PER_EPOCH", self.num_iterations_per_epoch))
         self.num_val_iterations_per_epoch = int(os.environ.get("NNUNET_REF_VAL_ITERS", self.num_val_iterations_per_epoch))
         self._ref_final_validation = os.environ.get("NNUNET_REF_FINAL_VALIDATION", "1") == "1"
+        # a checkpoint every N epochs (nnU-Net: 50) so that a stopped run can continue with --c
+        self.save_every = int(os.environ.get("NNUNET_REF_SAVE_EVERY", self.save_every))
         self._ref_iter_starts = []
         self._ref_step_seconds = []
 
@@ -311,18 +313,36 @@ def parse_epoch_times(log_dir: Path) -> list[float]:
 
 
 def train(dataset_id: int, env: dict, work_dir: Path, iterations: int, per_epoch: int | None = None, val_iters: int = 5,
-          final_validation: bool = False, verbose: bool = False) -> dict:
-    """Train 3d_fullres fold 'all' on the CPU for exactly ``iterations`` iterations; return timings."""
+          final_validation: bool = False, verbose: bool = False, resume: bool = False) -> dict:
+    """Train 3d_fullres fold 'all' on the CPU for exactly ``iterations`` iterations; return timings.
+
+    With ``resume`` a run that was stopped continues from its last epoch (``nnUNetv2_train --c``;
+    a checkpoint is written after every epoch) and a finished one is kept; the wall and CPU times
+    are summed over the sittings that ran to their end (a killed sitting's epochs still count in
+    ``epoch_times_s``), the per-iteration times come from the last sitting."""
     install_trainer()
     epochs, ipe = split_budget(iterations, per_epoch)
-    env = dict(env, NNUNET_REF_NUM_EPOCHS=str(epochs), NNUNET_REF_ITERS_PER_EPOCH=str(ipe),
+    env = dict(env, NNUNET_REF_NUM_EPOCHS=str(epochs), NNUNET_REF_ITERS_PER_EPOCH=str(ipe), NNUNET_REF_SAVE_EVERY="1",
                NNUNET_REF_VAL_ITERS=str(val_iters), NNUNET_REF_FINAL_VALIDATION="1" if final_validation else "0")
     results = Path(env["nnUNet_results"])
-    for old in results.glob(f"Dataset{dataset_id:03d}_*/{TRAINER_NAME}__nnUNetPlans__3d_fullres"):
-        shutil.rmtree(old)
+    found = list(results.glob(f"Dataset{dataset_id:03d}_*/{TRAINER_NAME}__nnUNetPlans__3d_fullres/fold_all"))
     cmd = [nnunet_tool("nnUNetv2_train"), str(dataset_id), "3d_fullres", "all", "-tr", TRAINER_NAME, "-device", "cpu"]
-    wall = run_logged(cmd, env, work_dir / "logs" / "train.log", verbose)
-    cpu = LAST_CPU_S[0]
+    sittings_file = work_dir / "logs" / "train_sittings.json"
+    sittings = json.loads(sittings_file.read_text()) if resume and found and sittings_file.is_file() else []
+    if resume and found and (found[0] / "checkpoint_final.pth").is_file():
+        print(f"reusing the finished nnU-Net run {found[0]}", flush=True)
+    else:
+        if resume and found and (found[0] / "checkpoint_latest.pth").is_file():
+            print(f"continuing the stopped nnU-Net run {found[0]}", flush=True)
+            cmd.append("--c")
+        else:
+            for old in found:
+                shutil.rmtree(old.parent)
+            sittings = []
+        wall = run_logged(cmd, env, work_dir / "logs" / f"train{len(sittings) or ''}.log", verbose)
+        sittings.append({"wall_s": wall, "cpu_s": LAST_CPU_S[0]})
+        sittings_file.write_text(json.dumps(sittings))
+    wall, cpu = sum(x["wall_s"] for x in sittings), sum(x["cpu_s"] for x in sittings)
     out_dir = next(results.glob(f"Dataset{dataset_id:03d}_*/{TRAINER_NAME}__nnUNetPlans__3d_fullres"))
     fold_dir = out_dir / "fold_all"
     it = json.loads((fold_dir / "iteration_times.json").read_text())
@@ -338,6 +358,7 @@ def train(dataset_id: int, env: dict, work_dir: Path, iterations: int, per_epoch
         "val_iterations_per_epoch": val_iters,
         "final_validation": final_validation,
         "train_command_wall_s": round(wall, 2),
+        "sittings": len(sittings),
         "wall_s_per_iteration": round(wall / iterations, 3),
         "train_command_cpu_s": round(cpu, 1),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
@@ -428,7 +449,8 @@ def dice_scores(pred_dir: Path, label_dir: Path, labels: dict) -> dict:
 # ================================================================= driver
 def run(dataset_dir: Path, work_dir: Path, dataset_id: int = 990, name: str | None = None, train_iterations: int = 0,
         iterations_per_epoch: int | None = None, val_iterations: int = 5, final_validation: bool = False, tta: bool = False,
-        pred_dir: Path | None = None, threads: int = 2, da_workers: int = 1, verbose: bool = False) -> dict:
+        pred_dir: Path | None = None, threads: int = 2, da_workers: int = 1, verbose: bool = False,
+        resume: bool = False) -> dict:
     dataset_dir, work_dir = Path(dataset_dir).resolve(), Path(work_dir).resolve()
     name = name or dataset_dir.name
     env = nnunet_env(work_dir, threads, da_workers)
@@ -446,7 +468,8 @@ def run(dataset_dir: Path, work_dir: Path, dataset_id: int = 990, name: str | No
         "plans": plan_summary,
     }
     if train_iterations:
-        summary["train"] = train(dataset_id, env, work_dir, train_iterations, iterations_per_epoch, val_iterations, final_validation, verbose)
+        summary["train"] = train(dataset_id, env, work_dir, train_iterations, iterations_per_epoch, val_iterations,
+                                 final_validation, verbose, resume)
         inputs = sorted(d for d in dataset_dir.glob("imagesTs*") if d.is_dir())
         pred_dir = Path(pred_dir).resolve() if pred_dir else work_dir / "predictions"
         preds = predict(dataset_id, env, work_dir, inputs, pred_dir, tta, verbose)
@@ -472,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-iterations", type=int, default=0,
                    help="train 3d_fullres fold 'all' for N iterations, then predict (default 0: plan only)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="default: largest divisor of N that is <= 50")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="continue a stopped training under WORK from its last epoch, keep a finished one")
     p.add_argument("--val-iterations", type=int, default=5, help="validation iterations per epoch (default 5)")
     p.add_argument("--final-validation", action="store_true", help="run nnU-Net's full validation pass after training (slow on CPU)")
     p.add_argument("--tta", action="store_true", help="predict with mirroring test-time augmentation (default: --disable_tta)")
@@ -483,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     summary = run(args.dataset_dir, args.work_dir, args.dataset_id, args.name, args.train_iterations, args.iterations_per_epoch,
-                  args.val_iterations, args.final_validation, args.tta, args.pred_dir, args.threads, args.da_workers, args.verbose)
+                  args.val_iterations, args.final_validation, args.tta, args.pred_dir, args.threads, args.da_workers, args.verbose,
+                  args.resume)
     text = json.dumps(summary, indent=2)
     out = args.summary_json or Path(summary["work_dir"]) / "nnunet_reference_summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)

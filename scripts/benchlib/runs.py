@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 def run(cmd: Sequence[object], env: dict[str, str] | None = None, quiet: bool = False) -> float:
     """Run a command, echoed as ``+ cmd``; its wall time in seconds, or exit on failure.
@@ -36,12 +38,35 @@ def unet(*args: object, quiet: bool = True) -> float:
 
 
 def train_iterations(data: Path, run_dir: Path, iterations: int, per_epoch: int, *, seed: int, threads: int,
-                     extra: Sequence[object] = (), quiet: bool = False) -> float:
+                     extra: Sequence[object] = (), quiet: bool = False, reuse: bool = False) -> float:
     """``unet train`` for ``iterations`` (= epochs x ``per_epoch``) on all of DATA (no validation
-    split), replacing ``run_dir``; its wall time."""
-    return unet("train", data, "--out", run_dir, "--overwrite", "--epochs", iterations // per_epoch, "--seed", seed,
+    split), replacing ``run_dir``; its training wall time.
+
+    With ``reuse`` a run folder left by the same arm is kept: a finished run is not trained again
+    and a stopped one (killed, or the machine went away) continues where its last checkpoint left
+    it (``unet train --resume``), so a long arm can be trained over several sittings."""
+    epochs = iterations // per_epoch
+    records = epoch_records(run_dir)
+    if reuse and records and (run_dir / "checkpoints" / "last.pt").is_file():
+        check_same_arm(run_dir, epochs, seed)
+        if records[-1]["epoch"] < epochs:
+            print(f"continuing the stopped run {run_dir} after epoch {records[-1]['epoch']} of {epochs}", flush=True)
+            unet("train", "--resume", run_dir, "--num-threads", threads, quiet=quiet)
+        else:
+            print(f"reusing the finished run {run_dir}", flush=True)
+        return epoch_records(run_dir)[-1]["elapsed_seconds"]
+    return unet("train", data, "--out", run_dir, "--overwrite", "--epochs", epochs, "--seed", seed,
                 "--num-threads", threads, "--set", f"train.iterations_per_epoch={per_epoch}",
                 "--set", "data.val_fraction=0", *extra, quiet=quiet)
+
+
+def check_same_arm(run_dir: Path, epochs: int, seed: int) -> None:
+    """Exit with a message when ``run_dir`` was started with another number of epochs or seed,
+    so that a reused folder never stands in for a different arm."""
+    train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    if (train["epochs"], train["seed"]) != (epochs, seed):
+        sys.exit(f"{run_dir} was trained for {train['epochs']} epochs with seed {train['seed']}, not {epochs} "
+                 f"with seed {seed}: remove it or drop --reuse to train it again")
 
 
 def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
