@@ -39,6 +39,8 @@ What it builds
                   stored in another axis order and direction (PIR-like); labels nearest
    scanner        regrid + bias_strong + noise_mild + scale together
    scanner_severe regrid + bias_severe + noise_strong + scale together
+   background_    the brain untouched, Rician noise (sigma = 3 % of the 99th percentile)
+   noise          outside it in place of exact zeros: another skull-stripping tool
    ============== ==========================================================================
 
    and ``colin27__colin27``: another person (Colin27, ``ch2bet``, 1 mm, re-gridded to
@@ -46,6 +48,11 @@ What it builds
    the AAL atlas drawn on that brain (regions 1-90: the cerebrum's cortex and deep grey
    nuclei) as label 1; label 255 marks voxels not scored (the cerebellum, AAL 91-116, dilated
    by 4 mm, whose grey/white matter AAL does not separate). White matter has no reference there.
+   ``colin27_unstripped__colin27`` is the same brain with its skull and scalp (``ch2``) and
+   the same reference: the training scans are skull-stripped, users' scans often are not.
+   ``background_noise`` and ``colin27_unstripped`` test the normalisation's foreground mask;
+   the benchmarks report them next to ``clean`` and ``colin27``, outside the mean of the
+   other-scanner sets.
 3. ``robustness_sets.json``: per set, its cases, the classes to score, the ignore value and
    what was done, so the benchmark scores every set the same way.
 
@@ -86,6 +93,7 @@ INTENSITY_SETS = {
     "noise_strong": {"noise": 0.08},
     "gamma_low": {"gamma": 0.7},
     "gamma_high": {"gamma": 1.5},
+    "background_noise": {"background_noise": 0.03},
 }
 REGRID_SETS = {
     "regrid": {},
@@ -140,6 +148,13 @@ def perturb(image: np.ndarray, affine: np.ndarray, spec: dict, seed: int) -> np.
         out = out * bias_field(out.shape, affine, brain, spec["bias"], seed)
     if "noise" in spec:
         out = rician_noise(out, brain, spec["noise"], seed + 1)
+    if "background_noise" in spec:
+        # Noise outside the brain only, the brain untouched: a scan stripped by a tool that leaves
+        # the background as measured instead of exact zeros. Tests the normalisation's mask alone.
+        sigma = spec["background_noise"] * float(np.percentile(out[brain], 99))
+        rng = np.random.default_rng(seed + 2)
+        background = np.hypot(rng.normal(0.0, sigma, out.shape), rng.normal(0.0, sigma, out.shape))  # Rayleigh
+        out = np.where(brain, out, background).astype(np.float32)
     if "scale" in spec:
         a, b = spec["scale"]
         out = (a * out + b).astype(np.float32)
@@ -194,9 +209,11 @@ def regrid_case(t1_box: np.ndarray, labels_box: np.ndarray, box_affine: np.ndarr
 
 
 # ================================================================= Colin27
-def colin27_case(colin: Path, factors: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Colin27 at the training spacing: image (block mean), GM reference (AAL 1-90 majority), 255 = not scored."""
-    t1, img = thick.load(colin / "ch2bet.nii.gz")
+def colin27_case(colin: Path, factors: tuple[int, int, int], t1_file: str = "ch2bet.nii.gz"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Colin27 at the training spacing: image (block mean), GM reference (AAL 1-90 majority), 255 = not scored.
+    ``t1_file``: the skull-stripped T1 (``ch2bet``) or the whole head (``ch2``), on the same grid."""
+    t1, img = thick.load(colin / t1_file)
     aal, _ = thick.load(colin / "aal.nii.gz")
     t1 = t1.astype(np.float32)
     aal = aal.astype(np.int32)
@@ -260,12 +277,17 @@ def build(out: Path, source: Path, colin: Path, factors: tuple[int, int, int]) -
             entry["cases"].append(case_name)
 
     if colin.is_dir():
-        image, label, affine = colin27_case(colin, factors)
-        thick.write_nifti_gz(tmp / "imagesTs_robust" / "colin27__colin27_0000.nii.gz", image, affine)
-        thick.write_nifti_gz(tmp / "labelsTs_robust" / "colin27__colin27.nii.gz", label, affine)
-        sets["colin27"] = {"cases": ["colin27__colin27"], "classes": {"grey_matter": 1}, "ignore": IGNORE,
-                           "perturbation": {"subject": "Colin27 (ch2bet)", "reference": "AAL 1-90 as grey matter",
-                                            "not_scored": "cerebellum (AAL 91-116) dilated 4 mm"}}
+        # The training scans are skull-stripped; Colin27 comes stripped (ch2bet) and as the whole head (ch2).
+        for set_name, t1_file in (("colin27", "ch2bet.nii.gz"), ("colin27_unstripped", "ch2.nii.gz")):
+            if not (colin / t1_file).is_file():
+                continue
+            image, label, affine = colin27_case(colin, factors, t1_file)
+            thick.write_nifti_gz(tmp / "imagesTs_robust" / f"{set_name}__colin27_0000.nii.gz", image, affine)
+            thick.write_nifti_gz(tmp / "labelsTs_robust" / f"{set_name}__colin27.nii.gz", label, affine)
+            sets[set_name] = {"cases": [f"{set_name}__colin27"], "classes": {"grey_matter": 1}, "ignore": IGNORE,
+                              "perturbation": {"subject": f"Colin27 ({t1_file.split('.')[0]})",
+                                               "reference": "AAL 1-90 as grey matter",
+                                               "not_scored": "cerebellum (AAL 91-116) dilated 4 mm"}}
         shutil.copy(colin / "NOTICE.md", tmp / "NOTICE_colin27.md")
     (tmp / "robustness_sets.json").write_text(json.dumps(sets, indent=2) + "\n", encoding="utf-8")
     if out.exists():
