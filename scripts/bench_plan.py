@@ -68,10 +68,10 @@ def train_unetcli(name: str, data: Path, out: Path, iterations: int, per_epoch: 
     return result
 
 
-def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int) -> dict[str, Any]:
+def train_nnunet(data: Path, out: Path, iterations: int, python: str, threads: int, reuse: bool) -> dict[str, Any]:
     work = out / "nnunet"
     wall = run([python, HERE / "nnunet_reference.py", data, "--work-dir", work,
-                "--train-iterations", iterations, "--threads", threads])
+                "--train-iterations", iterations, "--threads", threads, *(["--continue"] if reuse else [])])
     summary = json.loads((work / "nnunet_reference_summary.json").read_text())
     result: dict[str, Any] = {"train_wall_s": summary["train"]["train_command_wall_s"],
                               "s_per_iteration": summary["train"]["iteration_s_median_incl_data"],
@@ -139,7 +139,8 @@ def main(args: argparse.Namespace) -> None:
                                                                        ["--preset", "resenc-m"], seed=0,
                                                                        threads=args.threads, reuse=args.reuse)
     if args.nnunet_python:
-        results["nnU-Net v2 3d_fullres"] = train_nnunet(args.data, out, args.iterations, args.nnunet_python, args.threads)
+        results["nnU-Net v2 3d_fullres"] = train_nnunet(args.data, out, args.iterations, args.nnunet_python, args.threads,
+                                                        args.reuse)
         plans = results["nnU-Net v2 3d_fullres"]["plans"]
         print("\nnnU-Net's plan (array axes z, y, x for RAS files):")
         print(json.dumps(plans, indent=1)[:4000])
@@ -161,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                         help="an arm with extra `unet train` arguments, planned unless they say --no-plan (repeatable)")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep a run folder that finished (predict and score it) and continue one that was stopped")
+                        help="keep a run that finished (predict and score it) and continue one that was stopped (nnU-Net's too)")
     parser.add_argument("--resenc", action="store_true", help="also train the planned residual-encoder preset")
     parser.add_argument("--nnunet-python", help="python of a virtualenv with nnunetv2 (see scripts/nnunet_reference.py)")
     return parser.parse_args(argv)
