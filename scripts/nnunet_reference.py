@@ -339,7 +339,8 @@ def train(dataset_id: int, env: dict, work_dir: Path, iterations: int, per_epoch
             for old in found:
                 shutil.rmtree(old.parent)
             sittings = []
-        wall = run_logged(cmd, env, work_dir / "logs" / f"train{len(sittings) or ''}.log", verbose)
+        earlier = len(list((work_dir / "logs").glob("train*.log"))) if "--c" in cmd else 0  # a killed sitting's log stays
+        wall = run_logged(cmd, env, work_dir / "logs" / f"train{earlier or ''}.log", verbose)
         sittings.append({"wall_s": wall, "cpu_s": LAST_CPU_S[0]})
         sittings_file.write_text(json.dumps(sittings))
     wall, cpu = sum(x["wall_s"] for x in sittings), sum(x["cpu_s"] for x in sittings)
