@@ -151,10 +151,8 @@ def perturb(image: np.ndarray, affine: np.ndarray, spec: dict, seed: int) -> np.
     if "background_noise" in spec:
         # Noise outside the brain only, the brain untouched: a scan stripped by a tool that leaves
         # the background as measured instead of exact zeros. Tests the normalisation's mask alone.
-        sigma = spec["background_noise"] * float(np.percentile(out[brain], 99))
-        rng = np.random.default_rng(seed + 2)
-        background = np.hypot(rng.normal(0.0, sigma, out.shape), rng.normal(0.0, sigma, out.shape))  # Rayleigh
-        out = np.where(brain, out, background).astype(np.float32)
+        # Where the image is 0, Rician noise is Rayleigh noise of the same sigma.
+        out = np.where(brain, out, rician_noise(out, brain, spec["background_noise"], seed + 2)).astype(np.float32)
     if "scale" in spec:
         a, b = spec["scale"]
         out = (a * out + b).astype(np.float32)
