@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,11 @@ from pathlib import Path
 import pytest
 
 from unetcli.workflows.demo import demo_data_dir
+
+
+def all_threads() -> dict[str, str]:
+    """The demo as a user runs it: torch picks its own thread count (the suite pins one thread)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
 def test_demo_data_is_installed_with_its_notice() -> None:
@@ -26,7 +32,7 @@ def test_short_demo_reaches_085_dice_on_held_out_slices(tmp_path: Path) -> None:
     # epochs, so the check stays under a minute on CPUs without native bf16, where the demo runs in
     # fp32 (it reaches 0.936 there). --time lifts the demo's 150 s cap: this checks learning, not speed.
     proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--out", str(out), "--epochs", "3", "--time", "10m",
-                           "--set", "model.features=[8,16,32,64]"], capture_output=True, text=True, timeout=900)
+                           "--set", "model.features=[8,16,32,64]"], capture_output=True, text=True, timeout=900, env=all_threads())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.yaml", "checkpoints/best.pt", "metrics.jsonl", "curves.png", "eval/metrics.csv", "eval/summary.json"):
         assert (out / name).is_file(), name
@@ -44,7 +50,7 @@ def test_3d_demo_trains_at_4_mm_and_writes_masks_on_the_2_mm_scan_grid(tmp_path:
     out = tmp_path / "demo3d"
     # 10 of its 40 epochs; --time lifts the 150 s cap, so a busy machine gets the same 250 steps, only later.
     proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--3d", "--out", str(out), "--epochs", "10", "--time", "10m"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=all_threads())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "target_spacing:\n  - 4.0" in (out / "config.yaml").read_text()
     scan = nib.load(demo_data_dir("3d") / "imagesTs" / "colin_rh_sup_0000.nii.gz")

@@ -15,8 +15,6 @@ from unetcli.errors import ConfigError, ModelError
 from unetcli.models import UNet, build_model, count_parameters, fold_batch_norm
 from unetcli.models.blocks import InstanceNorm
 
-torch.set_num_threads(2)
-
 FEATURES = (4, 8, 16)  # depth 2: same-padded sizes must be multiples of 4
 SKIPS = ("concat", "add", "none")
 PADDINGS = ("same", "valid")

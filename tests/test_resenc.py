@@ -17,8 +17,6 @@ from unetcli.errors import ConfigError, ModelError
 from unetcli.models import UNet, build_model, count_parameters, fold_batch_norm
 from unetcli.models.blocks import ResidualBlock, ResidualDown
 
-torch.set_num_threads(2)
-
 SKIPS = ("concat", "add", "none")
 UPSAMPLES = ("transpose", "interp")
 THICK_KERNELS = [[3, 3, 1], [3, 3, 3], [3, 3, 3]]

@@ -169,6 +169,8 @@ class Trainer:
         """The time budget is spent (set when the next step would leave too little time to validate and save)."""
         self.epoch_overhead = 0.0
         """Seconds the last epoch end took (validation, metrics, checkpoints): reserved from a time budget."""
+        self.schedule_clock = 0.0
+        """Seconds the time schedule is at; never goes back when the reserved epoch overhead shrinks."""
         self.lr = parts.config.train.lr * parts.schedule.factor(max(0, self.state.iteration - 1), self.state.elapsed_before)
         """The rate of the last step taken (recorded per epoch)."""
         self._steps_in_epoch, self._elapsed_in_epoch = 0, 0.0
@@ -251,7 +253,8 @@ class Trainer:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=p.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             # The epoch's end (validation, saving) is reserved, so a time schedule reaches its end at the last step.
-            self.lr = p.schedule.apply(p.optimizer, t.lr, s.iteration, elapsed + self.epoch_overhead)
+            self.schedule_clock = max(self.schedule_clock, elapsed + self.epoch_overhead)
+            self.lr = p.schedule.apply(p.optimizer, t.lr, s.iteration, self.schedule_clock)
             loss = train_step(p.train_model, images, labels, p.loss_fn, p.optimizer, p.scaler, self.device, self.precision, t.grad_clip)
             s.loss_sum += loss
             s.iteration += 1
