@@ -97,7 +97,8 @@ def test_a_timed_run_ends_inside_its_budget_with_a_complete_run_folder(timed_run
     # schedule runs ahead by the epoch's overhead, so there is no matching lower bound).
     end = rows[-1]["elapsed_seconds"]
     assert 0 < rows[-1]["lr"] <= 3e-3 * decay("poly", (end - 2) / 10), rows[-1]
-    assert [r["lr"] for r in rows[2:]] == sorted((r["lr"] for r in rows[2:]), reverse=True), "decays after the warm-up"
+    decaying = [r["lr"] for r in rows if r["elapsed_seconds"] >= 1.0]  # the warm-up ends within 1/30 of the budget
+    assert len(decaying) >= 2 and decaying == sorted(decaying, reverse=True), "the rate never rises after the warm-up"
     assert all(r["seconds_per_iteration"] > 0 and r["epoch_iterations"] >= 1 for r in rows)
     assert "time budget:" in (out / "log.txt").read_text()
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
