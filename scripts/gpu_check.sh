@@ -95,7 +95,7 @@ ddp_train() {
     grep "world size" "$run/log.txt" | tail -n 1
 }
 
-step cuda_tests limit "$PY" -m pytest -q -m cuda tests/test_cuda.py
+step cuda_tests limit "$PY" -m pytest -q -n 0 -m cuda tests/test_cuda.py
 if [ "$BF16" = 1 ]; then
     step train_2d_bf16 amp_train bf16
 else
