@@ -53,6 +53,14 @@ def test_low_resolution_keeps_the_shape_and_loses_detail() -> None:
     assert torch.allclose(simulate_low_resolution(x, 1.0), x, atol=1e-5)
 
 
+def test_low_resolution_along_chosen_axes_leaves_the_others_sharp() -> None:
+    # Slices alternating -1 / +1 along the last axis, each constant in-plane: made coarser in-plane only,
+    # the slices keep their values; made coarser along every axis, the alternation is gone.
+    x = torch.tensor([-1.0, 1.0] * 4).view(1, 1, 8).expand(20, 24, 8).contiguous()
+    assert torch.allclose(simulate_low_resolution(x, 0.5, axes=(0, 1)), x, atol=1e-5)
+    assert simulate_low_resolution(x, 0.5).diff(dim=2).abs().max() < 1.5
+
+
 def test_bias_field_is_smooth_within_a_factor_of_two_and_spares_the_background() -> None:
     rng = np.random.default_rng(1)
     fields = [random_bias_field((12, 16, 10), rng) for _ in range(20)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from unetcli.data.augment import IntensityAugmentation
 from unetcli.data.sampling import PatchSampler
 from unetcli.data.spatial import moving_axes, square_planes
 from unetcli.data.types import Case, Dataset
@@ -81,6 +82,18 @@ def test_thick_slice_data_is_never_rotated_out_of_plane() -> None:
             for z in range(lab.shape[2]):
                 values = set(np.unique(lab[:, :, z]).tolist()) - {0}
                 assert len(values) == 1, f"slice {z} mixes labels {values}: rotated out of plane"
+
+
+@pytest.mark.parametrize("spacing, coarsened", [(THICK, False), ((1.0, 1.0, 1.0), True)])
+def test_thick_slices_are_made_coarser_in_plane_only(spacing: tuple[float, ...], coarsened: bool) -> None:
+    """The low-resolution change (nnU-Net's ``ignore_axes`` for dummy-2D data) leaves the slice axis of
+    thick-slice data as sharp as the scans the network will see; isotropic data is coarsened along every axis."""
+    image = np.tile(np.array([-1.0, 1.0], np.float32), 8).reshape(1, 1, 1, 16) * np.ones((1, 48, 48, 16), np.float32)
+    label = np.ones((48, 48, 16), np.int64)
+    sampler = PatchSampler([Case("slices", image, label)], (32, 32, 8), 2, num_classes=2, flips=False, rotate90=False,
+                           intensity=IntensityAugmentation(lowres_prob=1.0), spacing=spacing)
+    steps = [float(np.abs(np.diff(img[0], axis=2)).min()) for pos in range(6) for img in sampler.batch(pos)[0].numpy()]
+    assert (min(steps) < 1.9) == coarsened  # every patch keeps its +-1 slice-to-slice steps, or some lose them
 
 
 @pytest.mark.parametrize("spacing, patch, planes", [

@@ -11,6 +11,7 @@ function of (seed, position) whatever the number of workers building it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -59,14 +60,17 @@ class IntensityAugmentation:
         blur_prob: Gaussian blur, sigma U(0.5, 1) drawn per axis, each channel with probability 0.5.
         brightness_prob: multiply by U(0.75, 1.25), per channel.
         contrast_prob: scale about the mean by U(0.75, 1.25), clipped to the patch's former range.
-        lowres_prob: down-sample by U(0.5, 1) (nearest) and back (linear), each channel with probability 0.5.
+        lowres_prob: down-sample by U(0.5, 1) (nearest) and back (linear), each channel with probability 0.5;
+            only along ``lowres_axes`` when given (thick slices: the two fine axes, nnU-Net's ``ignore_axes``).
         inverted_gamma_prob / gamma_prob: gamma in (0.7, 1.5) on intensities rescaled to [0, 1] (inverted:
             of the negated image), keeping the patch's mean and standard deviation.
         bias_field_prob: a smooth multiplicative field (MRI coil sensitivity; not in nnU-Net's set): the
             exponential of a random polynomial of degree 3 over the patch, spanning up to x2 and /2,
             applied above the patch's minimum (the background level), the same for every channel.
 
-    ``__call__`` takes and returns images of shape (B, C, *spatial), float32.
+    ``__call__`` takes and returns images of shape (B, C, *spatial), float32; ``lowres_axes`` (spatial
+    axes, default all) limits the low-resolution change: a 4 mm slice axis halved to 8 mm would teach
+    the network from patches far coarser across slices than any scan it will see.
     """
 
     noise_prob: float = 0.0
@@ -87,12 +91,13 @@ class IntensityAugmentation:
     def active(self) -> bool:
         return any(v > 0 for v in vars(self).values())
 
-    def __call__(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, rng: np.random.Generator,
+                 lowres_axes: Sequence[int] | None = None) -> torch.Tensor:
         if not self.active:
             return images
-        return torch.stack([self._one(image, rng) for image in images])
+        return torch.stack([self._one(image, rng, lowres_axes) for image in images])
 
-    def _one(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def _one(self, image: torch.Tensor, rng: np.random.Generator, lowres_axes: Sequence[int] | None) -> torch.Tensor:
         """One patch (C, *spatial). A draw is made only for changes whose probability is > 0."""
         if self.bias_field_prob and rng.random() < self.bias_field_prob:
             # First: the field multiplies the signal; noise and the rest come after it.
@@ -111,7 +116,7 @@ class IntensityAugmentation:
         if self.contrast_prob and rng.random() < self.contrast_prob:
             image = torch.stack([adjust_contrast(ch, rng.uniform(*CONTRAST_RANGE)) for ch in image])
         if self.lowres_prob and rng.random() < self.lowres_prob:
-            image = torch.stack([simulate_low_resolution(ch, rng.uniform(*LOWRES_SCALE))
+            image = torch.stack([simulate_low_resolution(ch, rng.uniform(*LOWRES_SCALE), lowres_axes)
                                  if rng.random() < PER_CHANNEL_PROB else ch for ch in image])
         if self.inverted_gamma_prob and rng.random() < self.inverted_gamma_prob:
             image = torch.stack([-gamma_keep_stats(-ch, draw_gamma(rng)) for ch in image])
@@ -173,10 +178,10 @@ def gaussian_blur(channel: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     return out
 
 
-def simulate_low_resolution(channel: torch.Tensor, scale: float) -> torch.Tensor:
-    """Down-sample one channel (*spatial) by ``scale`` per axis (nearest) and back up (linear)."""
+def simulate_low_resolution(channel: torch.Tensor, scale: float, axes: Sequence[int] | None = None) -> torch.Tensor:
+    """Down-sample one channel (*spatial) by ``scale`` along ``axes`` (default all; nearest) and back up (linear)."""
     shape = channel.shape
-    small = [max(1, int(round(s * scale))) for s in shape]
+    small = [max(1, int(round(s * scale))) if axes is None or a in axes else s for a, s in enumerate(shape)]
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
     down = F.interpolate(channel[None, None], size=small, mode="nearest-exact")
     return F.interpolate(down, size=list(shape), mode=mode, align_corners=False)[0, 0]

@@ -17,7 +17,7 @@ import torch
 
 from unetcli.data.augment import IntensityAugmentation
 from unetcli.data.spatial import (SCALE_RANGE, Warp, extract_window, random_displacement, random_rotation_scale,
-                                  square_planes, warp_patch)
+                                  moving_axes, square_planes, warp_patch)
 from unetcli.data.types import Case
 
 
@@ -207,7 +207,8 @@ class PatchSampler:
             labels.append(np.ascontiguousarray(label))
         image_t = torch.from_numpy(np.stack(images))
         label_t = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
-        return self.intensity(image_t, rng), label_t
+        # Thick slices are made coarser in-plane only, as they are rotated (nnU-Net's dummy-2D rule).
+        return self.intensity(image_t, rng, lowres_axes=moving_axes(self.spacing)), label_t
 
 
 @dataclass(frozen=True)
