@@ -130,8 +130,8 @@ class TrainConfig:
     """Turns by multiples of 90 degrees, only in planes of equal voxel spacing and equal patch size."""
     augmentation: Literal["auto", "scanner", "nnunet", "basic"] = "auto"
     """Preset for the keys below left unset: ``scanner`` = nnU-Net's intensity changes (noise 0.1, blur
-    0.2, brightness 0.15, contrast 0.15, low resolution 0.25, inverted gamma 0.1, gamma 0.3) plus a
-    smooth bias field (0.2), no rotation/scaling; ``nnunet`` = nnU-Net's own set (those intensity
+    0.2, brightness 0.15, contrast 0.15, low resolution 0.25 (in-plane only for thick slices), inverted gamma
+    0.1, gamma 0.3) plus a smooth bias field (0.2), no rotation/scaling; ``nnunet`` = nnU-Net's own set (those intensity
     changes and rotation/scaling 0.2, no bias field); ``basic`` = flips, 90-degree turns and
     ``intensity_jitter`` 0.1 only; ``auto`` = ``scanner`` for 3D, ``basic`` for 2D. Why: held-out Dice
     on scans stored as other scanners store them and on the 3D demo (scripts/bench_robustness.py,
