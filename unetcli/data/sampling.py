@@ -111,6 +111,8 @@ class PatchSampler:
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * len(self.patch_size)
         # 90-degree turns are exact only where both axes have the same spacing and patch size.
         self.turn_planes = square_planes(self.spacing, self.patch_size) if rotate90 else []
+        # Thick slices are made coarser in-plane only, as they are rotated (nnU-Net's dummy-2D rule).
+        self.lowres_axes = moving_axes(self.spacing)
         self.rotate_scale_prob = rotate_scale_prob
         self.elastic_prob = elastic_prob
         self.scale_range = tuple(float(s) for s in scale_range)
@@ -207,8 +209,7 @@ class PatchSampler:
             labels.append(np.ascontiguousarray(label))
         image_t = torch.from_numpy(np.stack(images))
         label_t = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
-        # Thick slices are made coarser in-plane only, as they are rotated (nnU-Net's dummy-2D rule).
-        return self.intensity(image_t, rng, lowres_axes=moving_axes(self.spacing)), label_t
+        return self.intensity(image_t, rng, lowres_axes=self.lowres_axes), label_t
 
 
 @dataclass(frozen=True)
