@@ -84,6 +84,35 @@ def test_thick_slice_data_is_never_rotated_out_of_plane() -> None:
                 assert len(values) == 1, f"slice {z} mixes labels {values}: rotated out of plane"
 
 
+def _bar_angles(spacing: tuple[float, ...], patch: tuple[int, ...], shape: tuple[int, ...]) -> list[float]:
+    """Degrees by which rotated patches turn a bar pointing along axis 0 (label 1) from a marked centre
+    (label 2), measured in the plane of the first two axes."""
+    label = np.zeros(shape, np.int64)
+    centre = tuple(n // 2 for n in shape)
+    label[(slice(centre[0], centre[0] + 12),) + centre[1:]] = 1
+    label[centre] = 2
+    sampler = PatchSampler([Case("bar", label[None].astype(np.float32), label)], patch, 4, num_classes=3,
+                           foreground=[[2]], foreground_fraction=1.0, flips=False, rotate90=False,
+                           rotate_scale_prob=1.0, scale_range=(1.0, 1.0), spacing=spacing)
+    angles = []
+    for position in range(8):
+        for lab in sampler.batch(position)[1].numpy():
+            bar = np.argwhere(lab == 1).mean(axis=0) - np.argwhere(lab == 2).mean(axis=0)
+            angles.append(float(np.degrees(np.arctan2(bar[1] * spacing[1], bar[0] * spacing[0]))))
+    return angles
+
+
+@pytest.mark.parametrize("spacing, patch, shape, widest", [
+    (THICK, (40, 40, 8), (64, 64, 12), 180.0),  # thick slices: a full in-plane turn (nnU-Net's dummy 2D)
+    ((1.0, 1.0), (40, 40), (64, 64), 180.0),  # a square 2D patch
+    ((1.0, 1.0), (48, 24), (64, 64), 15.0),  # an elongated 2D patch: +-15 degrees
+])
+def test_rotation_ranges_follow_nnunet(spacing, patch, shape, widest) -> None:
+    angles = np.abs(_bar_angles(spacing, patch, shape))
+    assert angles.max() <= widest + 5.0
+    assert angles.max() > 0.6 * widest, f"the widest turn drawn was {angles.max():.0f} degrees"
+
+
 @pytest.mark.parametrize("spacing, coarsened", [(THICK, False), ((1.0, 1.0, 1.0), True)])
 def test_thick_slices_are_made_coarser_in_plane_only(spacing: tuple[float, ...], coarsened: bool) -> None:
     """The low-resolution change (nnU-Net's ``ignore_axes`` for dummy-2D data) leaves the slice axis of

@@ -139,8 +139,9 @@ class TrainConfig:
     intensity_jitter: float | None = None
     """Random scale and shift of intensities, each drawn from U(-j, j)."""
     rotate_scale_prob: float | None = None
-    """Probability of a random rotation (+-30 deg about each axis) and scaling (0.7..1.4) per patch, in mm
-    about its centre, resampled from the case around it; thick slices (spacing ratio > 3) in-plane only.
+    """Probability of a random rotation and scaling (0.7..1.4) per patch, in mm about its centre, resampled
+    from the case around it, with nnU-Net's angles: +-30 deg about each axis of isotropic 3D data; thick
+    slices (spacing ratio > 3) in-plane only, +-180 deg; 2D +-180 deg (+-15 deg for patches > 1.5x as long as wide).
     Off in the ``scanner`` preset: with deep supervision at 2,000 iterations, 0.2 scored 0.02-0.04 more on
     another person's brain but 0.004 less on the mean of other-scanner scans (two seeds, docs/benchmarks.md)."""
     elastic_prob: float = 0.0

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from unetcli.data.augment import IntensityAugmentation
-from unetcli.data.spatial import (SCALE_RANGE, Warp, extract_window, random_displacement, random_rotation_scale,
-                                  moving_axes, square_planes, warp_patch)
+from unetcli.data.spatial import (SCALE_RANGE, Warp, extract_window, moving_axes, random_displacement,
+                                  random_rotation_scale, rotation_range, square_planes, warp_patch)
 from unetcli.data.types import Case
 
 
@@ -70,8 +70,9 @@ class PatchSampler:
             present in the case (nnU-Net uses 1/3); the rest are uniformly random crops.
         flips, rotate90: mirror every spatial axis / turn by multiples of 90 degrees in a plane of equal
             spacing and equal patch size (:func:`~unetcli.data.spatial.square_planes`).
-        rotate_scale_prob: probability of a random rotation (+-30 deg about each axis, in-plane only for
-            thick slices) and scaling (``scale_range``) per patch, in mm about its centre
+        rotate_scale_prob: probability of a random rotation (nnU-Net's ranges,
+            :func:`~unetcli.data.spatial.rotation_range`: +-30 deg about each axis, +-180 deg in-plane
+            only for thick slices) and scaling (``scale_range``) per patch, in mm about its centre
             (:mod:`unetcli.data.spatial`).
         elastic_prob: probability of a smooth random (elastic) deformation per patch.
         spacing: voxel spacing (mm) per spatial axis of the cases' grid; ``None`` = 1 on every axis.
@@ -114,6 +115,7 @@ class PatchSampler:
         # Thick slices are made coarser in-plane only, as they are rotated (nnU-Net's dummy-2D rule).
         self.lowres_axes = moving_axes(self.spacing)
         self.rotate_scale_prob = rotate_scale_prob
+        self.rotation = rotation_range(self.spacing, self.patch_size)
         self.elastic_prob = elastic_prob
         self.scale_range = tuple(float(s) for s in scale_range)
         self.intensity_jitter = intensity_jitter
@@ -175,7 +177,7 @@ class PatchSampler:
         if not (rotate or elastic):
             return None
         nd = len(self.patch_size)
-        matrix = random_rotation_scale(self.spacing, rng, scale_range=self.scale_range) if rotate else np.eye(nd)
+        matrix = random_rotation_scale(self.spacing, rng, self.rotation, self.scale_range) if rotate else np.eye(nd)
         displacement = random_displacement(self.patch_size, self.spacing, rng) if elastic else None
         return Warp(matrix, displacement)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 ANISOTROPY_RATIO = 3.0
 """Largest / smallest spacing above which data is augmented in-plane only (nnU-Net's dummy-2D rule)."""
 ROTATION_RANGE = math.pi / 6
-"""Rotations are drawn from U(-30, 30) degrees about each rotation axis."""
+"""Rotations of isotropic 3D data are drawn from U(-30, 30) degrees about each axis (nnU-Net's range)."""
 SCALE_RANGE = (0.7, 1.4)
 """Anatomy is scaled by U(0.7, 1.4) (nnU-Net's range), the same factor on every moving axis."""
 ELASTIC_MAGNITUDE = 0.05
@@ -64,6 +64,15 @@ def square_planes(spacing: Sequence[float], patch: Sequence[int]) -> list[tuple[
     nd = len(patch)
     return [(a, b) for a in range(nd) for b in range(a + 1, nd)
             if patch[a] == patch[b] and math.isclose(spacing[a], spacing[b], rel_tol=1e-3)]
+
+
+def rotation_range(spacing: Sequence[float], patch: Sequence[int]) -> float:
+    """The largest rotation angle (radians) for this grid and patch, by nnU-Net's rule: a full turn in
+    the plane of thick slices (nothing out of plane can go wrong) and of 2D patches no longer than 1.5x
+    their width, 15 degrees for longer 2D patches, 30 degrees about each axis of isotropic 3D data."""
+    if len(patch) == 2:
+        return math.pi if max(patch) / min(patch) <= 1.5 else math.pi / 12
+    return math.pi if len(moving_axes(spacing)) == 2 else ROTATION_RANGE
 
 
 def _plane_rotation(nd: int, axes: tuple[int, int], angle: float) -> np.ndarray:
