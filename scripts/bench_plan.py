@@ -36,7 +36,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from benchlib.runs import dice_by_class, eval_summary, run, seconds_per_iteration, train_iterations, unet
+from benchlib.runs import (dice_by_class, eval_summary, record_result, run, seconds_per_iteration, train_iterations,
+                          unet)
 from benchlib.scoring import ROBUST_IMAGES, dice_per_set, perturbed_mean
 
 HERE = Path(__file__).resolve().parent
@@ -131,22 +132,21 @@ def main(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         tag = f", seed {seed}" if len(args.seeds) > 1 else ""
         for label, extra, name in chosen:
-            results[f"{label}{tag}"] = train_unetcli(f"{name}{tag and f'_s{seed}'}", args.data, out, args.iterations,
-                                                     per_epoch, extra, seed=seed, threads=args.threads, reuse=args.reuse)
-            saved.write_text(json.dumps(results, indent=1))
+            entry = train_unetcli(f"{name}{tag and f'_s{seed}'}", args.data, out, args.iterations,
+                                  per_epoch, extra, seed=seed, threads=args.threads, reuse=args.reuse)
+            results.update(record_result(saved, f"{label}{tag}", entry))
     if args.resenc:
-        results["unetcli, planned, --preset resenc-m"] = train_unetcli("resenc", args.data, out, args.iterations, per_epoch,
-                                                                       ["--preset", "resenc-m"], seed=0,
-                                                                       threads=args.threads, reuse=args.reuse)
+        entry = train_unetcli("resenc", args.data, out, args.iterations, per_epoch, ["--preset", "resenc-m"], seed=0,
+                              threads=args.threads, reuse=args.reuse)
+        results.update(record_result(saved, "unetcli, planned, --preset resenc-m", entry))
     if args.nnunet_python:
-        results["nnU-Net v2 3d_fullres"] = train_nnunet(args.data, out, args.iterations, args.nnunet_python, args.threads,
-                                                        args.reuse)
+        entry = train_nnunet(args.data, out, args.iterations, args.nnunet_python, args.threads, args.reuse)
+        results.update(record_result(saved, "nnU-Net v2 3d_fullres", entry))
         plans = results["nnU-Net v2 3d_fullres"]["plans"]
         print("\nnnU-Net's plan (array axes z, y, x for RAS files):")
         print(json.dumps(plans, indent=1)[:4000])
     print(f"\n{args.iterations} iterations each, {args.threads} threads, dataset {args.data}\n")
     print(table(results))
-    saved.write_text(json.dumps(results, indent=1))
     print(f"\nwritten: {saved}, {out / 'plans.yaml'}")
 
 

@@ -33,7 +33,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from benchlib.runs import run, seconds_per_iteration, train_iterations, unet
+from benchlib.runs import record_result, run, seconds_per_iteration, train_iterations, unet
 from benchlib.scoring import ROBUST_IMAGES, dice_per_set, perturbed_mean
 
 HERE = Path(__file__).resolve().parent
@@ -107,12 +107,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
     def save(name: str, entry: dict[str, Any]) -> None:
-        # Re-read before writing: several benchmark processes (one thread each) may share --out.
-        results.update(json.loads(results_path.read_text()) if results_path.is_file() else {})
-        results[name] = entry
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(results_path)
+        results.update(record_result(results_path, name, entry))
 
     variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant]
     if not variants and not args.nnunet_python:

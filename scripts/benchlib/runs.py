@@ -91,3 +91,17 @@ def dice_by_class(summary: dict[str, Any]) -> dict[str, float]:
     dice = {name: entry["dice"]["mean"] for name, entry in summary["classes"].items()}
     dice["mean"] = summary["foreground_mean"]["dice"]
     return dice
+
+
+def record_result(path: Path, name: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Add ``entry`` under ``name`` to the JSON results file ``path`` and return all its results.
+
+    Re-read just before writing, and written atomically: several benchmark processes (one thread
+    each) may share one results file, and each must keep what the others added meanwhile.
+    """
+    results: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    results[name] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    return results
