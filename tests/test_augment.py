@@ -113,6 +113,13 @@ def test_presets_fill_only_the_keys_left_unset() -> None:
     assert (cfg.train.gamma_prob, cfg.train.blur_prob, cfg.train.bias_field_prob, cfg.train.rotate_scale_prob,
             cfg.train.intensity_jitter) == (0.3, 0.2, 0.2, 0.0, 0.0)  # 3D: scanner
     cfg = RunConfig()
+    resolve_augmentation(cfg.train, 3, thick_slices=True)
+    assert (cfg.train.bias_field_prob, cfg.train.rotate_scale_prob) == (0.2, 0.2)  # thick slices: in-plane rotation
+    cfg = RunConfig()
+    cfg.train.rotate_scale_prob = 0.0
+    resolve_augmentation(cfg.train, 3, thick_slices=True)
+    assert cfg.train.rotate_scale_prob == 0.0  # the user's own value stands
+    cfg = RunConfig()
     resolve_augmentation(cfg.train, 2)
     assert (cfg.train.gamma_prob, cfg.train.rotate_scale_prob, cfg.train.intensity_jitter) == (0.0, 0.0, 0.1)
     cfg = RunConfig()

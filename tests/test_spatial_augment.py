@@ -186,3 +186,20 @@ def test_the_sampler_gets_the_spacing_of_the_training_grid() -> None:
     slices = Dataset([], 2, 1, 2, [0, 1], ["bg", "fg"], ["t1"], "nifti", {"target_spacing": [0.9, 1.0, 4.0], "slice_axis": 2})
     pngs = Dataset([], 2, 1, 2, [0, 1], ["bg", "fg"], ["gray"], "png")
     assert (grid_spacing(volume), grid_spacing(slices), grid_spacing(pngs)) == ([1.0, 1.0, 4.0], [0.9, 1.0], None)
+
+
+@pytest.mark.parametrize("target_spacing, rotate_scale_prob", [("[1,1,2]", 0.0), ("[1,1,4]", 0.2)])
+def test_thick_slices_train_with_in_plane_rotation_by_default(tmp_path, target_spacing: str, rotate_scale_prob: float) -> None:
+    """The saved config of a run says what it trained with: thick slices (spacing ratio > 3) turn on the
+    scanner preset's in-plane rotation/scaling, other 3D data keeps it off."""
+    import yaml
+
+    from helpers import invoke, make_nnunet
+
+    run = tmp_path / "run"
+    result = invoke("-q", "train", make_nnunet(tmp_path / "data", n=3), "--out", run, "--epochs", "1",
+                    "--set", "model.features=[4,8,16]", "--set", "train.iterations_per_epoch=1", "--batch-size", "2",
+                    "--precision", "fp32", "--device", "cpu", "--set", "train.num_workers=0",
+                    "--set", f"data.target_spacing={target_spacing}")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["rotate_scale_prob"] == rotate_scale_prob

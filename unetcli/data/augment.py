@@ -43,10 +43,22 @@ AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-def resolve_augmentation(train: Any, spatial_dims: int) -> None:
-    """Fill the augmentation keys of a ``TrainConfig`` left unset (``None``) from ``train.augmentation``'s preset, in place."""
+THICK_SLICE_ROTATE_SCALE_PROB = 0.2
+"""The ``scanner`` preset's rotation/scaling probability on thick slices (in-plane, +-180 deg): on
+1 x 1 x 4 mm MRI at 2,000 iterations it raised held-out Dice on clean scans from 0.943 to 0.948 and on
+another person's brain from 0.729 to 0.737 at the same s/it (docs/benchmarks.md); off on isotropic data,
+where rotating about all three axes cost 0.004 on other scanners' scans."""
+
+
+def resolve_augmentation(train: Any, spatial_dims: int, thick_slices: bool = False) -> None:
+    """Fill the augmentation keys of a ``TrainConfig`` left unset (``None``) from ``train.augmentation``'s
+    preset, in place; ``thick_slices`` (3D data augmented in-plane only) turns on the ``scanner`` preset's
+    in-plane rotation/scaling."""
     preset = train.augmentation if train.augmentation != "auto" else ("scanner" if spatial_dims == 3 else "basic")
-    for key, value in AUGMENTATION_PRESETS[preset].items():
+    values = dict(AUGMENTATION_PRESETS[preset])
+    if preset == "scanner" and thick_slices:
+        values["rotate_scale_prob"] = THICK_SLICE_ROTATE_SCALE_PROB
+    for key, value in values.items():
         if getattr(train, key) is None:
             setattr(train, key, value)
 

@@ -17,6 +17,7 @@ from unetcli.config import RunConfig
 from unetcli.data.augment import IntensityAugmentation, resolve_augmentation
 from unetcli.data.dataset import expand_to_cases, split_cases
 from unetcli.data.sampling import PatchSampler
+from unetcli.data.spatial import moving_axes
 from unetcli.data.types import Dataset
 from unetcli.errors import ConfigError
 from unetcli.models import SegmentationNetwork, build_model
@@ -174,7 +175,9 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     patch = resolve_patch_size(cfg, dataset, model)
     t.patch_size = patch
     t.batch_size = default_batch_size(cfg, dataset.spatial_dims)
-    resolve_augmentation(t, dataset.spatial_dims)
+    spacing = grid_spacing(dataset)
+    thick_slices = spacing is not None and len(spacing) == 3 and len(moving_axes(spacing)) == 2
+    resolve_augmentation(t, dataset.spatial_dims, thick_slices=thick_slices)
     check_batch_divides(t.batch_size)
     case_names = [c.name for c in dataset.cases]
     if split is not None:
@@ -193,7 +196,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
         rotate_scale_prob=t.rotate_scale_prob, intensity_jitter=t.intensity_jitter,
         intensity=IntensityAugmentation.from_config(t),
         seed=t.seed, foreground=dataset.regions, ignore_index=dataset.ignore_index,
-        elastic_prob=t.elastic_prob, spacing=grid_spacing(dataset),
+        elastic_prob=t.elastic_prob, spacing=spacing,
     )
     metadata = {
         "spatial_dims": dataset.spatial_dims, "in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
