@@ -59,6 +59,11 @@ def moving_axes(spacing: Sequence[float]) -> tuple[int, ...]:
     return tuple(range(len(sp)))
 
 
+def is_thick_slice(spacing: Sequence[float] | None) -> bool:
+    """Whether a grid is thick-slice 3D data, augmented in-plane only (:func:`moving_axes`)."""
+    return spacing is not None and len(moving_axes(spacing)) < len(spacing)
+
+
 def square_planes(spacing: Sequence[float], patch: Sequence[int]) -> list[tuple[int, int]]:
     """Axis pairs where a 90-degree turn is exact: equal spacing and equal patch size."""
     nd = len(patch)
@@ -72,7 +77,7 @@ def rotation_range(spacing: Sequence[float], patch: Sequence[int]) -> float:
     their width, 15 degrees for longer 2D patches, 30 degrees about each axis of isotropic 3D data."""
     if len(patch) == 2:
         return math.pi if max(patch) / min(patch) <= 1.5 else math.pi / 12
-    return math.pi if len(moving_axes(spacing)) == 2 else ROTATION_RANGE
+    return math.pi if is_thick_slice(spacing) else ROTATION_RANGE
 
 
 def _plane_rotation(nd: int, axes: tuple[int, int], angle: float) -> np.ndarray:

@@ -17,7 +17,7 @@ from unetcli.config import RunConfig
 from unetcli.data.augment import IntensityAugmentation, resolve_augmentation
 from unetcli.data.dataset import expand_to_cases, split_cases
 from unetcli.data.sampling import PatchSampler
-from unetcli.data.spatial import moving_axes
+from unetcli.data.spatial import is_thick_slice
 from unetcli.data.types import Dataset
 from unetcli.errors import ConfigError
 from unetcli.models import SegmentationNetwork, build_model
@@ -176,8 +176,7 @@ def build_components(cfg: RunConfig, dataset: Dataset, layout: str, device: torc
     t.patch_size = patch
     t.batch_size = default_batch_size(cfg, dataset.spatial_dims)
     spacing = grid_spacing(dataset)
-    thick_slices = spacing is not None and len(spacing) == 3 and len(moving_axes(spacing)) == 2
-    resolve_augmentation(t, dataset.spatial_dims, thick_slices=thick_slices)
+    resolve_augmentation(t, dataset.spatial_dims, thick_slices=is_thick_slice(spacing))
     check_batch_divides(t.batch_size)
     case_names = [c.name for c in dataset.cases]
     if split is not None:
