@@ -142,8 +142,8 @@ class TrainConfig:
     """Probability of a random rotation and scaling (0.7..1.4) per patch, in mm about its centre, resampled
     from the case around it, with nnU-Net's angles: +-30 deg about each axis of isotropic 3D data; thick
     slices (spacing ratio > 3) in-plane only, +-180 deg; 2D +-180 deg (+-15 deg for patches > 1.5x as long as wide).
-    The ``scanner`` preset sets 0.2 on thick slices (1 x 1 x 4 mm, 2,000 iterations: clean held-out 0.943 -> 0.948,
-    one seed) and 0 elsewhere: on isotropic 2 mm data 0.2 scored 0.02-0.04 more on another person's brain but
+    The ``scanner`` preset sets 0.2 on thick slices (1 x 1 x 4 mm, 2,000 iterations: clean held-out 0.943 -> 0.948
+    with seed 0, 0.957 with seed 1) and 0 elsewhere: on isotropic 2 mm data 0.2 scored 0.02-0.04 more on another person's brain but
     0.004 less on the mean of other-scanner scans (two seeds, docs/benchmarks.md)."""
     elastic_prob: float = 0.0
     """Probability of a smooth random (elastic) deformation per patch (in-plane only for thick slices)."""
