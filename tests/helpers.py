@@ -108,6 +108,12 @@ def make_nnunet(root: Path, n: int = 5, seed: int = 0, flip_first: bool = False)
     return root
 
 
+def all_threads() -> dict[str, str]:
+    """The environment of a command run as a user runs it: torch picks its own thread count (the
+    suite pins one thread)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
