@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import all_threads
+from helpers import run_demo
 
 from unetcli.workflows.demo import demo_data_dir
 
@@ -25,10 +23,8 @@ def test_short_demo_reaches_085_dice_on_held_out_slices(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     # A narrower network than the demo's own (8-64 instead of 16-128: 4x less work) and 3 of its 8
     # epochs, so the check stays under a minute on CPUs without native bf16, where the demo runs in
-    # fp32 (it reaches 0.936 there). --time lifts the demo's 150 s cap: this checks learning, not speed
-    # (a 10-minute cap on a starved machine once stopped it at step 63 of 120, at Dice 0.77).
-    proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--out", str(out), "--epochs", "3", "--time", "30m",
-                           "--set", "model.features=[8,16,32,64]"], capture_output=True, text=True, timeout=1800, env=all_threads())
+    # fp32 (it reaches 0.936 there).
+    proc = run_demo(out, "--epochs", "3", "--set", "model.features=[8,16,32,64]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.yaml", "checkpoints/best.pt", "metrics.jsonl", "curves.png", "eval/metrics.csv", "eval/summary.json"):
         assert (out / name).is_file(), name

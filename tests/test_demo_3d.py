@@ -4,12 +4,10 @@ entry point. A module of its own so that the test workers run it beside the 2D d
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import all_threads
+from helpers import run_demo
 
 from unetcli.workflows.demo import demo_data_dir
 
@@ -20,15 +18,13 @@ def test_3d_demo_trains_at_4_mm_and_writes_masks_on_the_2_mm_scan_grid(tmp_path:
     import numpy as np
 
     out = tmp_path / "demo3d"
-    # 15 of its 40 epochs; --time lifts the 150 s cap, so a busy machine gets the same 375 steps, only later
-    # (a 10-minute cap on a starved machine once stopped it after 4 epochs, before its loss had fallen by 20 %).
+    # 15 of its 40 epochs (run_demo lifts the 150 s cap, so a busy machine gets the same 375 steps, only later).
     # At 10 epochs the held-out Dice of 8 lobes was still climbing steeply (0.20-0.49 over seeds and
     # thread counts, too close to the bar); at 15 it was 0.39-0.64. A narrower network than the demo's
     # (8-64 features instead of 16-128) halves the check's time (133 vs 273 s, AVX2 kernels, fp32, 1 thread,
     # loaded) and scores alike: 0.41-0.50 over seeds 0-2 there against 0.45 for the demo's own network,
     # 0.33 with bf16 on 2 threads.
-    proc = subprocess.run([sys.executable, "-m", "unetcli", "demo", "--3d", "--out", str(out), "--epochs", "15", "--time", "30m",
-                           "--set", "model.features=[8,16,32,64]"], capture_output=True, text=True, timeout=1800, env=all_threads())
+    proc = run_demo(out, "--3d", "--epochs", "15", "--set", "model.features=[8,16,32,64]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "target_spacing:\n  - 4.0" in (out / "config.yaml").read_text()
     scan = nib.load(demo_data_dir("3d") / "imagesTs" / "colin_rh_sup_0000.nii.gz")
