@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 from helpers import error_lines, invoke, invoke_quiet, save_nifti
 
@@ -245,6 +246,62 @@ def test_train_plans_automatically_and_says_so(data: Path, tmp_path: Path) -> No
     assert yaml.safe_load((plain / "config.yaml").read_text())["model"]["norm"] == "batch"
 
 
+def _thick_plan(seconds_per_step: float | None = 7.0, spatial_dims: int = 3, spacing: list[float] | None = None):
+    from unetcli.planning.planner import ConfigurationPlan
+
+    return ConfigurationPlan("3d_fullres" if spatial_dims == 3 else "2d", spatial_dims, spacing or [1.0, 1.0, 4.0],
+                             [180, 210, 45], [96, 112, 24], 2, [32, 64, 128, 256], [[3, 3, 1]] * 4, [[1, 1, 1]] + [[2, 2, 1]] * 3,
+                             ["zscore"], "plain", None, 4.0, seconds_per_step, 5_000_000)
+
+
+def test_short_thick_slice_runs_train_the_fixed_network_and_longer_ones_the_plan() -> None:
+    from unetcli.config import TrainConfig
+    from unetcli.planning.apply import expected_iterations, short_run_reason
+
+    def fixed(config, **train) -> bool:
+        return short_run_reason(config, TrainConfig(**train)) is not None
+
+    thick = _thick_plan()
+    assert fixed(thick, epochs=20, iterations_per_epoch=50)  # 1,000 iterations: the fixed network
+    assert not fixed(thick, epochs=21, iterations_per_epoch=50)  # 1,050: the plan
+    assert not fixed(thick)  # the default 30 x 50 = 1,500: the plan
+    assert not fixed(_thick_plan(spacing=[1.0, 1.0, 2.5]), epochs=2)  # not thick (2.5x)
+    assert not fixed(_thick_plan(spatial_dims=2), epochs=2)  # 2D slices
+    # A time budget counts at the plan's estimated seconds per step: 1 h at 7 s is ~514 steps, 3 h ~1,543.
+    assert expected_iterations(TrainConfig(epochs=None, time_limit=3600), 7.0) == pytest.approx(514.3, abs=0.1)
+    assert fixed(thick, epochs=None, time_limit=3600) and not fixed(thick, epochs=None, time_limit=3 * 3600)
+    assert fixed(thick, epochs=10, time_limit=3 * 3600)  # 500 epochs' iterations end it first
+    assert not fixed(_thick_plan(seconds_per_step=None), epochs=None, time_limit=600)  # a GPU: no estimate, the plan
+    reason = short_run_reason(thick, TrainConfig(epochs=None, time_limit=3600))
+    assert reason is not None and "about 514 iterations in --time 60m" in reason and "1 x 1 x 4 mm" in reason
+    # A target spacing the user gave is the grid the run trains on.
+    assert short_run_reason(thick, TrainConfig(epochs=2), spacing=[2.0, 2.0, 2.0]) is None
+
+
+def test_train_on_thick_slices_says_when_a_short_run_leaves_the_plan_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unetcli.config import ConfigSources
+    from unetcli.workflows.train import PlanChoice, planned_config
+
+    monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / "cache"))
+    thick = Path(unetcli.__file__).parent / "demo_data" / "mni_thick_3d"
+    short = ("--epochs", "1", "--set", "train.iterations_per_epoch=2", "--set", "data.val_fraction=0")
+    run = tmp_path / "short"
+    result = invoke("train", thick, "--out", run, *short)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "plan: not used: thick slices (2 x 2 x 8 mm) and 2 iterations" in said and "--config 3d_fullres" in said
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["norm"] == "batch" and saved["model"]["kernel_sizes"] is None  # the fixed network
+    assert not (run / "plans.yaml").exists()
+    named = tmp_path / "named"
+    result = invoke("train", thick, "--out", named, "--config", "3d_fullres", *short)
+    assert result.exit_code == 0 and "plan: configuration 3d_fullres" in result.output
+    assert yaml.safe_load((named / "config.yaml").read_text())["model"]["kernel_sizes"][0] == [3, 3, 1]
+    # The default budget (30 epochs of 50 iterations) is long enough for the plan.
+    cfg, files, _ = planned_config(thick, ConfigSources(None, [], {}), PlanChoice())
+    assert "plans.yaml" in files and cfg.model.kernel_sizes[0] == [3, 3, 1] and cfg.train.patch_size == [40, 48, 10]
+
+
 def test_plan_errors_are_clear(data: Path, tmp_path: Path) -> None:
     config = tmp_path / "my.yaml"
     config.write_text("train:\n  lr: 0.01\n")
@@ -307,7 +364,7 @@ def test_a_cpu_plans_the_same_whatever_its_speed_or_load(tmp_path: Path, monkeyp
     plans = {}
     for name, rate in (("idle", 2e11), ("busy", 2e9)):
         monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / name))
-        monkeypatch.setattr(budget, "_measure_rate", lambda rate=rate: rate)
+        monkeypatch.setattr(budget, "_measure_rate", lambda bf16=False, rate=rate: rate)
         out = tmp_path / f"{name}.yaml"
         result = invoke("plan", thick, "--out", out, "--time", "30m", "--device", "cpu")
         assert result.exit_code == 0, result.output
@@ -316,6 +373,24 @@ def test_a_cpu_plans_the_same_whatever_its_speed_or_load(tmp_path: Path, monkeyp
     configs = {name: {c: v["config"] for c, v in plan.items()} for name, plan in plans.items()}
     assert configs["idle"] == configs["busy"]  # only the estimates beside them (seconds per step) differ
     assert plans["idle"]["3d_fullres"]["config"]["train"] == {"patch_size": [40, 48, 10], "batch_size": 2}  # nnU-Net's
+
+
+def test_the_cpu_speed_is_read_at_the_training_precision_and_cached_per_precision(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 training runs about twice the fp32 throughput on a BF16 CPU: an fp32 reading made the plan's
+    seconds per step (and the iterations a --time budget fits) twice too pessimistic there."""
+    from unetcli.planning import budget
+
+    monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path))
+    (tmp_path / "cpu_rate.json").write_text('{"key": "an older format", "flops_per_second": 1.0}')
+    calls: list[bool] = []
+    monkeypatch.setattr(budget, "_measure_rate", lambda bf16=False: calls.append(bf16) or (2e11 if bf16 else 1e11))
+    assert budget.cpu_convolution_rate() == 1e11 and budget.cpu_convolution_rate(bf16=True) == 2e11
+    assert budget.cpu_convolution_rate() == 1e11 and budget.cpu_convolution_rate(bf16=True) == 2e11 and calls == [False, True]
+    assert budget.cpu_convolution_rate(remeasure=True, bf16=True) == 2e11 and calls == [False, True, True]
+    fast = budget.default_budget(torch.device("cpu"), None, None, 2)
+    slow = budget.default_budget(torch.device("cpu"), None, None, 4)
+    assert fast.flops_per_second == 2e11 and slow.flops_per_second == 1e11
 
 
 def test_plans_yaml_has_no_aliases_so_one_edit_changes_one_place(tmp_path: Path) -> None:

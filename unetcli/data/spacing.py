@@ -10,6 +10,12 @@ ANISOTROPY_RATIO = 3.0
 """An axis is out-of-plane when its spacing is more than this many times the others'."""
 
 
+def is_thick_slice(spacing: Sequence[float] | None) -> bool:
+    """Thick-slice 3D data: the coarsest axis is more than ANISOTROPY_RATIO times the finest (nnU-Net's
+    "dummy 2D" rule: such data is augmented in-plane only and gets in-plane rotations)."""
+    return spacing is not None and len(spacing) == 3 and max(spacing) / min(spacing) > ANISOTROPY_RATIO
+
+
 def out_of_plane_axis(spacing: Sequence[float], shape: Sequence[float]) -> int | None:
     """The axis that is both thick (spacing > 3x every other) and short (fewer than a third of the
     voxels of every other axis), else None. Both conditions, as in nnU-Net: a long thick axis

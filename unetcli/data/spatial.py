@@ -6,7 +6,7 @@ patch is resampled from a region of the case large enough to hold every rotated 
 data fills it wherever the case has data; only beyond the case's own edge is it padded (image 0,
 labels the ignore label or background), never by replicating the patch's border.
 
-Thick-slice data (largest / smallest spacing > :data:`ANISOTROPY_RATIO`, nnU-Net's "dummy 2D"
+Thick-slice data (:func:`unetcli.data.spacing.is_thick_slice`, nnU-Net's "dummy 2D"
 rule) is rotated, scaled and deformed only in the plane of its two fine axes: out of plane, a
 4 mm slice holds too little to interpolate from. 90-degree turns happen only in planes of equal
 spacing and equal patch size, where they are exact.
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ANISOTROPY_RATIO = 3.0
-"""Largest / smallest spacing above which data is augmented in-plane only (nnU-Net's dummy-2D rule)."""
+from unetcli.data.spacing import is_thick_slice
+
 ROTATION_RANGE = math.pi / 6
 """Rotations of isotropic 3D data are drawn from U(-30, 30) degrees about each axis (nnU-Net's range)."""
 SCALE_RANGE = (0.7, 1.4)
@@ -52,16 +52,10 @@ class Warp:
 
 def moving_axes(spacing: Sequence[float]) -> tuple[int, ...]:
     """Axes a spatial transform may move: all, or for thick-slice 3D data the two fine ones."""
-    sp = np.asarray(spacing, dtype=np.float64)
-    if len(sp) == 3 and sp.max() / sp.min() > ANISOTROPY_RATIO:
-        thick = int(np.argmax(sp))
+    if is_thick_slice(spacing):
+        thick = int(np.argmax(spacing))
         return tuple(a for a in range(3) if a != thick)
-    return tuple(range(len(sp)))
-
-
-def is_thick_slice(spacing: Sequence[float] | None) -> bool:
-    """Whether a grid is thick-slice 3D data, augmented in-plane only (:func:`moving_axes`)."""
-    return spacing is not None and len(moving_axes(spacing)) < len(spacing)
+    return tuple(range(len(spacing)))
 
 
 def square_planes(spacing: Sequence[float], patch: Sequence[int]) -> list[tuple[int, int]]:

@@ -17,13 +17,14 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from unetcli.config import RunConfig, apply_overrides
+from unetcli.config import RunConfig, TrainConfig, apply_overrides
 from unetcli.data.dataset import discover_dataset
 from unetcli.errors import ConfigError
 from unetcli.planning.budget import default_budget
 from unetcli.planning.fingerprint import compute_fingerprint
 from unetcli.planning.plan_file import SavedPlan, read_plan, saved_plan
-from unetcli.planning.planner import PRESETS, Plan, make_plan
+from unetcli.planning.planner import PRESETS, ConfigurationPlan, Plan, make_plan
+from unetcli.planning.rules import SHORT_THICK_SLICE_RUN, prefers_fixed_network
 from unetcli.runtime import resolve_device, resolve_precision
 
 log = logging.getLogger("unetcli")
@@ -48,8 +49,9 @@ def check_planning_keys(keys: Iterable[str]) -> None:
 
 
 def plan_dataset(data: Path, cfg: RunConfig, memory_gb: float | None = None, step_seconds: float | None = None,
-                 preset: str = "plain") -> Plan:
-    """Fingerprint ``data`` (cached) and plan it for the device and precision ``cfg`` trains with."""
+                 preset: str = "plain", remeasure: bool = False) -> Plan:
+    """Fingerprint ``data`` (cached) and plan it for the device and precision ``cfg`` trains with
+    (``remeasure``: this CPU's speed again, for the seconds-per-step estimates)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'", hint=f"use one of {', '.join(PRESETS)}")
     for option, value, unit in (("--memory", memory_gb, "GB"), ("--step-seconds", step_seconds, "seconds")):
@@ -59,7 +61,7 @@ def plan_dataset(data: Path, cfg: RunConfig, memory_gb: float | None = None, ste
     fingerprint = compute_fingerprint(files, cfg.data)
     device = resolve_device(cfg.train.device)
     bytes_per_element = 4 if resolve_precision(cfg.train.precision, device) == "fp32" else 2
-    budget = default_budget(device, memory_gb, step_seconds, bytes_per_element)
+    budget = default_budget(device, memory_gb, step_seconds, bytes_per_element, remeasure)
     num_classes = max(int(k) for k in fingerprint.class_fractions) + 1 if fingerprint.class_fractions else 2
     return make_plan(fingerprint, budget, max(num_classes, 2), preset)
 
@@ -109,3 +111,32 @@ def planned_run_config(data: Path, cfg: RunConfig, explicit: Iterable[str], plan
         saved.config_values(configuration)  # raises, naming the configurations there are
     out, name = apply_plan(cfg, saved, configuration, explicit)
     return out, saved, plan, name
+
+
+def expected_iterations(train: TrainConfig, seconds_per_step: float | None) -> float | None:
+    """The iterations a run trains: epochs x iterations per epoch, or what its time budget fits at
+    ``seconds_per_step`` (the plan's estimate on this CPU), whichever is fewer; None when only a
+    time budget limits the run and there is no estimate (a GPU)."""
+    bounds = [float(train.epochs * train.iterations_per_epoch)] if train.epochs is not None else []
+    if train.time_limit is not None:
+        if seconds_per_step:
+            bounds.append(train.time_limit / seconds_per_step)
+        elif not bounds:
+            return None
+    return min(bounds) if bounds else None
+
+
+def short_run_reason(config: ConfigurationPlan, train: TrainConfig, spacing: list[float] | None = None) -> str | None:
+    """Why a run should train the fixed network instead of ``config``'s (:func:`prefers_fixed_network`),
+    or None when the plan's network is the better choice. ``spacing``: the grid the run trains on
+    when the user set one (``data.target_spacing``), else the plan's."""
+    spacing = spacing or config.spacing
+    iterations = expected_iterations(train, config.seconds_per_step)
+    if iterations is None or not prefers_fixed_network(config.spatial_dims, spacing, iterations):
+        return None
+    budget = f"{iterations:,.0f} iterations"
+    if train.time_limit is not None and config.seconds_per_step and iterations == train.time_limit / config.seconds_per_step:
+        budget = f"about {budget} in --time {train.time_limit / 60:g}m (at the plan's estimated {config.seconds_per_step:.2f} s per step)"
+    grid = " x ".join(f"{s:g}" for s in spacing)
+    return (f"thick slices ({grid} mm) and {budget}, at most {SHORT_THICK_SLICE_RUN:,}: "
+            "the fixed network trains better than the plan's in a run this short")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unetcli.data.spacing import is_thick_slice
+
 
 MIN_FEATURE_EDGE = 4
 """The deepest feature map keeps at least this many voxels per pooled axis."""
@@ -209,3 +211,24 @@ def lowres_spacing_step(spacing: Sequence[float], factor: float = 1.03) -> list[
     if all(math.isclose(s, coarsest) for s in spacing):
         return [s * factor for s in spacing]
     return [min(s * factor, coarsest) if s < coarsest else s for s in spacing]
+
+
+# --------------------------------------------------------------------------- short runs
+
+
+SHORT_THICK_SLICE_RUN = 1000
+"""Up to this many iterations a 3D run on thick slices trains the fixed built-in network instead of
+the plan's. Measured on 1 x 1 x 4 mm brain MRI, scored on held-out scans and on scans changed as
+other scanners change them (``scripts/bench_plan.py``, docs/benchmarks.md; means of two seeds): the
+fixed network leads by 0.018 clean / 0.021 changed at 500 iterations and by 0.004 / 0.009 at 1,000;
+the plan leads by 0.007 / 0.009 at 2,000. The plan's network (nnU-Net's, sized for 250,000
+iterations: kernel 1 across slices at first, five levels, instance norm) keeps improving with
+iterations; the fixed one (3 x 3 x 3 kernels, four levels, batch norm, 0.7x the time per step)
+learns faster at first."""
+
+
+def prefers_fixed_network(spatial_dims: int, spacing: Sequence[float], iterations: float | None) -> bool:
+    """Whether a run of ``iterations`` (None: unknown, e.g. a time budget on a GPU) trains better
+    with the fixed network than with the plan's: 3D thick-slice data and a short budget."""
+    return (spatial_dims == 3 and is_thick_slice(spacing)
+            and iterations is not None and iterations <= SHORT_THICK_SLICE_RUN)
