@@ -361,7 +361,7 @@ def test_a_cpu_plans_the_same_whatever_its_speed_or_load(tmp_path: Path, monkeyp
     from unetcli.planning import budget
 
     thick = Path(unetcli.__file__).parent / "demo_data" / "mni_thick_3d"
-    plans = {}
+    plans, said = {}, {}
     for name, rate in (("idle", 2e11), ("busy", 2e9)):
         monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / name))
         monkeypatch.setattr(budget, "_measure_rate", lambda bf16=False, rate=rate: rate)
@@ -370,8 +370,12 @@ def test_a_cpu_plans_the_same_whatever_its_speed_or_load(tmp_path: Path, monkeyp
         assert result.exit_code == 0, result.output
         assert "8 GB (nnU-Net's reference GPU" in result.output and "iterations in 30 min" in result.output
         plans[name] = yaml.safe_load(out.read_text())["configurations"]
+        said[name] = " ".join(result.output.split())
     configs = {name: {c: v["config"] for c, v in plan.items()} for name, plan in plans.items()}
     assert configs["idle"] == configs["busy"]  # only the estimates beside them (seconds per step) differ
+    # ... and with them what `unet train --time 30m` would train: 100x slower fits too few iterations for the plan
+    assert "would not use the plan: thick slices (2 x 2 x 8 mm)" in said["busy"] and "--config 3d_fullres keeps it" in said["busy"]
+    assert "would not use the plan" not in said["idle"]
     assert plans["idle"]["3d_fullres"]["config"]["train"] == {"patch_size": [40, 48, 10], "batch_size": 2}  # nnU-Net's
 
 

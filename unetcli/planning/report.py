@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from unetcli.config import TrainConfig
+from unetcli.planning.apply import short_run_reason
 from unetcli.planning.planner import Plan
 
 
@@ -62,6 +64,9 @@ def plan_table(plan: Plan, time_budget: float | None = None) -> Table:
     if time_budget is not None:
         notes.append(f"train with: unet train DATA --time {time_budget / 60:g}m (the schedule runs over the time; "
                      "nnU-Net trains 250,000 iterations)")
+        reason = short_run_reason(plan.config_for(None), TrainConfig(epochs=None, time_limit=time_budget))
+        if reason:
+            notes.append(f"that run would not use the plan: {reason} (--config {plan.default} keeps it)")
     if notes:
         table.caption = "; ".join(notes)
     return table
