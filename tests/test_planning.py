@@ -272,6 +272,9 @@ def test_short_thick_slice_runs_train_the_fixed_network_and_longer_ones_the_plan
     assert fixed(thick, epochs=None, time_limit=3600) and not fixed(thick, epochs=None, time_limit=3 * 3600)
     assert fixed(thick, epochs=10, time_limit=3 * 3600)  # 500 epochs' iterations end it first
     assert not fixed(_thick_plan(seconds_per_step=None), epochs=None, time_limit=600)  # a GPU: no estimate, the plan
+    # torchrun's processes each read their CPU's speed: a time budget alone keeps the plan there, so they agree
+    assert short_run_reason(thick, TrainConfig(epochs=None, time_limit=3600), use_estimate=False) is None
+    assert short_run_reason(thick, TrainConfig(epochs=10, time_limit=3600), use_estimate=False) is not None
     reason = short_run_reason(thick, TrainConfig(epochs=None, time_limit=3600))
     assert reason is not None and "about 514 iterations in --time 60m" in reason and "1 x 1 x 4 mm" in reason
     # A target spacing the user gave is the grid the run trains on.
@@ -300,6 +303,16 @@ def test_train_on_thick_slices_says_when_a_short_run_leaves_the_plan_out(tmp_pat
     # The default budget (30 epochs of 50 iterations) is long enough for the plan.
     cfg, files, _ = planned_config(thick, ConfigSources(None, [], {}), PlanChoice())
     assert "plans.yaml" in files and cfg.model.kernel_sizes[0] == [3, 3, 1] and cfg.train.patch_size == [40, 48, 10]
+    # A minute on a CPU this slow fits a few steps: the fixed network; under torchrun the estimate is not used.
+    from unetcli.planning import budget
+
+    monkeypatch.setattr(budget, "_measure_rate", lambda bf16=False: 1e9)
+    monkeypatch.setenv("UNETCLI_CACHE", str(tmp_path / "slow"))
+    minute = ConfigSources(None, [], {"train.time_limit": 60.0})
+    assert planned_config(thick, minute, PlanChoice())[1] == {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert "plans.yaml" in planned_config(thick, minute, PlanChoice())[1]
 
 
 def test_plan_errors_are_clear(data: Path, tmp_path: Path) -> None:

@@ -126,17 +126,21 @@ def expected_iterations(train: TrainConfig, seconds_per_step: float | None) -> f
     return min(bounds) if bounds else None
 
 
-def short_run_reason(config: ConfigurationPlan, train: TrainConfig, spacing: list[float] | None = None) -> str | None:
+def short_run_reason(config: ConfigurationPlan, train: TrainConfig, spacing: list[float] | None = None,
+                     use_estimate: bool = True) -> str | None:
     """Why a run should train the fixed network instead of ``config``'s (:func:`prefers_fixed_network`),
     or None when the plan's network is the better choice. ``spacing``: the grid the run trains on
-    when the user set one (``data.target_spacing``), else the plan's."""
+    when the user set one (``data.target_spacing``), else the plan's. ``use_estimate=False`` ignores
+    the step-time estimate, so that a time budget alone keeps the plan (the processes of a
+    multi-process run each read their CPU's speed and must not choose different networks)."""
     spacing = spacing or config.spacing
-    iterations = expected_iterations(train, config.seconds_per_step)
+    seconds = config.seconds_per_step if use_estimate else None
+    iterations = expected_iterations(train, seconds)
     if iterations is None or not prefers_fixed_network(config.spatial_dims, spacing, iterations):
         return None
     budget = f"{iterations:,.0f} iterations"
-    if train.time_limit is not None and config.seconds_per_step and iterations == train.time_limit / config.seconds_per_step:
-        budget = f"about {budget} in --time {train.time_limit / 60:g}m (at the plan's estimated {config.seconds_per_step:.2f} s per step)"
+    if train.time_limit is not None and seconds and iterations == train.time_limit / seconds:
+        budget = f"about {budget} in --time {train.time_limit / 60:g}m (at the plan's estimated {seconds:.2f} s per step)"
     grid = " x ".join(f"{s:g}" for s in spacing)
     return (f"thick slices ({grid} mm) and {budget}, at most {SHORT_THICK_SLICE_RUN:,}: "
             "the fixed network trains better than the plan's in a run this short")

@@ -14,6 +14,7 @@ from unetcli.config import ConfigSources, RunConfig, dump_yaml, parse_set_option
 from unetcli.errors import ConfigError
 from unetcli.planning.apply import planned_run_config, short_run_reason
 from unetcli.planning.plan_file import CONFIGURATIONS, plan_to_dict
+from unetcli.training.distributed import launched_by_torchrun
 from unetcli.training.resume import RESUME_KEYS, resume_training
 from unetcli.training.trainer import TrainResult, train
 
@@ -47,7 +48,7 @@ def planned_config(data: Path, sources: ConfigSources, choice: PlanChoice) -> tu
     planned, saved, fresh, name = planned_run_config(data, cfg, explicit, choice.plan_file, configuration, choice.preset or "plain")
     if fresh is not None and configuration is None and choice.preset is None:  # the plan was ours to choose
         spacing = cfg.data.target_spacing if "data.target_spacing" in explicit else None
-        reason = short_run_reason(fresh.config_for(name), cfg.train, spacing)
+        reason = short_run_reason(fresh.config_for(name), cfg.train, spacing, use_estimate=not launched_by_torchrun())
         if reason:
             log.info("plan: not used: %s (--config %s trains the plan's network anyway)", reason, name)
             return cfg, {}, explicit
