@@ -224,7 +224,8 @@ fixed network leads by 0.018 clean / 0.021 changed at 500 iterations and by 0.00
 the plan leads by 0.007 / 0.009 at 2,000. The plan's network (nnU-Net's, sized for 250,000
 iterations: kernel 1 across slices at first, five levels, instance norm) keeps improving with
 iterations; the fixed one (3 x 3 x 3 kernels, four levels, batch norm, 0.7x the time per step)
-learns faster at first."""
+learns faster at first. At 2 x 2 x 8 mm, where the plan's network is the fixed one's size, the two
+are level at 500 iterations (0.931 vs 0.929 clean, one seed), so the rule costs little there."""
 
 
 def prefers_fixed_network(spatial_dims: int, spacing: Sequence[float], iterations: float | None) -> bool:
