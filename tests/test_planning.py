@@ -303,6 +303,9 @@ def test_train_on_thick_slices_says_when_a_short_run_leaves_the_plan_out(tmp_pat
     # The default budget (30 epochs of 50 iterations) is long enough for the plan.
     cfg, files, _ = planned_config(thick, ConfigSources(None, [], {}), PlanChoice())
     assert "plans.yaml" in files and cfg.model.kernel_sizes[0] == [3, 3, 1] and cfg.train.patch_size == [40, 48, 10]
+    # Your own network keys: the rule has nothing to choose, the rest of the plan applies.
+    own = ConfigSources(None, ["model.features=[8,16,32,64]"], {"train.epochs": 1})
+    assert "plans.yaml" in planned_config(thick, own, PlanChoice())[1]
     # A minute on a CPU this slow fits a few steps: the fixed network; under torchrun the estimate is not used.
     from unetcli.planning import budget
 

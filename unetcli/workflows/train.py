@@ -12,7 +12,7 @@ from typing import Any
 
 from unetcli.config import ConfigSources, RunConfig, dump_yaml, parse_set_option
 from unetcli.errors import ConfigError
-from unetcli.planning.apply import planned_run_config, short_run_reason
+from unetcli.planning.apply import ENCODER_KEYS, TOPOLOGY_KEYS, planned_run_config, short_run_reason
 from unetcli.planning.plan_file import CONFIGURATIONS, plan_to_dict
 from unetcli.training.distributed import launched_by_torchrun
 from unetcli.training.resume import RESUME_KEYS, resume_training
@@ -34,8 +34,8 @@ class PlanChoice:
 def planned_config(data: Path, sources: ConfigSources, choice: PlanChoice) -> tuple[RunConfig, dict[str, str], set[str]]:
     """The run config (planned unless ``no_plan``), the plan as a run file, and the keys the user gave.
     A ``sources.config`` that names a plan configuration (2d, 3d_fullres, 3d_lowres) picks it.
-    A short 3D run on thick slices, planned from the data with no configuration or preset named,
-    trains the fixed network (:func:`unetcli.planning.rules.prefers_fixed_network`)."""
+    A short 3D run on thick slices, planned from the data with no configuration, preset or network
+    of the user's, trains the fixed network (:func:`unetcli.planning.rules.prefers_fixed_network`)."""
     named = sources.config is not None and str(sources.config) in CONFIGURATIONS
     configuration = str(sources.config) if named else None
     if named:
@@ -46,7 +46,8 @@ def planned_config(data: Path, sources: ConfigSources, choice: PlanChoice) -> tu
     if choice.no_plan:
         return cfg, {}, explicit
     planned, saved, fresh, name = planned_run_config(data, cfg, explicit, choice.plan_file, configuration, choice.preset or "plain")
-    if fresh is not None and configuration is None and choice.preset is None:  # the plan was ours to choose
+    network_given = explicit & {*TOPOLOGY_KEYS, *ENCODER_KEYS, "train.init"}  # the rule chooses a network, not the rest
+    if fresh is not None and configuration is None and choice.preset is None and not network_given:
         spacing = cfg.data.target_spacing if "data.target_spacing" in explicit else None
         reason = short_run_reason(fresh.config_for(name), cfg.train, spacing, use_estimate=not launched_by_torchrun())
         if reason:
