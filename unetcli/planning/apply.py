@@ -31,6 +31,8 @@ log = logging.getLogger("unetcli")
 
 TOPOLOGY_KEYS = ("model.features", "model.kernel_sizes", "model.strides")
 ENCODER_KEYS = ("model.encoder", "model.blocks_per_level", "model.decoder_convs")
+NETWORK_KEYS = frozenset({*TOPOLOGY_KEYS, *ENCODER_KEYS, "train.init"})
+"""Any of these given by the user makes the network theirs, not the plan's."""
 
 
 PLANNING_KEYS = ("data.crop_to_nonzero", "train.device", "train.precision", "train.num_threads")
@@ -88,7 +90,7 @@ def apply_plan(cfg: RunConfig, plan: SavedPlan, configuration: str | None, expli
         dropped += [k for k in ENCODER_KEYS if k in planned and k not in explicit]
     if "train.init" in explicit:  # fine-tuning: the network is the pretrained one's, as configured
         dropped += [k for k in planned if k.startswith("model.") and k != "model.spatial_dims"]
-    if explicit & {*TOPOLOGY_KEYS, *ENCODER_KEYS, "train.init"} and "train.batch_size" in planned:
+    if explicit & NETWORK_KEYS and "train.batch_size" in planned:
         dropped.append("train.batch_size")  # sized for the plan's network (e.g. 2 for a 32-512 2D net, not 8 for 16-128)
     kept = {k: v for k, v in planned.items() if k not in dropped}
     if dropped:

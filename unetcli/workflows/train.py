@@ -12,7 +12,7 @@ from typing import Any
 
 from unetcli.config import ConfigSources, RunConfig, dump_yaml, parse_set_option
 from unetcli.errors import ConfigError
-from unetcli.planning.apply import ENCODER_KEYS, TOPOLOGY_KEYS, planned_run_config, short_run_reason
+from unetcli.planning.apply import NETWORK_KEYS, planned_run_config, short_run_reason
 from unetcli.planning.plan_file import CONFIGURATIONS, plan_to_dict
 from unetcli.training.distributed import launched_by_torchrun
 from unetcli.training.resume import RESUME_KEYS, resume_training
@@ -46,8 +46,7 @@ def planned_config(data: Path, sources: ConfigSources, choice: PlanChoice) -> tu
     if choice.no_plan:
         return cfg, {}, explicit
     planned, saved, fresh, name = planned_run_config(data, cfg, explicit, choice.plan_file, configuration, choice.preset or "plain")
-    network_given = explicit & {*TOPOLOGY_KEYS, *ENCODER_KEYS, "train.init"}  # the rule chooses a network, not the rest
-    if fresh is not None and configuration is None and choice.preset is None and not network_given:
+    if fresh is not None and configuration is None and choice.preset is None and not explicit & NETWORK_KEYS:
         spacing = cfg.data.target_spacing if "data.target_spacing" in explicit else None
         reason = short_run_reason(fresh.config_for(name), cfg.train, spacing, use_estimate=not launched_by_torchrun())
         if reason:
